@@ -1,0 +1,186 @@
+"""GroZi-120 benchmark: 1-NN top-1 on held-out in-situ shelf crops before and after RetailKLIP
+fine-tuning of the offline EfficientNet-Lite0 tower, plus CPU training throughput.
+
+Protocol (frames of each product ordered by N in ``videoN.jpg``; split by ranges of N because
+neighbouring frames are near-duplicates):
+
+* products are split into *trained* and *held-out* products (``--holdout-frac``, seeded);
+* training: only frames from the first half of each trained product;
+* index (gallery): the first ``k`` frames of *every* product (held-out products are added to the
+  index only, never trained on);
+* queries: the last half of each product's frames; reported separately for trained products
+  (closed set) and held-out products (open set: new SKUs added by indexing only).
+
+Usage (about 15 min on 2 CPU cores with the defaults)::
+
+    .venv/bin/python bench/bench_grozi.py [--data /work/shared/datasets/grozi120] [--epochs 4]
+        [--image-size 160] [--eval-size 224] [--depth 16] [--holdout-frac 0.25] [--k 1 3 5]
+
+The data set is used for this benchmark only; nothing in ``skulens`` references it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+DEFAULT_DATA = "/work/shared/datasets/grozi120"
+
+
+def load_grozi(root: Path) -> pd.DataFrame:
+    products = pd.read_csv(root / "products.csv", dtype={"sku": str})
+    rows = []
+    for sku in products["sku"]:
+        for p in (root / "images" / sku).glob("video*.jpg"):
+            m = re.fullmatch(r"video(\d+)\.jpg", p.name)
+            if m:
+                rows.append({"sku": sku, "clean_path": str(p), "frame": int(m.group(1))})
+    df = pd.DataFrame(rows).sort_values(["sku", "frame"]).reset_index(drop=True)
+    df["rank"] = df.groupby("sku").cumcount()
+    df["n"] = df.groupby("sku")["frame"].transform("size")
+    return df
+
+
+def split(df: pd.DataFrame, holdout_frac: float, seed: int):
+    skus = np.array(sorted(df["sku"].unique()))
+    rng = np.random.default_rng(seed)
+    n_hold = int(round(holdout_frac * len(skus)))
+    held = set(rng.choice(skus, size=n_hold, replace=False).tolist()) if n_hold else set()
+    first_half = df["rank"] < df["n"] // 2
+    train_df = df[first_half & ~df["sku"].isin(held)].reset_index(drop=True)
+    queries = df[~first_half].reset_index(drop=True)
+    return train_df, queries, held
+
+
+def evaluate(encoder, df, queries, held, ks, image_size, batch_size=64, num_workers=0):
+    """{k: {"seen": top1, "held_out": top1, "all": top1}} with one embedding pass over all images."""
+    from skulens.models.factory import _eval_transform_for
+    from skulens.train import _embed_paths
+
+    if image_size and image_size != encoder.spec.image_size:
+        encoder.spec = dataclasses.replace(encoder.spec, image_size=int(image_size))
+        encoder.preprocess = _eval_transform_for(encoder.spec)
+    emb = _embed_paths(encoder, df["clean_path"].tolist(), batch_size=batch_size, num_workers=num_workers)
+    pos = {p: i for i, p in enumerate(df["clean_path"])}
+    q_idx = np.array([pos[p] for p in queries["clean_path"]])
+    q_sku = queries["sku"].to_numpy()
+    q_held = queries["sku"].isin(held).to_numpy()
+    out = {}
+    for k in ks:
+        gal = df[df["rank"] < k]
+        g_idx = np.array([pos[p] for p in gal["clean_path"]])
+        pred = gal["sku"].to_numpy()[np.argmax(emb[q_idx] @ emb[g_idx].T, axis=1)]
+        ok = pred == q_sku
+        out[k] = {
+            "seen": float(ok[~q_held].mean()) if (~q_held).any() else float("nan"),
+            "held_out": float(ok[q_held].mean()) if q_held.any() else float("nan"),
+            "all": float(ok.mean()),
+        }
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=DEFAULT_DATA, help="GroZi-120 subset root (images/, products.csv)")
+    ap.add_argument("--out", default=".skulens/bench_grozi", help="training output dir (checkpoints)")
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--image-size", type=int, default=160, help="training resolution")
+    ap.add_argument("--eval-size", type=int, default=224, help="index/query resolution (before and after)")
+    ap.add_argument("--depth", type=int, default=16)
+    ap.add_argument("--base-lr", type=float, default=2e-4)
+    ap.add_argument("--lr-decay", type=float, default=0.7)
+    ap.add_argument("--arcface-lr", type=float, default=5e-3)
+    ap.add_argument("--margin", type=float, default=28.6)
+    ap.add_argument("--scale", type=float, default=64.0)
+    ap.add_argument("--augment-strength", type=float, default=1.0)
+    ap.add_argument("--augment-originals", action="store_true")
+    ap.add_argument("--no-freeze-bn", action="store_true", help="let BatchNorm update its running stats")
+    ap.add_argument("--holdout-frac", type=float, default=0.25, help="products never trained on (index only)")
+    ap.add_argument("--k", type=int, nargs="+", default=[1, 3, 5], help="gallery = first k frames")
+    ap.add_argument("--max-steps", type=int, default=None)
+    ap.add_argument("--num-workers", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --out")
+    ap.add_argument("--skip-before", action="store_true")
+    ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from skulens.models import ModelSpec, create_encoder, load_encoder
+    from skulens.train import TrainConfig, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    root = Path(args.data)
+    df = load_grozi(root)
+    train_df, queries, held = split(df, args.holdout_frac, args.seed)
+    print(f"GroZi-120: {df['sku'].nunique()} products, {len(df)} crops; training on {train_df['sku'].nunique()} "
+          f"products x first-half frames = {len(train_df)} crops; {len(held)} products held out (index only); "
+          f"{len(queries)} queries (last half of every product)")
+    report: dict = {"args": vars(args)}
+
+    t0 = time.perf_counter()
+    if not args.skip_before:
+        enc0 = create_encoder(ModelSpec(name="efficientnet-lite0"))
+        before = evaluate(enc0, df, queries, held, args.k, args.eval_size, num_workers=args.num_workers)
+        report["before"] = before
+        print(f"[before] embedded {len(df)} images in {time.perf_counter() - t0:.0f}s")
+        del enc0
+
+    cfg = TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, base_lr=args.base_lr, lr_decay=args.lr_decay,
+        arcface_lr=args.arcface_lr, margin=args.margin, scale=args.scale, depth=args.depth, seed=args.seed,
+        num_workers=args.num_workers, image_size=args.image_size, max_steps=args.max_steps,
+        augment_strength=args.augment_strength, augment_originals=args.augment_originals,
+        freeze_bn=not args.no_freeze_bn, val_before=False,
+    )
+
+    def log_fn(kind, step, m):
+        if kind == "epoch":
+            print(f"  epoch {m['epoch']}: step {step} loss {m.get('train_loss', float('nan')):.3f} "
+                  f"{m.get('images_per_s', float('nan')):.1f} img/s", flush=True)
+
+    t1 = time.perf_counter()
+    res = train(train_df, None, ModelSpec(name="efficientnet-lite0"), cfg, args.out, log_fn=log_fn,
+                progress=sys.stderr.isatty(), device="cpu", resume=not args.fresh)
+    train_s = time.perf_counter() - t1
+    enc1 = load_encoder(res.encoder_path)
+    after = evaluate(enc1, df, queries, held, args.k, args.eval_size, num_workers=args.num_workers)
+    report.update(after=after, steps=res.steps, train_images_per_s=res.images_per_s, train_seconds=train_s,
+                  threads=torch.get_num_threads(), history=res.history)
+
+    print(f"\nfine-tuning: {res.steps} steps x {args.batch_size} at {args.image_size}px, "
+          f"{res.images_per_s:.1f} training images/s on CPU ({torch.get_num_threads()} threads), {train_s:.0f}s")
+    print(f"1-NN top-1 at {args.eval_size}px; index = first k frames of all {df['sku'].nunique()} products; "
+          f"queries = last half")
+    print(f"{'k':>3} | {'trained products':>24} | {'held-out products':>24} | {'all':>20}")
+    print(f"{'':>3} | {'before -> after':>24} | {'before -> after':>24} | {'before -> after':>20}")
+    for k in args.k:
+        b = report.get("before", {}).get(k, {})
+        a = after[k]
+
+        def cell(key):
+            return f"{b.get(key, float('nan')):.3f} -> {a[key]:.3f}"
+
+        print(f"{k:>3} | {cell('seen'):>24} | {cell('held_out'):>24} | {cell('all'):>20}")
+    print(f"total {time.perf_counter() - t0:.0f}s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The Dagster code location: composes Definitions, jobs, schedules and sensors only."""

@@ -1,0 +1,206 @@
+"""The `skulens` command line. Heavy libraries load only inside the commands that need them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from skulens.settings import Settings, load_local_env
+
+
+def _settings() -> Settings:
+    return load_local_env(Settings.from_env())
+
+
+def _client(settings: Settings):
+    from skulens.s3 import make_client
+    from skulens.settings import s3_credentials
+
+    load_local_env(settings)  # picks up keys `services up` may have just generated
+    return make_client(settings.s3_endpoint, *s3_credentials(), region=settings.region)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="skulens")
+def main() -> None:
+    """skulens: keep a retail product (SKU) recognizer current.
+
+    State lives in $SKULENS_HOME (default ./.skulens); ports and bucket come from
+    SKULENS_S3_PORT, SKULENS_MLFLOW_PORT, SKULENS_DAGSTER_PORT, SKULENS_BUCKET.
+    """
+
+
+# --- services ---------------------------------------------------------------------------
+@main.group()
+def services() -> None:
+    """Start, stop and inspect the local S3 (SeaweedFS), MLflow and Dagster services."""
+
+
+@services.command("up")
+@click.option("--ui", is_flag=True, help="Also start the Dagster webserver and daemon.")
+def services_up(ui: bool) -> None:
+    """Start the services (idempotent) and wait until each one answers."""
+    from skulens.services import DEFAULT, ServiceError, ServiceManager
+
+    names = list(DEFAULT) + (["dagster-webserver", "dagster-daemon"] if ui else [])
+    mgr = ServiceManager(_settings())
+    try:
+        for name in names:
+            t0 = time.monotonic()
+            was_running = mgr.is_running(name)
+            st = mgr.start(name)
+            how = "already running" if was_running else f"ready in {time.monotonic() - t0:.1f}s"
+            click.echo(f"{name:<18} pid {st.pid:<8} {how:<18} {st.url or ''}")
+    except ServiceError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@services.command("down")
+def services_down() -> None:
+    """Stop every service skulens started (by PID); nothing is left running."""
+    from skulens.services import ServiceManager
+
+    stopped = ServiceManager(_settings()).down()
+    click.echo("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+
+
+@services.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def services_status(as_json: bool) -> None:
+    """Show each service's state, PID and URL."""
+    from skulens.services import ServiceManager
+
+    rows = ServiceManager(_settings()).status()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        click.echo(f"{r['service']:<18} {r['state']:<8} pid {str(r['pid'] or '-'):<8} "
+                   f"{'answering' if r['answering'] else '-':<10} {r['url'] or ''}")
+
+
+@main.command("env")
+def env_cmd() -> None:
+    """Print `export` lines for the local services (use: eval "$(skulens env)")."""
+    s = _settings()
+    for key, value in {
+        "SKULENS_HOME": str(s.home), "DAGSTER_HOME": str(s.dagster_home), "SKULENS_BUCKET": s.bucket,
+        "SKULENS_S3_ENDPOINT": s.s3_endpoint, "MLFLOW_TRACKING_URI": s.mlflow_uri,
+    }.items():
+        click.echo(f"export {key}={value}")
+    click.echo("# S3 keys for the embedded store are in " + str(s.credentials_path))
+
+
+# --- import -----------------------------------------------------------------------------------
+@main.group("import")
+def import_group() -> None:
+    """Upload a local folder to the bucket (only what changed, by size + MD5)."""
+
+
+def _run_import(kind: str, src: Path, workers: int) -> None:
+    from skulens import importer
+    from skulens.catalog import CatalogError
+    from skulens.s3 import ensure_bucket
+
+    s = _settings()
+    client = _client(s)
+    ensure_bucket(client, s.bucket)
+    fn = importer.import_catalog if kind == "catalog" else importer.import_shelf
+    try:
+        report = fn(client, s.bucket, src, workers=workers, progress=True)
+    except CatalogError as exc:
+        raise click.ClickException(str(exc)) from exc
+    for path, why in report.rejected:
+        click.echo(f"rejected {path}: {why}", err=True)
+    for key, err in report.failed:
+        click.echo(f"failed {key}: {err}", err=True)
+    click.echo(f"{kind} -> s3://{s.bucket}: {report.summary()}")
+    if report.failed:
+        raise click.ClickException(f"{len(report.failed)} upload(s) failed; run the import again to retry them")
+
+
+@import_group.command("catalog")
+@click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--workers", default=16, show_default=True, help="Parallel uploads.")
+def import_catalog_cmd(src: Path, workers: int) -> None:
+    """Upload SRC/products.csv and SRC/images/<sku>/<file> to catalog/."""
+    _run_import("catalog", src, workers)
+
+
+@import_group.command("shelf")
+@click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--workers", default=16, show_default=True, help="Parallel uploads.")
+def import_shelf_cmd(src: Path, workers: int) -> None:
+    """Upload labelled shelf crops SRC/<sku>/<file>, and/or SRC/photos/ + SRC/boxes.csv, to shelf/."""
+    _run_import("shelf", src, workers)
+
+
+@main.command("demo-catalog")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--skus", default=30, show_default=True, help="Number of synthetic products.")
+@click.option("--images", default=6, show_default=True, help="Catalog images per SKU.")
+@click.option("--crops", default=4, show_default=True, help="Shelf crops per SKU.")
+@click.option("--seed", default=7, show_default=True)
+@click.option("--no-bad-files", is_flag=True, help="Leave out the deliberately broken files.")
+def demo_catalog(out: Path, skus: int, images: int, crops: int, seed: int, no_bad_files: bool) -> None:
+    """Write a deterministic synthetic catalog (OUT/catalog) and shelf set (OUT/shelf)."""
+    from skulens.demo import write_demo
+
+    counts = write_demo(out, n_skus=skus, images_per_sku=images, crops_per_sku=crops, seed=seed,
+                        bad_files=not no_bad_files)
+    click.echo(f"wrote {out}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+    click.echo(f"next: skulens import catalog {out}/catalog && skulens import shelf {out}/shelf")
+
+
+# --- run ----------------------------------------------------------------------------------------
+@main.command("run")
+@click.option("--job", default="main", show_default=True, help="Dagster job to execute.")
+@click.option("--demo/--no-demo", default=True, show_default=True,
+              help="Load the demo catalog when the bucket has no catalog yet.")
+def run_cmd(job: str, demo: bool) -> None:
+    """Start the services, load the demo catalog if the bucket is empty, and run the pipeline."""
+    from skulens import importer
+    from skulens.s3 import bucket_is_empty, ensure_bucket
+    from skulens.services import DEFAULT, ServiceManager, write_dagster_yaml
+
+    s = _settings()
+    mgr = ServiceManager(s)
+    write_dagster_yaml(s.dagster_home)
+    t0 = time.monotonic()
+    for name in DEFAULT:
+        st = mgr.start(name)
+        click.echo(f"{name:<8} {st.url}")
+    client = _client(s)
+    ensure_bucket(client, s.bucket)
+    if demo and bucket_is_empty(client, s.bucket, "catalog/"):
+        from skulens.demo import write_demo
+
+        demo_dir = s.home / "demo"
+        counts = write_demo(demo_dir)
+        click.echo("loading the demo catalog: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+        click.echo("  catalog: " + importer.import_catalog(client, s.bucket, demo_dir / "catalog", progress=False).summary())
+        click.echo("  shelf:   " + importer.import_shelf(client, s.bucket, demo_dir / "shelf", progress=False).summary())
+    env = mgr.base_env()
+    root = Path(__file__).resolve().parent.parent
+    cmd = [str(Path(sys.executable).parent / "dagster"), "job", "execute", "-m", "pipelines.definitions",
+           "-d", str(root), "-j", job]
+    click.echo(f"running Dagster job {job!r} (DAGSTER_HOME={s.dagster_home}) ...")
+    rc = subprocess.call(cmd, env=env, cwd=str(root))
+    took = time.monotonic() - t0
+    if rc != 0:
+        raise click.ClickException(f"job {job!r} failed (exit {rc}); see the run in the UI: make ui")
+    click.echo(f"\njob {job!r} succeeded in {took:.0f}s. Where to look:")
+    click.echo(f"  Dagster UI : make ui   (then open {s.dagster_url})")
+    click.echo(f"  MLflow     : {s.mlflow_uri}")
+    click.echo(f"  S3 endpoint: {s.s3_endpoint}  bucket {s.bucket}  (keys in {s.credentials_path})")
+    click.echo("  stop all   : make down")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

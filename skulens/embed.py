@@ -1,0 +1,141 @@
+"""Embed product images with an encoder: L2-normalised float32 vectors, eval mode, no autograd.
+
+``encoder`` is a ``skulens.models`` Encoder (an ``nn.Module`` with ``.preprocess``: PIL -> tensor eval
+transform, and ``forward(x) -> (B, D)``). Images are file paths or PIL images; every image is converted
+to RGB before preprocessing (grayscale, palette, RGBA and CMYK photos all occur in real catalogs).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Iterable, Sequence, Union
+
+import numpy as np
+from PIL import Image, ImageOps
+
+ImageLike = Union[str, os.PathLike, Image.Image]
+
+
+def load_rgb(image: ImageLike) -> Image.Image:
+    """Open a path (or take a PIL image) and return a fully loaded RGB image.
+
+    Paths are decoded with their EXIF orientation applied. Transparent images are composited on white (a product cut-out on a white page), not on black.
+    """
+    if isinstance(image, Image.Image):
+        img = image
+    else:
+        with Image.open(image) as f:
+            f.load()
+            img = ImageOps.exif_transpose(f)  # phone photos: honour the EXIF orientation
+            if img is f:
+                img = f.copy()
+    if img.mode == "RGB":
+        return img
+    if img.mode == "P" and img.info.get("transparency") is not None:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGB", rgba.size, (255, 255, 255))
+        bg.paste(rgba, mask=rgba.getchannel("A"))
+        return bg
+    return img.convert("RGB")
+
+
+class _ImageDataset:
+    """Map-style dataset for torch's DataLoader (picklable for worker processes)."""
+
+    def __init__(self, images: Sequence[ImageLike], preprocess: Callable):
+        self.images = images
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        return self.preprocess(load_rgb(self.images[i]))
+
+
+def _batches(images: Sequence[ImageLike], preprocess: Callable, batch_size: int) -> Iterable:
+    import torch
+
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        yield torch.stack([preprocess(load_rgb(im)) for im in chunk])
+
+
+def _encoder_device(encoder):
+    import torch
+
+    for p in encoder.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _embed_dim(encoder) -> int | None:
+    d = getattr(encoder, "embed_dim", None)
+    if d is None and getattr(encoder, "spec", None) is not None:
+        d = getattr(encoder.spec, "embed_dim", None)
+    return int(d) if d else None
+
+
+def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """Row-wise L2 normalisation, float32; zero rows stay zero."""
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    return (x / np.maximum(norms, eps)).astype(np.float32, copy=False)
+
+
+def embed_images(
+    encoder,
+    images: Sequence[ImageLike],
+    batch_size: int = 64,
+    device=None,
+    progress: bool = False,
+    num_workers: int = 0,
+) -> np.ndarray:
+    """Embed ``images`` (paths or PIL images) -> float32 array (N, D), each row L2-normalised.
+
+    Runs the encoder in eval mode under ``torch.inference_mode`` and restores its previous
+    train/eval mode afterwards. ``device`` defaults to the encoder's current device; the encoder is
+    moved there if needed. ``num_workers > 0`` decodes images in DataLoader worker processes.
+    """
+    import torch
+
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    images = list(images)
+    preprocess = getattr(encoder, "preprocess", None)
+    if preprocess is None:
+        raise TypeError("encoder has no .preprocess transform (PIL -> tensor)")
+    dev = torch.device(device) if device is not None else _encoder_device(encoder)
+    if not images:
+        return np.zeros((0, _embed_dim(encoder) or 0), dtype=np.float32)
+
+    if _encoder_device(encoder) != dev:
+        encoder.to(dev)
+
+    if num_workers and num_workers > 0:
+        loader = torch.utils.data.DataLoader(
+            _ImageDataset(images, preprocess), batch_size=batch_size, shuffle=False,
+            num_workers=num_workers, pin_memory=dev.type == "cuda",
+        )
+    else:
+        loader = _batches(images, preprocess, batch_size)
+
+    if progress:
+        from tqdm.auto import tqdm
+
+        loader = tqdm(loader, total=(len(images) + batch_size - 1) // batch_size, desc="embed", unit="batch")
+
+    was_training = encoder.training
+    encoder.eval()
+    out: list[np.ndarray] = []
+    try:
+        with torch.inference_mode():
+            for batch in loader:
+                feats = encoder(batch.to(dev, non_blocking=True))
+                feats = torch.nn.functional.normalize(feats.float(), dim=-1)
+                out.append(feats.cpu().numpy())
+    finally:
+        encoder.train(was_training)
+    return np.ascontiguousarray(np.concatenate(out, axis=0), dtype=np.float32)

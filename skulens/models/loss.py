@@ -1,0 +1,34 @@
+"""ArcFace loss (pytorch-metric-learning) with its own optimizer param group.
+
+The ArcFace class-centre matrix ``W`` starts random and must move much faster than the pretrained
+tower, so it gets its own (higher) learning rate and no weight decay (it is L2-normalised inside
+the loss anyway). ``margin`` is in degrees, as in pytorch-metric-learning (28.6 deg = 0.5 rad).
+"""
+
+from __future__ import annotations
+
+__all__ = ["create_arcface", "arcface_param_group"]
+
+
+def create_arcface(num_classes: int, embed_dim: int, margin: float = 28.6, scale: float = 64.0):
+    """``pytorch_metric_learning.losses.ArcFaceLoss`` for ``num_classes`` SKUs on ``embed_dim``
+    features. Call it as ``loss(embeddings, labels)`` (it normalises the embeddings itself)."""
+    from pytorch_metric_learning.losses import ArcFaceLoss
+
+    if num_classes < 2:
+        raise ValueError("ArcFace needs at least 2 classes (SKUs)")
+    return ArcFaceLoss(num_classes=int(num_classes), embedding_size=int(embed_dim), margin=margin, scale=scale)
+
+
+def arcface_param_group(loss, lr: float, weight_decay: float = 0.0) -> dict:
+    """Param group for the loss's own parameters (``W``), named ``"arcface"``."""
+    names, params = zip(*[(n, p) for n, p in loss.named_parameters() if p.requires_grad])
+    return {
+        "name": "arcface",
+        "block": None,
+        "lr_scale": 1.0,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "params": list(params),
+        "param_names": [f"arcface.{n}" for n in names],
+    }
