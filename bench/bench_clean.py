@@ -1,6 +1,6 @@
 """Benchmark of the data-quality stage (skulens.clean.clean_catalog): full-decode throughput.
 
-    python bench/bench_clean.py --n 10000 --workers 1,2 [--backends process,thread] [--dir DIR]
+    python bench/bench_clean.py --n 10000 [--workers 2] [--backends serial,process,thread] [--rounds 2] [--dir DIR]
 
 Generates N product-like JPEGs (300-800 px sides, ~10 per SKU) with a few % bad files (truncated,
 corrupt, HTML, empty, tiny, duplicates), cached in DIR (default /tmp/skulens-bench-N) so repeated runs
@@ -113,8 +113,10 @@ def profile_stages(paths: list[str], cfg: C.CleanConfig) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=10_000)
-    ap.add_argument("--workers", default="1,2", help="comma-separated worker counts to compare")
-    ap.add_argument("--backends", default="process", help="comma-separated: process,thread")
+    ap.add_argument("--workers", default="2", help="comma-separated worker counts for process/thread")
+    ap.add_argument("--backends", default="serial,process,thread",
+                    help="comma-separated: serial (workers=1, in-process), process, thread")
+    ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--chunk-size", type=int, default=32)
     ap.add_argument("--bad-share", type=float, default=0.04)
     ap.add_argument("--dir", type=Path, default=None)
@@ -140,23 +142,29 @@ def main(argv: list[str] | None = None) -> int:
           f"{100 * prof['decode'] / prof['inspect_image']:.0f}% of inspect_image")
 
     figures = {"n": a.n, "profile_ms": prof, "runs": []}
-    print(f"\nclean_catalog on {a.n} files (cpu_count={os.cpu_count()}):")
-    for backend in a.backends.split(","):
-        for w in (int(x) for x in a.workers.split(",")):
-            if backend == "thread" and w == 1:
-                continue
-            cfg = C.CleanConfig(workers=w, backend=backend, chunk_size=a.chunk_size)
+    print(f"\nclean_catalog on {a.n} files (cpu_count={os.cpu_count()}); load = 1-min load average before the"
+          f" run (other processes compete for the cores); cpu = this process's CPU time (serial/thread only):")
+    combos = [(b, int(w)) for b in a.backends.split(",") for w in a.workers.split(",")
+              if not (b == "thread" and int(w) == 1) and not (b == "process" and int(w) == 1 and "serial" in a.backends)]
+    for rnd in range(a.rounds):  # interleaved rounds: background load drifts, so compare within a round
+        for backend, w in combos:
+            be = "process" if backend == "serial" else backend
+            cfg = C.CleanConfig(workers=1 if backend == "serial" else w, backend=be, chunk_size=a.chunk_size)
             out = root / f"clean-{backend}-{w}"
-            t = time.perf_counter()
+            load = os.getloadavg()[0]
+            t, c = time.perf_counter(), time.process_time()
             res = C.clean_catalog(manifest, None, out, cfg)
-            wall = time.perf_counter() - t
+            wall, cpu = time.perf_counter() - t, time.process_time() - c
             s = res.stats
-            row = {"backend": s["backend"], "workers": w, "seconds": round(wall, 2),
+            row = {"round": rnd, "backend": s["backend"], "workers": s["workers"], "seconds": round(wall, 2),
                    "images_per_s": round(a.n / wall, 1), "seconds_inspect": s["seconds_inspect"],
+                   "load_before": round(load, 2), "cpu_ms_per_image": round(1000 * cpu / a.n, 3),
                    "kept": s["files_kept"], "dropped": s["files_dropped"], "by_reason": s["dropped_by_reason"]}
             figures["runs"].append(row)
-            print(f"  {row['backend']:7s} workers={w}: {wall:6.1f}s  {row['images_per_s']:7.1f} images/s  "
-                  f"(kept {row['kept']}, dropped {row['dropped']}: {row['by_reason']})")
+            cpu_txt = f"cpu {row['cpu_ms_per_image']:.2f} ms/img" if s["backend"] != "process" else "cpu in workers"
+            print(f"  round {rnd} {row['backend']:7s} workers={row['workers']}: {wall:6.1f}s  "
+                  f"{row['images_per_s']:7.1f} images/s  load {load:4.1f}  {cpu_txt}")
+    print(f"  result: kept {row['kept']}, dropped {row['dropped']}: {row['by_reason']}")
     if a.json:
         a.json.write_text(json.dumps(figures, indent=2))
     return 0

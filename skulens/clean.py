@@ -168,7 +168,7 @@ def pil_pixel_limit(max_pixels: int) -> Iterator[None]:
 # --------------------------------------------------------------------------------------------------
 # Container structure checks (cheap, catch damage that libjpeg / zlib would silently conceal)
 # --------------------------------------------------------------------------------------------------
-_JPEG_MARKER_IN_SCAN = re.compile(rb"\xff+([^\x00\xff])")
+_JPEG_MARKER_IN_SCAN = re.compile(rb"\xff([^\x00\xff])")  # FFFF fill bytes: match starts at the last FF
 # markers that may legally follow entropy-coded data: DHT DAC DQT DNL DRI SOS EOI APPn COM
 _JPEG_AFTER_SCAN = frozenset([0xC4, 0xCC, 0xDB, 0xDC, 0xDD, 0xDA, 0xD9, 0xFE, *range(0xE0, 0xF0)])
 _JPEG_STANDALONE = frozenset([0x01, 0xD8, *range(0xD0, 0xD8)])
@@ -289,7 +289,14 @@ def inspect_image(path: str | os.PathLike, cfg: CleanConfig | None = None, etag:
     structure, then a **full decode** (``img.load()``; truncated data raises: Pillow's
     ``LOAD_TRUNCATED_IMAGES`` is left False). Never raises for bad input; never modifies the file.
     """
-    cfg = cfg or CleanConfig()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        return _inspect_file(path, cfg or CleanConfig(), etag)
+
+
+def _inspect_file(path: str | os.PathLike, cfg: CleanConfig, etag: Any) -> ImageReport:
+    """inspect_image without its own warnings filter: batch callers install
+    ``simplefilter("error", DecompressionBombWarning)`` once (catch_warnings is not thread-safe)."""
     try:
         size = os.stat(path).st_size
     except OSError as e:
@@ -324,8 +331,7 @@ def _inspect_bytes(data: bytes, sha: str, cfg: CleanConfig) -> ImageReport:
         rep.reason, rep.detail = reason, detail
         return rep
 
-    with pil_pixel_limit(cfg.max_pixels), warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+    with pil_pixel_limit(cfg.max_pixels):
         try:
             img = Image.open(io.BytesIO(data))
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -437,7 +443,7 @@ def _inspect_chunk(items: Sequence[tuple[str, Any]], cfg: CleanConfig) -> list[I
     out = []
     for path, etag in items:
         try:
-            out.append(inspect_image(path, cfg, etag))
+            out.append(_inspect_file(path, cfg, etag))
         except Exception as e:  # belt and braces: one bad file never stops the run
             out.append(ImageReport(False, CORRUPT, f"inspection error: {type(e).__name__}: {e}"))
     return out
@@ -451,6 +457,19 @@ def _normalise_chunk(items: Sequence[tuple[str, str]], cfg: CleanConfig, out_dir
         except Exception as e:
             out.append((None, f"{type(e).__name__}: {e}"))
     return out
+
+
+def _worker_init() -> None:
+    """Process-pool worker setup: our own process, so the warnings filter can be set for good."""
+    warnings.simplefilter("error", Image.DecompressionBombWarning)
+
+
+@contextmanager
+def _batch_warnings() -> Iterator[None]:
+    """For serial/thread runs: bomb warnings raise for the duration of the run (set once, main thread)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
 
 
 def _crash_inspect(item: Any) -> ImageReport:
@@ -485,7 +504,7 @@ class _Runner:
     def _new_executor(self, workers: int):
         if self.cfg.backend == "thread":
             return ThreadPoolExecutor(max_workers=workers)
-        return ProcessPoolExecutor(max_workers=workers, mp_context=self._mp_context())
+        return ProcessPoolExecutor(max_workers=workers, mp_context=self._mp_context(), initializer=_worker_init)
 
     def __enter__(self) -> "_Runner":
         return self
@@ -630,7 +649,8 @@ def clean_catalog(manifest: pd.DataFrame, products: pd.DataFrame | None, out_dir
     min_n = cfg.min_images_per_sku
     timings: dict[str, float] = {}
 
-    with _Runner(cfg, n) as runner:
+    Image.init()  # register all plugins once, before any worker thread opens a file
+    with _Runner(cfg, n) as runner, _batch_warnings():
         t = time.perf_counter()
         reports: list[ImageReport] = runner.map(
             partial(_inspect_chunk, cfg=cfg), items, _crash_inspect, progress, "inspect images"

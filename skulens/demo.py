@@ -246,7 +246,7 @@ def write_demo(
             dr = ImageDraw.Draw(canvas)
             dr.rectangle((0, 360, 1200, 400), fill=(110, 100, 90))
             x = 10
-            picks = r.sample(products, 8)
+            picks = r.sample(products, min(8, len(products)))
             for p in picks:
                 item = shelfify(render_packshot(p, view=200 + ph, rng=r), r, out_size=130)
                 y = 360 - item.height

@@ -10,9 +10,10 @@ Errors: 413 upload larger than ``max_upload_bytes`` or image over ``max_pixels``
 decodable image; 400 missing file or corrupt image data; 422 bad ``k``.
 
 Run: ``uvicorn --factory skulens.serve:app_from_env`` (reads ``SKULENS_*`` settings).
+
+(No ``from __future__ import annotations`` here: FastAPI must resolve the endpoint annotations.)
 """
 
-from __future__ import annotations
 
 import io
 import logging

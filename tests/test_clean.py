@@ -340,29 +340,35 @@ def test_missing_manifest_columns(tmp_path):
 # -------------------------------------------------------------------------------- parallel
 
 
-def test_parallel_process_pool_matches_serial(catalog, tmp_path):
+@pytest.mark.parametrize("backend", ["process", "thread"])
+def test_parallel_matches_serial(catalog, tmp_path, backend):
+    import warnings
+
     manifest, products, _, _, _, serial = catalog
-    cfg = C.CleanConfig(workers=2, min_parallel=1, chunk_size=4)
+    filters_before = list(warnings.filters)
+    cfg = C.CleanConfig(workers=2, min_parallel=1, chunk_size=4, backend=backend)
     par = C.clean_catalog(manifest, products, tmp_path, cfg, progress=True)
-    assert par.stats["workers"] == 2 and par.stats["backend"] == "process"
-    cols = ["sku", "key", "sha256", "width", "height", "format", "status", "reason", "detail"]
+    assert par.stats["workers"] == 2 and par.stats["backend"] == backend
+    cols = ["sku", "key", "sha256", "width", "height", "format", "status", "reason", "detail", "normalised"]
     pd.testing.assert_frame_equal(par.images[cols], serial.images[cols])
+    assert [Path(p).name for p in par.kept["clean_path"]] == [Path(p).name for p in serial.kept["clean_path"]]
+    assert list(warnings.filters) == filters_before  # no global warnings state leaked
 
 
-def _crashing_inspect(path, cfg=None, etag=None):
+def _crashing_inspect(path, cfg, etag):
     if str(path).endswith("crash.jpg"):
         os._exit(139)  # what a segfaulting decoder does to its worker
     return _ORIG_INSPECT(path, cfg, etag)
 
 
-_ORIG_INSPECT = C.inspect_image
+_ORIG_INSPECT = C._inspect_file
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="fork start method")
 def test_worker_crash_is_isolated_and_run_goes_on(tmp_path, monkeypatch):
     rows = [g.manifest_row("S", g.write_jpeg(tmp_path / f"{i}.jpg", 200, 200, seed=i)) for i in range(7)]
     rows.append(g.manifest_row("S", g.write_jpeg(tmp_path / "crash.jpg", 200, 200, seed=9)))
-    monkeypatch.setattr(C, "inspect_image", _crashing_inspect)
+    monkeypatch.setattr(C, "_inspect_file", _crashing_inspect)
     cfg = C.CleanConfig(workers=2, min_parallel=1, chunk_size=3, start_method="fork")
     r = C.clean_catalog(g.make_manifest(rows), None, tmp_path / "o", cfg)
     assert len(r.kept) == 7

@@ -1,0 +1,63 @@
+"""`skulens services up/status/down` start real processes and leave none behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from skulens.services import _group_alive, free_port, port_open
+
+SKULENS = str(Path(sys.executable).parent / "skulens")
+
+
+def test_services_up_down_leaves_nothing_running(tmp_path):
+    env = dict(os.environ, SKULENS_HOME=str(tmp_path / "home"), SKULENS_S3_PORT=str(free_port()),
+               SKULENS_MLFLOW_PORT=str(free_port()))
+    env.pop("SKULENS_S3_ACCESS_KEY_ID", None)
+    env.pop("SKULENS_S3_SECRET_ACCESS_KEY", None)
+    up = subprocess.run([SKULENS, "services", "up"], env=env, capture_output=True, text=True, timeout=180)
+    assert up.returncode == 0, up.stderr
+    status = json.loads(subprocess.run([SKULENS, "services", "status", "--json"], env=env, capture_output=True,
+                                       text=True, timeout=60).stdout)
+    running = {r["service"]: r for r in status if r["state"] == "running"}
+    assert set(running) == {"s3", "mlflow"} and all(r["answering"] for r in running.values())
+    pids = [r["pid"] for r in running.values()]
+    creds = (tmp_path / "home" / "credentials.env")
+    assert oct(creds.stat().st_mode & 0o777) == "0o600"
+
+    # credentials are enforced by the S3 store
+    from skulens.s3 import make_client
+
+    bad = make_client(f"http://127.0.0.1:{env['SKULENS_S3_PORT']}", "nobody", "wrong-secret-000", max_attempts=1)
+    try:
+        bad.list_buckets()
+        raise AssertionError("S3 accepted wrong credentials")
+    except Exception as exc:  # botocore ClientError
+        assert "AccessDenied" in str(exc) or "InvalidAccessKeyId" in str(exc) or "SignatureDoesNotMatch" in str(exc)
+
+    # idempotent
+    again = subprocess.run([SKULENS, "services", "up"], env=env, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and "already running" in again.stdout
+
+    down = subprocess.run([SKULENS, "services", "down"], env=env, capture_output=True, text=True, timeout=60)
+    assert down.returncode == 0 and "s3" in down.stdout and "mlflow" in down.stdout
+    for pid in pids:
+        assert not _group_alive(pid), f"process group {pid} still has live processes"
+    assert not port_open("127.0.0.1", int(env["SKULENS_S3_PORT"]))
+    assert not port_open("127.0.0.1", int(env["SKULENS_MLFLOW_PORT"]))
+    assert not list((tmp_path / "home" / "run").glob("*.json"))
+
+
+def test_port_conflict_is_a_clear_error(tmp_path):
+    import socket
+
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        port = blocker.getsockname()[1]
+        env = dict(os.environ, SKULENS_HOME=str(tmp_path / "h"), SKULENS_S3_PORT=str(port))
+        proc = subprocess.run([SKULENS, "services", "up"], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "SKULENS_S3_PORT" in proc.stderr
