@@ -153,7 +153,7 @@ class SkuIndex:
         uniq, order, starts = self._grouping()
         if len(self) == 0:
             return uniq, np.zeros((q.shape[0], 0), dtype=np.float32)
-        sims = q @ self.vectors[order].T                     # (Q, N), rows grouped by SKU
+        sims = (q @ self.vectors.T)[:, order]                  # (Q, N), columns grouped by SKU
         return uniq, np.maximum.reduceat(sims, starts, axis=1)  # (Q, S) max over each SKU's rows
 
     def search(self, queries: np.ndarray, k: int = 5, chunk: int = 1024) -> list[list[tuple[str, float]]]:
