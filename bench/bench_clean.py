@@ -26,8 +26,9 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-import imagegen as g  # noqa: E402
-from skulens import clean as C  # noqa: E402
+import imagegen as g
+
+from skulens import clean as C
 
 BAD_KINDS = ("truncated", "corrupt", "html", "empty", "tiny", "dup")
 
@@ -96,14 +97,14 @@ def profile_stages(paths: list[str], cfg: C.CleanConfig) -> dict[str, float]:
     steps: dict[str, list[float]] = {k: [] for k in
                                      ("read", "sha256", "md5", "structure", "open_header", "decode", "exif", "inspect_image")}
     for p in paths:
-        t0 = time.perf_counter(); data = Path(p).read_bytes(); t1 = time.perf_counter()  # noqa: E702
-        hashlib.sha256(data).hexdigest(); t2 = time.perf_counter()  # noqa: E702
-        hashlib.md5(data).hexdigest(); t3 = time.perf_counter()  # noqa: E702
-        C._jpeg_structure_problem(data); t4 = time.perf_counter()  # noqa: E702
-        im = Image.open(io.BytesIO(data)); t5 = time.perf_counter()  # noqa: E702
-        im.load(); t6 = time.perf_counter()  # noqa: E702
-        im.getexif(); t7 = time.perf_counter()  # noqa: E702
-        C.inspect_image(p, cfg); t8 = time.perf_counter()  # noqa: E702
+        t0 = time.perf_counter(); data = Path(p).read_bytes(); t1 = time.perf_counter()
+        hashlib.sha256(data).hexdigest(); t2 = time.perf_counter()
+        hashlib.md5(data).hexdigest(); t3 = time.perf_counter()
+        C._jpeg_structure_problem(data); t4 = time.perf_counter()
+        im = Image.open(io.BytesIO(data)); t5 = time.perf_counter()
+        im.load(); t6 = time.perf_counter()
+        im.getexif(); t7 = time.perf_counter()
+        C.inspect_image(p, cfg); t8 = time.perf_counter()
         for k, a, b in (("read", t0, t1), ("sha256", t1, t2), ("md5", t2, t3), ("structure", t3, t4),
                         ("open_header", t4, t5), ("decode", t5, t6), ("exif", t6, t7), ("inspect_image", t7, t8)):
             steps[k].append((b - a) * 1000)

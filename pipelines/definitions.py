@@ -1,24 +1,29 @@
 """The skulens code location. This module only composes; domain logic lives in skulens/, assets in assets/."""
 
+from pathlib import Path
 
 import dagster as dg
 
-from assets import ingest
-from resources import LocalStateResource, S3Resource
+from assets import datasets, ingest, quality
+from resources import DvcResource, LocalStateResource, S3Resource
 from skulens.settings import ACCESS_KEY_VAR, SECRET_KEY_VAR, Settings, load_local_env
 
 settings = load_local_env(Settings.from_env())
 
-all_assets = dg.load_assets_from_modules([ingest])
+ROOT = Path(__file__).resolve().parent.parent
+modules = [ingest, quality, datasets]
+all_assets = dg.load_assets_from_modules(modules)
+all_checks = dg.load_asset_checks_from_modules(modules)
 
 main_job = dg.define_asset_job(
     name="main",
     selection=dg.AssetSelection.all(),
-    description="The whole pipeline: ingest the catalog and shelf set from S3 (later: clean, train, evaluate, index).",
+    description="The whole pipeline: ingest -> clean + checks -> balance -> DVC version (later: train, evaluate, index).",
 )
 
 defs = dg.Definitions(
     assets=all_assets,
+    asset_checks=all_checks,
     jobs=[main_job],
     resources={
         "s3": S3Resource(
@@ -29,5 +34,12 @@ defs = dg.Definitions(
             secret_access_key=dg.EnvVar(SECRET_KEY_VAR),
         ),
         "state": LocalStateResource(home=str(settings.home)),
+        "dvc": DvcResource(
+            repo_dir=str(ROOT),
+            endpoint_url=settings.s3_endpoint,
+            bucket=settings.bucket,
+            access_key_id=dg.EnvVar(ACCESS_KEY_VAR),
+            secret_access_key=dg.EnvVar(SECRET_KEY_VAR),
+        ),
     },
 )

@@ -7,7 +7,7 @@ from typing import Any
 
 import pandas as pd
 
-from skulens.clean import SKU_TOO_FEW_IMAGES, CleanConfig, CleanResult, FILE_REASONS
+from skulens.clean import FILE_REASONS, SKU_TOO_FEW_IMAGES, CleanConfig, CleanResult
 
 _LIST_CAP = 50  # keep metadata small: at most this many example ids
 
@@ -37,7 +37,7 @@ def check_products_unique(products: pd.DataFrame) -> tuple[bool, dict[str, Any]]
     dup_ids = sorted(dup[dup.duplicated(keep=False)].unique().tolist())
     null_rows = [int(i) for i in products.index[null_mask.to_numpy()]]
     return not dup_ids and not null_rows, {
-        "products": int(len(products)),
+        "products": len(products),
         "distinct_skus": int(dup.nunique()),
         "duplicate_skus": dup_ids[:_LIST_CAP],
         "n_duplicate_skus": len(dup_ids),
@@ -53,20 +53,18 @@ def cross_sku_duplication(images: pd.DataFrame) -> pd.DataFrame:
     if images.empty:
         return pd.DataFrame(columns=cols)
     valid = images[~images["reason"].isin(FILE_REASONS) & images["sha256"].notna()][["sku", "sha256"]]
-    valid = valid.drop_duplicates()  # a within-SKU duplicate counts once
-    skus_of_sha = valid.groupby("sha256")["sku"].agg(lambda s: sorted(set(s)))
-    rows = []
-    for sku, grp in valid.groupby("sku", sort=True):
-        others: set[str] = set()
-        shared = 0
-        for sha in grp["sha256"]:
-            o = [s for s in skus_of_sha[sha] if s != sku]
-            if o:
-                shared += 1
-                others.update(o)
-        n = len(grp)
-        rows.append((sku, n, shared, shared / n if n else 0.0, sorted(others)))
-    return pd.DataFrame(rows, columns=cols)
+    valid = valid.drop_duplicates().astype({"sku": str, "sha256": str})  # a within-SKU duplicate counts once
+    valid["shared"] = valid.groupby("sha256")["sku"].transform("size") > 1
+    per = valid.groupby("sku", sort=True).agg(valid_images=("sha256", "size"), shared_images=("shared", "sum"))
+    shared = valid[valid["shared"]]
+    pairs = shared.merge(shared, on="sha256", suffixes=("", "_other"))
+    pairs = pairs[pairs["sku"] != pairs["sku_other"]]
+    others = pairs.groupby("sku")["sku_other"].agg(lambda s: sorted(set(s)))
+    per["share"] = per["shared_images"] / per["valid_images"]
+    per["other_skus"] = [others.get(sku, []) for sku in per.index]
+    per = per.reset_index()
+    per["shared_images"] = per["shared_images"].astype("int64")
+    return per[cols]
 
 
 def check_cross_sku_duplication(result: CleanResult, max_share: float = 0.5) -> tuple[bool, dict[str, Any]]:
@@ -76,7 +74,7 @@ def check_cross_sku_duplication(result: CleanResult, max_share: float = 0.5) -> 
     bad = table[table["share"] > max_share]
     return bad.empty, {
         "max_share": max_share,
-        "n_skus_over": int(len(bad)),
+        "n_skus_over": len(bad),
         "skus_over": [
             {"sku": r.sku, "share": round(float(r.share), 3), "shared_images": int(r.shared_images),
              "valid_images": int(r.valid_images), "other_skus": list(r.other_skus)[:10]}
@@ -101,10 +99,10 @@ def check_min_images(result: CleanResult, cfg: CleanConfig | None = None,
     passed = not kept_below and len(too_few) <= max_skus_below
     return passed, {
         "min_images_per_sku": min_n,
-        "skus_kept": int(len(per_sku)),
+        "skus_kept": len(per_sku),
         "min_kept_images": int(per_sku.min()) if len(per_sku) else 0,
         "kept_skus_below_min": kept_below[:_LIST_CAP],
-        "n_skus_dropped_too_few": int(len(too_few)),
+        "n_skus_dropped_too_few": len(too_few),
         "max_skus_below": max_skus_below,
         "skus_dropped_too_few": [
             {"sku": r.sku, "usable_images": int(r.usable_images)} for r in too_few.head(_LIST_CAP).itertuples()

@@ -31,13 +31,14 @@ import threading
 import time
 import warnings
 import zlib
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -255,7 +256,7 @@ def _sniff_non_image(data: bytes) -> str:
     head = data[:512].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
     if head.startswith((b"<!doctype html", b"<html")) or b"<html" in head or b"<body" in head:
         return "looks like an HTML page (an error/login page saved under an image name?)"
-    if head.startswith(b"<?xml") or head.startswith(b"<error"):
+    if head.startswith((b"<?xml", b"<error")):
         return "looks like XML (an S3/HTTP error document?)"
     if head.startswith((b"{", b"[")):
         return "looks like JSON"
@@ -307,9 +308,13 @@ def _inspect_file(path: str | os.PathLike, cfg: CleanConfig, etag: Any) -> Image
         return ImageReport(False, TOO_LARGE_BYTES, f"{size} bytes > max_bytes {cfg.max_bytes}")
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            data = f.read(cfg.max_bytes + 1)  # bounded even if the file grows after stat()
     except OSError as e:
         return ImageReport(False, MISSING_FILE, f"cannot read file: {e.strerror or e}")
+    if len(data) > cfg.max_bytes:
+        return ImageReport(False, TOO_LARGE_BYTES, f"more than max_bytes {cfg.max_bytes} bytes")
+    if not data:
+        return ImageReport(False, EMPTY, "file has 0 bytes", sha256=hashlib.sha256(b"").hexdigest())
     sha = hashlib.sha256(data).hexdigest()
     if cfg.verify_etag:
         want = _etag_md5(etag)
@@ -338,7 +343,7 @@ def _inspect_bytes(data: bytes, sha: str, cfg: CleanConfig) -> ImageReport:
             return fail(DECOMPRESSION_BOMB, f"header: {e}")
         except UnidentifiedImageError:
             return fail(NOT_AN_IMAGE, _sniff_non_image(data))
-        except Exception as e:  # a recognised signature with an unreadable header
+        except Exception as e:  # noqa: BLE001 - a recognised signature with an unreadable header
             return fail(CORRUPT, f"cannot parse header: {type(e).__name__}: {e}")
         with img:
             rep.format, rep.mode = img.format, img.mode
@@ -365,12 +370,12 @@ def _inspect_bytes(data: bytes, sha: str, cfg: CleanConfig) -> ImageReport:
             except OSError as e:
                 msg = str(e)
                 return fail(TRUNCATED if "truncated" in msg.lower() else CORRUPT, f"decode failed: {msg}")
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - bad input must never stop the run
                 return fail(CORRUPT, f"decode failed: {type(e).__name__}: {e}")
             rep.mode = img.mode
             try:
                 orientation = img.getexif().get(0x0112)
-            except Exception:
+            except Exception:  # noqa: BLE001 - bad input must never stop the run
                 orientation = None
             orientation = int(orientation) if isinstance(orientation, int) and 1 <= orientation <= 8 else None
             rep.exif_orientation = orientation
@@ -444,7 +449,7 @@ def _inspect_chunk(items: Sequence[tuple[str, Any]], cfg: CleanConfig) -> list[I
     for path, etag in items:
         try:
             out.append(_inspect_file(path, cfg, etag))
-        except Exception as e:  # belt and braces: one bad file never stops the run
+        except Exception as e:  # noqa: BLE001 - belt and braces: one bad file never stops the run
             out.append(ImageReport(False, CORRUPT, f"inspection error: {type(e).__name__}: {e}"))
     return out
 
@@ -454,7 +459,7 @@ def _normalise_chunk(items: Sequence[tuple[str, str]], cfg: CleanConfig, out_dir
     for path, sha in items:
         try:
             out.append((str(normalise_image(path, out_dir, cfg, sha)), ""))
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - bad input must never stop the run
             out.append((None, f"{type(e).__name__}: {e}"))
     return out
 
@@ -506,7 +511,7 @@ class _Runner:
             return ThreadPoolExecutor(max_workers=workers)
         return ProcessPoolExecutor(max_workers=workers, mp_context=self._mp_context(), initializer=_worker_init)
 
-    def __enter__(self) -> "_Runner":
+    def __enter__(self) -> _Runner:  # noqa: PYI034
         return self
 
     def __exit__(self, *exc) -> None:
@@ -679,7 +684,7 @@ def clean_catalog(manifest: pd.DataFrame, products: pd.DataFrame | None, out_dir
         sub = img.loc[ok, ["sku", "sha256"]]
         skus_by_sha = sub.groupby("sha256")["sku"].agg(lambda s: sorted(set(s)))
         skus_by_sha = skus_by_sha[skus_by_sha.map(len) > 1]
-        cross_groups = int(len(skus_by_sha))
+        cross_groups = len(skus_by_sha)
         if cross_groups and cfg.cross_sku_duplicates != "keep_all":
             for idx, sku, sha in sub[sub["sha256"].isin(skus_by_sha.index)].itertuples(name=None):
                 skus = skus_by_sha[sha]

@@ -158,6 +158,70 @@ def demo_catalog(out: Path, skus: int, images: int, crops: int, seed: int, no_ba
     click.echo(f"next: skulens import catalog {out}/catalog && skulens import shelf {out}/shelf")
 
 
+# --- data (the dvc.yaml stages) ---------------------------------------------------------------------
+@main.group("data")
+def data_group() -> None:
+    """Dataset stages run by `dvc repro` (the same code the Dagster assets call)."""
+
+
+@data_group.command("ingest")
+@click.option("--out", "out", default="data/raw", show_default=True, type=click.Path(file_okay=False, path_type=Path))
+def data_ingest(out: Path) -> None:
+    """Mirror catalog images from S3 into OUT/images and write OUT/manifest.parquet + OUT/products.csv."""
+    from skulens import catalog, datasets, ingest
+
+    s = _settings()
+    client = _client(s)
+    res = ingest.sync_images(client, s.bucket, catalog.CATALOG_IMAGES_PREFIX, out / "images", progress=True)
+    products = ingest.fetch_products(client, s.bucket)
+    datasets.write_raw(res.manifest, products, out)
+    click.echo(f"ingest: {res.stats()}")
+
+
+@data_group.command("clean")
+@click.option("--raw", default="data/raw", show_default=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", default="data/clean", show_default=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--params", "params_file", default="params.yaml", show_default=True, type=click.Path(path_type=Path))
+def data_clean(raw: Path, out: Path, params_file: Path) -> None:
+    """Drop tiny, corrupt, duplicate files and SKUs with too few images; write the cleaned dataset OUT."""
+    from skulens import datasets
+    from skulens.clean import CleanConfig, clean_catalog
+
+    p = dict(datasets.read_params(params_file.parent, "clean"))
+    max_share = p.pop("max_dropped_share", 0.2)
+    cfg = CleanConfig(**p)
+    manifest, products = datasets.read_raw(raw)
+    result = clean_catalog(manifest, products, out.parent / ".normalised", cfg, progress=True)
+    params = {**datasets.params_dict(cfg), "max_dropped_share": max_share}
+    params.pop("workers", None)
+    datasets.write_clean(result, out, params)
+    st = result.stats
+    click.echo(f"clean: kept {st['files_kept']}/{st['files_in']} files, {st['skus_kept']} SKUs; "
+               f"dropped {st['dropped_by_reason']} ({st['images_per_s']} images/s)")
+    if st["share_dropped"] > max_share:
+        raise click.ClickException(f"{st['share_dropped']:.1%} of files dropped > max_dropped_share {max_share:.0%}; "
+                                   f"see {out}/dropped_files.csv")
+
+
+@data_group.command("balance")
+@click.option("--clean", "clean_dir", default="data/clean", show_default=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", default="data/balanced", show_default=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--params", "params_file", default="params.yaml", show_default=True, type=click.Path(path_type=Path))
+def data_balance(clean_dir: Path, out: Path, params_file: Path) -> None:
+    """Hold out a validation split and balance the rest to depth D per SKU (RetailKLIP)."""
+    from skulens import balance as bal
+    from skulens import datasets
+
+    p = datasets.read_params(params_file.parent, "balance")
+    kept = datasets.read_clean(clean_dir)
+    train_src, val = bal.split_validation(kept, per_sku=int(p.get("val_per_sku", 1)), seed=int(p.get("seed", 0)))
+    depth = int(p.get("depth", 0)) or bal.suggest_depth(train_src)
+    train = bal.balance(train_src, depth, seed=int(p.get("seed", 0)))
+    datasets.write_balanced(train, val, clean_dir, out, {"depth": depth, "val_per_sku": int(p.get("val_per_sku", 1)),
+                                                          "seed": int(p.get("seed", 0))})
+    click.echo(f"balance: {train['sku'].nunique()} SKUs x {depth} = {len(train)} rows, validation {len(val)}")
+
+
 # --- run ----------------------------------------------------------------------------------------
 @main.command("run")
 @click.option("--job", default="main", show_default=True, help="Dagster job to execute.")

@@ -8,12 +8,12 @@ to RGB before preprocessing (grayscale, palette, RGBA and CMYK photos all occur 
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterable, Sequence, Union
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
 
-ImageLike = Union[str, os.PathLike, Image.Image]
+ImageLike = str | os.PathLike | Image.Image
 
 
 def load_rgb(image: ImageLike) -> Image.Image:

@@ -6,8 +6,8 @@ Also builds the RetailKLIP-style gallery (one catalog image per SKU plus N shelf
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -137,7 +137,7 @@ def evaluate(
     confusions["predicted_name"] = confusions["predicted"].map(names).fillna("")
 
     return EvalReport(
-        n=int(len(true)), k=int(k), top1=float(correct.mean()), top5=float(in_topk.mean()),
+        n=len(true), k=int(k), top1=float(correct.mean()), top5=float(in_topk.mean()),
         category_acc=category_acc, per_sku=per_sku, per_category=per_category,
         confusions=confusions, predictions=preds, n_unknown=n_unknown,
     )
@@ -238,7 +238,7 @@ def retailklip_gallery(
     first = df.sort_values(["sku", col]).drop_duplicates("sku", keep="first")
     vecs, skus, keys = [], [], []
     for row in first.itertuples(index=False):
-        sku, path = getattr(row, "sku"), getattr(row, col)
+        sku, path = row.sku, getattr(row, col)
         key = str(getattr(row, key_col)) if key_col and key_col in df.columns else path
         base = load_rgb(path)
         rng = np.random.default_rng([int(seed), zlib.crc32(sku.encode())])
@@ -306,7 +306,7 @@ def plot_confusions(
             return np.full((thumb_px, thumb_px, 3), 200, dtype=np.uint8)
         try:
             im = load_rgb(src)
-        except Exception:  # unreadable thumbnail should not break the report
+        except Exception:  # noqa: BLE001 - unreadable thumbnail should not break the report
             return np.full((thumb_px, thumb_px, 3), 200, dtype=np.uint8)
         im.thumbnail((thumb_px * 2, thumb_px * 2))
         return np.asarray(im)

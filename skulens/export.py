@@ -41,11 +41,11 @@ def export_onnx(
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         example = torch.zeros(2, 3, size, size)
-        kwargs = dict(
-            input_names=["image"], output_names=["embedding"],
-            dynamic_axes={"image": {0: "batch"}, "embedding": {0: "batch"}},
-            opset_version=opset, do_constant_folding=True,
-        )
+        kwargs = {
+            "input_names": ["image"], "output_names": ["embedding"],
+            "dynamic_axes": {"image": {0: "batch"}, "embedding": {0: "batch"}},
+            "opset_version": opset, "do_constant_folding": True,
+        }
         with torch.no_grad():
             try:  # TorchScript exporter: no onnxscript dependency, stable for CNN/ViT towers
                 torch.onnx.export(cpu_encoder, (example,), str(tmp), dynamo=False, **kwargs)

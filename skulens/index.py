@@ -23,10 +23,10 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -69,6 +69,9 @@ def _str_array(values: Iterable) -> np.ndarray:
 class SkuIndex:
     """Exact nearest-neighbour index over L2-normalised embeddings, one row per gallery image.
 
+    Rows are stored grouped by SKU (stable sort on construction; ``vectors``, ``skus`` and ``keys``
+    stay aligned), so the per-SKU max is one ``np.maximum.reduceat`` over the similarity matrix.
+
     ``search`` aggregates rows by SKU (a SKU's score is its best row's cosine similarity), so a SKU
     with many gallery images counts once.
     """
@@ -96,13 +99,18 @@ class SkuIndex:
         n = self.vectors.shape[0]
         if len(self.skus) != n or len(self.keys) != n:
             raise ValueError(f"vectors ({n}), skus ({len(self.skus)}) and keys ({len(self.keys)}) differ in length")
+        if n > 1 and not np.all(self.skus[:-1] <= self.skus[1:]):
+            # rows are kept grouped by SKU (stable sort) so search needs no gather per query
+            order = np.argsort(self.skus, kind="stable")
+            self.vectors = np.ascontiguousarray(self.vectors[order])
+            self.skus, self.keys = self.skus[order], self.keys[order]
         if self.model_version is not None:
             self.model_version = str(self.model_version)
         meta = dict(self.meta or {})
         meta.setdefault("created_at", _iso(_utcnow()))
         meta["embed_dim"] = int(self.vectors.shape[1])
         meta["count"] = int(n)
-        meta["n_skus"] = int(len(np.unique(self.skus))) if n else 0
+        meta["n_skus"] = len(np.unique(self.skus)) if n else 0
         meta["model_version"] = self.model_version
         meta["format_version"] = FORMAT_VERSION
         self.meta = meta
@@ -133,12 +141,10 @@ class SkuIndex:
         return h.hexdigest()
 
     def _grouping(self):
-        """Rows sorted by SKU: (unique skus, row order, group start offsets)."""
+        """(unique skus, group start offsets); rows are stored sorted by SKU."""
         if self._groups is None:
-            uniq, inverse = np.unique(self.skus, return_inverse=True)
-            order = np.argsort(inverse, kind="stable")
-            starts = np.searchsorted(inverse[order], np.arange(len(uniq)))
-            self._groups = (uniq, order, starts)
+            uniq, starts = np.unique(self.skus, return_index=True)
+            self._groups = (uniq, starts)
         return self._groups
 
     # ------------------------------------------------------------------ search
@@ -150,10 +156,10 @@ class SkuIndex:
         if q.shape[1] != self.embed_dim:
             raise ValueError(f"query dim {q.shape[1]} != index dim {self.embed_dim}")
         q = _normalize(q)
-        uniq, order, starts = self._grouping()
+        uniq, starts = self._grouping()
         if len(self) == 0:
             return uniq, np.zeros((q.shape[0], 0), dtype=np.float32)
-        sims = (q @ self.vectors.T)[:, order]                  # (Q, N), columns grouped by SKU
+        sims = q @ self.vectors.T                               # (Q, N), columns grouped by SKU
         return uniq, np.maximum.reduceat(sims, starts, axis=1)  # (Q, S) max over each SKU's rows
 
     def search(self, queries: np.ndarray, k: int = 5, chunk: int = 1024) -> list[list[tuple[str, float]]]:
@@ -196,7 +202,7 @@ class SkuIndex:
         new_keys: Sequence[str] | None = None,
         remove_skus: Iterable[str] = (),
         model_version: str | None = None,
-    ) -> "SkuIndex":
+    ) -> SkuIndex:
         """New index: all rows of SKUs in ``new_skus`` are replaced by the new rows, SKUs in
         ``remove_skus`` are dropped, every other row is kept unchanged. ``self`` is not modified.
 
@@ -221,8 +227,8 @@ class SkuIndex:
         keep = ~np.isin(self.skus, list(drop)) if drop else np.ones(len(self), dtype=bool)
         meta = {k: v for k, v in self.meta.items() if k not in ("created_at", "count", "n_skus", "embed_dim")}
         meta["parent_content_hash"] = self.content_hash()
-        meta["updated_skus"] = int(len(set(new_skus.tolist())))
-        meta["removed_skus"] = int(len({str(s) for s in remove_skus} - set(new_skus.tolist())))
+        meta["updated_skus"] = len(set(new_skus.tolist()))
+        meta["removed_skus"] = len({str(s) for s in remove_skus} - set(new_skus.tolist()))
         return SkuIndex(
             vectors=np.concatenate([self.vectors[keep], new_vectors], axis=0),
             skus=np.concatenate([self.skus[keep], new_skus]).astype(np.str_),
@@ -244,12 +250,12 @@ class SkuIndex:
         return buf.getvalue()
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "SkuIndex":
+    def from_bytes(cls, data: bytes) -> SkuIndex:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             return cls._from_npz(z)
 
     @classmethod
-    def _from_npz(cls, z) -> "SkuIndex":
+    def _from_npz(cls, z) -> SkuIndex:
         missing = {"vectors", "skus", "keys", "meta"} - set(z.files)
         if missing:
             raise ValueError(f"not a skulens index file (missing {sorted(missing)})")
@@ -280,7 +286,7 @@ class SkuIndex:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "SkuIndex":
+    def load(cls, path: str | os.PathLike) -> SkuIndex:
         with np.load(path, allow_pickle=False) as z:
             return cls._from_npz(z)
 

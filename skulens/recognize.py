@@ -14,9 +14,9 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -118,7 +118,7 @@ class Recognizer:
         products_key: str | None = "catalog/products.csv",
         device: str = "cpu",
         reload_interval_s: float = 30.0,
-    ) -> "Recognizer":
+    ) -> Recognizer:
         """Load the published index (``CURRENT.json``) and the encoder version that built it from
         the MLflow registry (the ``champion`` if the index records no model version)."""
         cache_dir = Path(cache_dir) if cache_dir is not None else Path(tempfile.mkdtemp(prefix="skulens-rec-"))
@@ -141,7 +141,7 @@ class Recognizer:
         products_key: str | None = "catalog/products.csv",
         model_version: str | None = None,
         reload_interval_s: float = 30.0,
-    ) -> "Recognizer":
+    ) -> Recognizer:
         """Serve a given encoder with the published index; no registry. Reloads follow new index
         versions built by the same model version only (others are refused and logged)."""
         cache_dir = Path(cache_dir) if cache_dir is not None else Path(tempfile.mkdtemp(prefix="skulens-rec-"))
@@ -224,7 +224,7 @@ class Recognizer:
                 self._state = _State(encoder, index, names, mv, pointer["version"], pointer.get("etag") or etag)
                 log.info("reloaded index %s (model %s, %d rows)", pointer["version"], mv, len(index))
                 return True
-            except Exception as e:  # keep serving the old, consistent state
+            except Exception as e:  # noqa: BLE001 - keep serving the old, consistent state
                 log.warning("index reload failed, keeping %s: %s", state.index_version, e)
                 return False
         finally:

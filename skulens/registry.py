@@ -108,7 +108,7 @@ def log_and_register(
     versions, index version, eval-set fingerprint, git sha, ...) is stored as run and model-version
     tags ``lineage.<key>`` and as ``lineage.json``. ``experiment`` defaults to ``model_name``.
     """
-    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.entities import Metric, Param
 
     encoder_path = Path(encoder_path)
     if not encoder_path.exists():
@@ -137,6 +137,9 @@ def log_and_register(
             client.log_artifacts(run_id, str(encoder_path), ARTIFACT_DIR)
         else:
             client.log_artifact(run_id, str(encoder_path), ARTIFACT_DIR)
+            sidecar = encoder_path.with_name(encoder_path.name + ".json")  # spec written by save_encoder
+            if sidecar.is_file():
+                client.log_artifact(run_id, str(sidecar), ARTIFACT_DIR)
         with tempfile.TemporaryDirectory() as td:
             lp = Path(td) / "lineage.json"
             lp.write_text(json.dumps(safe_lineage, indent=2, sort_keys=True))
@@ -286,7 +289,7 @@ def _download(client, mv, dst) -> tuple[str, str]:
     fname = (mv.tags or {}).get("skulens.encoder_file")
     if fname and (local / fname).is_file():
         return str(local / fname), str(mv.version)
-    files = [p for p in local.iterdir()] if local.is_dir() else [local]
+    files = [p for p in local.iterdir() if not p.name.endswith(".json")] if local.is_dir() else [local]
     if len(files) == 1 and files[0].is_file():
         return str(files[0]), str(mv.version)
     return str(local), str(mv.version)

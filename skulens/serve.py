@@ -19,7 +19,7 @@ import io
 import logging
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from PIL import Image, UnidentifiedImageError
 
@@ -48,7 +48,7 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         raise _Reject(413, f"image too large: {e}")
     except UnidentifiedImageError:
         raise _Reject(415, "unsupported or unreadable image: send a JPEG, PNG, WebP, BMP, TIFF or GIF file")
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001
         raise _Reject(400, f"could not read image: {type(e).__name__}")
     w, h = img.size
     if w * h > max_pixels:
@@ -58,7 +58,7 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     try:
         img.load()
         return load_rgb(img)
-    except Exception as e:  # truncated / corrupt data after a valid header
+    except Exception as e:  # noqa: BLE001 - truncated / corrupt data after a valid header
         raise _Reject(400, f"corrupt or truncated image data ({type(e).__name__})")
 
 
@@ -93,7 +93,7 @@ def create_app(
         if load_on_startup:
             try:
                 await run_in_threadpool(get_recognizer)
-            except Exception as e:  # serve /health as 503 and retry on the next request
+            except Exception as e:  # noqa: BLE001 - serve /health as 503 and retry on the next request
                 log.error("recognizer failed to load at startup: %s", e)
         yield
 
@@ -105,7 +105,7 @@ def create_app(
         if rec is None:
             try:
                 rec = get_recognizer()
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001
                 raise HTTPException(503, f"recognizer not available: {type(e).__name__}: {e}")
         return rec
 
@@ -115,7 +115,7 @@ def create_app(
         if rec is None:
             try:
                 rec = get_recognizer()
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001
                 return JSONResponse({"status": "unavailable", "error": f"{type(e).__name__}"}, status_code=503)
         rec.maybe_reload()
         return {"status": "ok", "model_version": rec.model_version, "index_version": rec.index_version,
@@ -134,7 +134,7 @@ def create_app(
             form = await request.form(max_files=1, max_fields=10)
         except HTTPException:
             raise
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001
             raise HTTPException(400, f"malformed multipart body: {type(e).__name__}")
         try:
             upload = form.get("file")

@@ -105,9 +105,9 @@ def test_plots_write_pngs(tmp_path):
 # ------------------------------------------------------------------------ with a tiny real model
 @pytest.fixture(scope="module")
 def tiny_encoder():
-    from skulens.models import ModelSpec, create_encoder
-
     import torch
+
+    from skulens.models import ModelSpec, create_encoder
 
     torch.manual_seed(0)
     return create_encoder(ModelSpec(name="tiny-test"), device="cpu")

@@ -114,8 +114,8 @@ def test_npz_round_trip_without_pickle(tmp_path):
         assert all(not n.endswith(".pkl") for n in zf.namelist())
     back = SkuIndex.load(p)
     np.testing.assert_array_equal(back.vectors, idx.vectors)
-    assert list(back.skus) == ["café-1", "a", "a", "0042"]  # leading zeros kept (strings)
-    assert list(back.keys) == list(idx.keys)
+    assert list(back.skus) == ["0042", "a", "a", "café-1"]  # grouped by SKU; leading zeros kept
+    assert list(back.keys) == list(idx.keys) == ["k3", "k1", "k2", "catalog/images/café-1/ü.jpg"]
     assert back.model_version == "7" and back.meta["variant"] == "retailklip"
     assert back.meta["created_at"] == idx.meta["created_at"]
     assert back.content_hash() == idx.content_hash()
@@ -149,7 +149,7 @@ def test_publish_and_load_current(s3, prefix, tmp_path):
     data = client.get_object(Bucket=s3.bucket, Key=ptr["key"])["Body"].read()
     assert hashlib.sha256(data).hexdigest() == ptr["sha256"]
 
-    got, p2 = load_current(client, s3.bucket, prefix, cache_dir=tmp_path)
+    got, _ = load_current(client, s3.bucket, prefix, cache_dir=tmp_path)
     np.testing.assert_array_equal(got.vectors, idx.vectors)
     assert (tmp_path / f"{v1}.npz").exists()
     # a corrupted cache file is detected by sha256 and replaced by a fresh download

@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-import imagegen as g  # noqa: E402
+import imagegen as g
 
-from skulens import clean as C  # noqa: E402
-from skulens.quality import validate_catalog  # noqa: E402
+from skulens import clean as C
+from skulens.quality import validate_catalog
 
 CFG = C.CleanConfig(workers=1)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -105,12 +106,13 @@ def test_champion_lifecycle_on_real_mlflow(mlflow_server, saved_encoder, tmp_pat
     assert all(mv.current_stage in (None, "None") for mv in client.search_model_versions(f"name='{name}'"))
 
     # download and load the champion: same weights, same embeddings
-    from skulens.models import load_encoder
-
     import torch
+
+    from skulens.models import load_encoder
 
     local, version = download_champion(uri, name, tmp_path / "dl")
     assert version == "3" and local.endswith("encoder.pt")
+    assert Path(local + ".json").is_file()  # the spec sidecar travels with the weights
     loaded = load_encoder(local)
     x = torch.randn(2, 3, enc.image_size, enc.image_size)
     with torch.inference_mode():

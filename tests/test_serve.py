@@ -69,7 +69,7 @@ def test_recognize_returns_topk_with_names_and_versions(client, gallery):
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["sku"] == "SKU4" and body["name"] == "Product 4" and body["score"] == pytest.approx(1.0, abs=1e-4)
-    assert [x["sku"] for x in body["results"]][0] == "SKU4" and len(body["results"]) == 3
+    assert body["results"][0]["sku"] == "SKU4" and len(body["results"]) == 3
     assert body["results"][0]["score"] >= body["results"][1]["score"] >= body["results"][2]["score"]
     assert body["model_version"] == "1" and body["index_version"] == "v-test" and body["latency_ms"] > 0
     # JPEG, grayscale and RGBA uploads are accepted too
@@ -180,7 +180,7 @@ def test_recognizer_refuses_mismatched_model_and_keeps_serving(s3, tiny, gallery
     from skulens.embed import embed_images
     from skulens.recognize import Recognizer, measure_latency
 
-    imgs, index, products = gallery
+    imgs, index, _ = gallery
     s3c = s3.client()
     prefix = f"idx-rec-{uuid.uuid4().hex[:8]}"
     ver1 = publish_index(s3c, s3.bucket, index, prefix=prefix)

@@ -1,0 +1,43 @@
+"""Balanced training datasets (RetailKLIP 4.1.3): every SKU kept, each brought to depth D."""
+
+from pathlib import Path
+
+import dagster as dg
+from pydantic import Field
+
+from resources import DvcResource
+from skulens import balance as bal
+from skulens import datasets
+
+GROUP = "data_quality"
+_P = datasets.read_params(Path(__file__).resolve().parent.parent, "balance")
+
+
+class BalanceSettings(dg.Config):
+    """Depth/breadth balancing (defaults from params.yaml `balance:`)."""
+
+    depth: int = Field(default=_P.get("depth", 16), description="images per SKU after balancing (0 = median per SKU)")
+    val_per_sku: int = Field(default=_P.get("val_per_sku", 1), description="catalog images per SKU held out for validation")
+    seed: int = Field(default=_P.get("seed", 0))
+
+
+@dg.asset(group_name=GROUP, pool="dvc", kinds={"pandas"})
+def balanced_dataset(context: dg.AssetExecutionContext, config: BalanceSettings, cleaned_catalog,
+                     dvc: DvcResource) -> dg.MaterializeResult:
+    """Held-out validation split (equal per SKU) and a training set with exactly D rows per SKU."""
+    kept = cleaned_catalog.kept
+    train_src, val = bal.split_validation(kept, per_sku=config.val_per_sku, seed=config.seed)
+    depth = config.depth or bal.suggest_depth(train_src)
+    train = bal.balance(train_src, depth, seed=config.seed)
+    params = {"depth": depth, "val_per_sku": config.val_per_sku, "seed": config.seed}
+    datasets.write_balanced(train, val, dvc.data_dir("clean"), dvc.data_dir("balanced"), params)
+    per_sku = train.groupby("sku").size()
+    context.log.info(f"balanced: {train['sku'].nunique()} SKUs x {depth} = {len(train)} rows "
+                     f"({int(train['augment'].sum())} oversampled copies); validation {len(val)} images")
+    return dg.MaterializeResult(
+        value={"train": train, "val": val, "depth": depth},
+        metadata={"skus": int(train["sku"].nunique()), "depth": depth, "train_rows": len(train),
+                  "oversampled_copies": int(train["augment"].sum()),
+                  "undersampled_skus": int((train_src.groupby("sku").size() > depth).sum()),
+                  "val_images": len(val), "rows_per_sku_min": int(per_sku.min()), "rows_per_sku_max": int(per_sku.max())},
+    )

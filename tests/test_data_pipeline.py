@@ -1,0 +1,136 @@
+"""Clean -> checks -> balance -> DVC version, through Dagster against real S3, plus `dvc repro` outside Dagster."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+import pytest
+import yaml
+
+from assets import datasets as dataset_assets
+from assets import ingest as ingest_assets
+from assets import quality
+from resources import DvcResource, LocalStateResource, S3Resource
+from skulens import importer
+from skulens.s3 import list_objects
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def _git(cwd, *args):
+    subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture
+def dvc_repo(tmp_path, s3):
+    """A project checkout of our own: git + DVC initialised, dvc.yaml/params.yaml copied, remote on test S3."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for f in ("dvc.yaml", "params.yaml"):
+        shutil.copy(ROOT / f, repo / f)
+    _git(repo, "init", "-q")
+    _git(repo, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "init")
+    bucket = s3.new_bucket("dvc")
+    run = lambda *a: subprocess.run([str(BIN / "dvc"), *a], cwd=repo, check=True, capture_output=True)  # noqa: E731
+    run("init", "-q")
+    run("remote", "add", "-d", "storage", f"s3://{bucket}/dvc")
+    return repo, bucket
+
+
+def _resources(s3, bucket, repo, home):
+    env_key, env_secret = dg.EnvVar("SKULENS_S3_ACCESS_KEY_ID"), dg.EnvVar("SKULENS_S3_SECRET_ACCESS_KEY")
+    return {
+        "s3": S3Resource(endpoint_url=s3.endpoint, bucket=bucket, access_key_id=env_key, secret_access_key=env_secret),
+        "state": LocalStateResource(home=str(home)),
+        "dvc": DvcResource(repo_dir=str(repo), endpoint_url=s3.endpoint, bucket=bucket, access_key_id=env_key,
+                           secret_access_key=env_secret),
+    }
+
+
+ASSETS = [ingest_assets.catalog_products, ingest_assets.catalog_images, quality.cleaned_catalog,
+          dataset_assets.balanced_dataset, quality.dataset_version]
+CHECKS = [quality.dropped_share_below_threshold, quality.no_sku_copies_another, quality.skus_with_enough_images,
+          quality.products_sku_unique, quality.great_expectations_suite]
+
+
+@pytest.fixture
+def instance(tmp_path):
+    (tmp_path / "dagster").mkdir()
+    with dg.instance_for_test(temp_dir=str(tmp_path / "dagster")) as inst:
+        yield inst
+
+
+def _checks(result) -> dict[str, bool]:
+    return {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+
+
+def test_demo_catalog_is_cleaned_checked_balanced_and_versioned(s3, demo_dir, dvc_repo, tmp_path, instance):
+    repo, bucket = dvc_repo
+    importer.import_catalog(s3.client(), bucket, demo_dir / "catalog", progress=False)
+    result = dg.materialize(ASSETS + CHECKS, resources=_resources(s3, bucket, repo, tmp_path / "state"),
+                            instance=instance)
+    assert result.success
+    checks = _checks(result)
+    assert checks["dropped_share_below_threshold"] and checks["great_expectations_suite"]
+    assert checks["products_sku_unique"] and checks["no_sku_copies_another"]
+    assert checks["skus_with_enough_images"] is False  # the demo's two-image SKU is dropped, and warned about
+
+    cleaned = result.output_for_node("cleaned_catalog")
+    reasons = dict(zip(cleaned.dropped_files["key"].str.rsplit("/", n=1).str[-1], cleaned.dropped_files["reason"]))
+    assert {"empty.jpg", "error-page.jpg", "truncated.jpg", "thumb.jpg"} <= set(reasons)
+    assert ("00-copy.jpg" in reasons) != ("00.jpg" in reasons)  # one of the two identical files is kept
+    assert len(set(reasons.values())) >= 5
+    assert "demo-009" in set(cleaned.dropped_skus["sku"])  # the lone SKU (8 demo SKUs + 1)
+    clean_dir = repo / "data" / "clean"
+    assert (clean_dir / "manifest.parquet").exists() and (clean_dir / "dropped_files.csv").exists()
+    assert len(list((clean_dir / "images").rglob("*"))) >= len(cleaned.kept)
+
+    bal = result.output_for_node("balanced_dataset")
+    assert set(bal["train"].groupby("sku").size()) == {bal["depth"]}
+    assert set(bal["train"]["sku"]) == set(cleaned.kept["sku"])
+
+    version = result.output_for_node("dataset_version")
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    assert version["clean_md5"] == next(o["md5"] for o in lock["stages"]["clean"]["outs"] if o["path"] == "data/clean")
+    assert version["balanced_md5"] and len(version["git_rev"]) == 40
+    pushed = list(list_objects(s3.client(), bucket, "dvc/"))
+    assert len(pushed) >= len(cleaned.kept)  # every kept image is in the DVC remote on S3
+
+    # outside Dagster: `dvc status` agrees the workspace matches dvc.lock, and `dvc repro` rebuilds the same data
+    env = dict(os.environ, SKULENS_S3_ENDPOINT=s3.endpoint, SKULENS_BUCKET=bucket, SKULENS_HOME=str(tmp_path / "state"),
+               PATH=f"{BIN}:{os.environ['PATH']}")
+    st = subprocess.run([str(BIN / "dvc"), "status", "clean", "balance"], cwd=repo, env=env, capture_output=True, text=True)
+    assert st.returncode == 0 and "changed" not in st.stdout, st.stdout
+    shutil.rmtree(repo / "data" / "clean")
+    shutil.rmtree(repo / "data" / "balanced")
+    rp = subprocess.run([str(BIN / "dvc"), "repro", "--force"], cwd=repo, env=env, capture_output=True, text=True,
+                        timeout=600)
+    assert rp.returncode == 0, rp.stderr[-3000:] + rp.stdout[-3000:]
+    kept_again = pd.read_parquet(repo / "data" / "clean" / "manifest.parquet")
+    assert sorted(kept_again["sha256"]) == sorted(cleaned.kept["sha256"])
+
+
+def test_blocking_check_stops_training_data_on_a_bad_catalog(s3, tmp_path, dvc_repo, instance):
+    repo, bucket = dvc_repo
+    src = tmp_path / "bad"
+    from skulens.demo import write_demo
+
+    write_demo(src, n_skus=4, images_per_sku=3, crops_per_sku=0, photos=0, bad_files=False)
+    for i, d in enumerate(sorted((src / "catalog" / "images").iterdir())):
+        for j in range(2):
+            (d / f"broken{j}.jpg").write_bytes(b"\xff\xd8\xff" + os.urandom(3000))  # corrupt JPEGs: 40% of files
+    importer.import_catalog(s3.client(), bucket, src / "catalog", progress=False)
+    result = dg.materialize(ASSETS + CHECKS, resources=_resources(s3, bucket, repo, tmp_path / "state"),
+                            instance=instance, raise_on_error=False)
+    checks = _checks(result)
+    assert checks["dropped_share_below_threshold"] is False
+    materialized = {m.asset_key.to_user_string() for m in result.get_asset_materialization_events()}
+    assert "cleaned_catalog" in materialized
+    assert "balanced_dataset" not in materialized and "dataset_version" not in materialized
