@@ -36,10 +36,10 @@ def _graph() -> dict:
 
 def test_asset_graph_matches_snapshot():
     current = _graph()
-    if os.environ.get("SKULENS_UPDATE_SNAPSHOTS") or not SNAPSHOT.exists():
+    if os.environ.get("UPDATE_SNAPSHOTS") or not SNAPSHOT.exists():
         SNAPSHOT.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
     expected = json.loads(SNAPSHOT.read_text())
-    assert current == expected, "asset graph changed; if intended, rerun with SKULENS_UPDATE_SNAPSHOTS=1"
+    assert current == expected, "asset graph changed; if intended, rerun with UPDATE_SNAPSHOTS=1"
 
 
 def _imports(path: Path) -> set[str]:
