@@ -259,11 +259,35 @@ def run_cmd(job: str, demo: bool) -> None:
     took = time.monotonic() - t0
     if rc != 0:
         raise click.ClickException(f"job {job!r} failed (exit {rc}); see the run in the UI: make ui")
-    click.echo(f"\njob {job!r} succeeded in {took:.0f}s. Where to look:")
+    click.echo(f"\njob {job!r} succeeded in {took:.0f}s.")
+    _print_summary(s, root)
+    click.echo("Where to look:")
     click.echo(f"  Dagster UI : make ui   (then open {s.dagster_url})")
     click.echo(f"  MLflow     : {s.mlflow_uri}")
     click.echo(f"  S3 endpoint: {s.s3_endpoint}  bucket {s.bucket}  (keys in {s.credentials_path})")
     click.echo("  stop all   : make down")
+
+
+def _print_summary(s: Settings, root: Path) -> None:
+    """What the run produced, read from the files it wrote (no Dagster import here)."""
+    import yaml
+
+    stats_path = root / "data" / "clean" / "stats.json"
+    if stats_path.exists():
+        st = json.loads(stats_path.read_text())
+        click.echo(f"  cleaning   : kept {st['files_kept']}/{st['files_in']} files and {st['skus_kept']}/{st['skus_in']} SKUs; "
+                   f"dropped {st['dropped_by_reason']}")
+        click.echo(f"               list: {root / 'data' / 'clean' / 'dropped_files.csv'}")
+    docs = s.home / "gx" / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html"
+    if docs.exists():
+        click.echo(f"  data docs  : {docs.as_uri()}")
+    lock = root / "dvc.lock"
+    if lock.exists():
+        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+        for stage in ("clean", "balance"):
+            md5 = next((o.get("md5") for o in stages.get(stage, {}).get("outs", [])), None)
+            if md5:
+                click.echo(f"  dvc {stage:<7}: {md5}  (remote s3://{s.bucket}/dvc)")
 
 
 if __name__ == "__main__":  # pragma: no cover
