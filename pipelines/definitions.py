@@ -1,17 +1,20 @@
 """The skulens code location. This module only composes; domain logic lives in skulens/, assets in assets/."""
 
+import os
 from pathlib import Path
 
 import dagster as dg
 
-from assets import datasets, ingest, quality
+from assets import datasets, ingest, quality, training
 from resources import DvcResource, LocalStateResource, S3Resource
+from resources.mlflow import MlflowResource
+from resources.training import TrainingResource
 from skulens.settings import ACCESS_KEY_VAR, SECRET_KEY_VAR, Settings, load_local_env
 
 settings = load_local_env(Settings.from_env())
 
 ROOT = Path(__file__).resolve().parent.parent
-modules = [ingest, quality, datasets]
+modules = [ingest, quality, datasets, training]
 all_assets = dg.load_assets_from_modules(modules)
 all_checks = dg.load_asset_checks_from_modules(modules)
 
@@ -34,6 +37,8 @@ defs = dg.Definitions(
             secret_access_key=dg.EnvVar(SECRET_KEY_VAR),
         ),
         "state": LocalStateResource(home=str(settings.home)),
+        "mlflow": MlflowResource(tracking_uri=settings.mlflow_uri, model_name=settings.model_name),
+        "training": TrainingResource(mode=os.environ.get("SKULENS_TRAINING_MODE", "local")),
         "dvc": DvcResource(
             repo_dir=str(ROOT),
             endpoint_url=settings.s3_endpoint,

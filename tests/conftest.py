@@ -82,3 +82,56 @@ def demo_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo")
     write_demo(out, n_skus=8, images_per_sku=4, crops_per_sku=2, photos=1)
     return out
+
+
+@pytest.fixture
+def dvc_repo(tmp_path, s3):
+    """A project checkout of our own: git + DVC initialised, dvc.yaml/params.yaml copied, remote on test S3.
+    Returns (repo_dir, bucket)."""
+    import shutil
+    import subprocess
+    import sys
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for f in ("dvc.yaml", "params.yaml"):
+        shutil.copy(ROOT / f, repo / f)
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "init"],
+                   cwd=repo, check=True)
+    bucket = s3.new_bucket("dvc")
+    dvc = str(Path(sys.executable).parent / "dvc")
+    subprocess.run([dvc, "init", "-q"], cwd=repo, check=True)
+    subprocess.run([dvc, "remote", "add", "-d", "storage", f"s3://{bucket}/dvc"], cwd=repo, check=True)
+    return repo, bucket
+
+
+@pytest.fixture
+def dagster_instance(tmp_path):
+    import dagster as dg
+
+    (tmp_path / "dagster").mkdir()
+    with dg.instance_for_test(temp_dir=str(tmp_path / "dagster")) as inst:
+        yield inst
+
+
+def pipeline_resources(s3, bucket, repo, home, mlflow_uri=None, training_mode="local", model_name=None):
+    """The resources of pipelines/definitions.py, pointed at the test services."""
+    import dagster as dg
+
+    from resources import DvcResource, LocalStateResource, S3Resource
+    from resources.mlflow import MlflowResource
+    from resources.training import TrainingResource
+
+    key, secret = dg.EnvVar("SKULENS_S3_ACCESS_KEY_ID"), dg.EnvVar("SKULENS_S3_SECRET_ACCESS_KEY")
+    res = {
+        "s3": S3Resource(endpoint_url=s3.endpoint, bucket=bucket, access_key_id=key, secret_access_key=secret),
+        "state": LocalStateResource(home=str(home)),
+        "dvc": DvcResource(repo_dir=str(repo), endpoint_url=s3.endpoint, bucket=bucket, access_key_id=key,
+                           secret_access_key=secret),
+        "training": TrainingResource(mode=training_mode, device="cpu"),
+    }
+    if mlflow_uri:
+        res["mlflow"] = MlflowResource(tracking_uri=mlflow_uri, experiment=f"exp-{bucket}",
+                                       model_name=model_name or f"model-{bucket}")
+    return res

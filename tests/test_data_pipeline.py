@@ -16,42 +16,16 @@ import yaml
 from assets import datasets as dataset_assets
 from assets import ingest as ingest_assets
 from assets import quality
-from resources import DvcResource, LocalStateResource, S3Resource
 from skulens import importer
 from skulens.s3 import list_objects
+from tests.conftest import pipeline_resources
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
-def _git(cwd, *args):
-    subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True)
-
-
-@pytest.fixture
-def dvc_repo(tmp_path, s3):
-    """A project checkout of our own: git + DVC initialised, dvc.yaml/params.yaml copied, remote on test S3."""
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for f in ("dvc.yaml", "params.yaml"):
-        shutil.copy(ROOT / f, repo / f)
-    _git(repo, "init", "-q")
-    _git(repo, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "init")
-    bucket = s3.new_bucket("dvc")
-    run = lambda *a: subprocess.run([str(BIN / "dvc"), *a], cwd=repo, check=True, capture_output=True)  # noqa: E731
-    run("init", "-q")
-    run("remote", "add", "-d", "storage", f"s3://{bucket}/dvc")
-    return repo, bucket
-
-
 def _resources(s3, bucket, repo, home):
-    env_key, env_secret = dg.EnvVar("SKULENS_S3_ACCESS_KEY_ID"), dg.EnvVar("SKULENS_S3_SECRET_ACCESS_KEY")
-    return {
-        "s3": S3Resource(endpoint_url=s3.endpoint, bucket=bucket, access_key_id=env_key, secret_access_key=env_secret),
-        "state": LocalStateResource(home=str(home)),
-        "dvc": DvcResource(repo_dir=str(repo), endpoint_url=s3.endpoint, bucket=bucket, access_key_id=env_key,
-                           secret_access_key=env_secret),
-    }
+    return pipeline_resources(s3, bucket, repo, home)
 
 
 ASSETS = [ingest_assets.catalog_products, ingest_assets.catalog_images, quality.cleaned_catalog,
@@ -61,10 +35,8 @@ CHECKS = [quality.dropped_share_below_threshold, quality.no_sku_copies_another, 
 
 
 @pytest.fixture
-def instance(tmp_path):
-    (tmp_path / "dagster").mkdir()
-    with dg.instance_for_test(temp_dir=str(tmp_path / "dagster")) as inst:
-        yield inst
+def instance(dagster_instance):
+    return dagster_instance
 
 
 def _checks(result) -> dict[str, bool]:

@@ -1,0 +1,93 @@
+"""Fine-tune the image encoder (RetailKLIP: ArcFace, AdamW, block-wise LR decay) on the GPU resource."""
+
+import json
+from pathlib import Path
+
+import dagster as dg
+from pydantic import Field
+
+from resources import DvcResource, LocalStateResource
+from resources.mlflow import MlflowResource
+from resources.training import TrainingResource
+
+GROUP = "training"
+
+
+class TrainSettings(dg.Config):
+    """Training knobs, editable in the launchpad. The model is an OpenCLIP name + pretrained tag
+    (e.g. ViT-L-14 / laion2b_s32b_b82k with hub access) or the offline default efficientnet-lite0."""
+
+    model: str = Field(default="efficientnet-lite0", description="OpenCLIP model name, or efficientnet-lite0 / tiny-test")
+    pretrained: str | None = Field(default=None, description="OpenCLIP pretrained tag (efficientnet-lite0: imagenet)")
+    image_size: int | None = Field(default=None, description="override the model's input size")
+    epochs: int = 4
+    batch_size: int = 32
+    base_lr: float = Field(default=2e-4, description="LR of the top block; each earlier block x lr_decay")
+    lr_decay: float = 0.7
+    arcface_lr: float = 5e-3
+    weight_decay: float = 0.05
+    margin: float = Field(default=28.6, description="ArcFace margin (degrees)")
+    scale: float = 64.0
+    warmup_steps: int | None = None
+    max_steps: int | None = None
+    amp: str = Field(default="auto", description="auto | bf16 | fp16 | off (CUDA only)")
+    augment_strength: float = 1.0
+    freeze_bn: bool = True
+    seed: int = 0
+
+    def spec(self) -> dict:
+        from skulens.models.factory import ModelSpec
+
+        return ModelSpec(name=self.model, pretrained=self.pretrained, image_size=self.image_size).to_dict()
+
+    def train_config(self) -> dict:
+        keys = ("epochs", "batch_size", "base_lr", "lr_decay", "arcface_lr", "weight_decay", "margin", "scale",
+                "warmup_steps", "max_steps", "amp", "augment_strength", "freeze_bn", "seed", "image_size")
+        return {k: getattr(self, k) for k in keys}
+
+
+@dg.asset(group_name=GROUP, pool="gpu", kinds={"pytorch", "mlflow"})
+def trained_encoder(context: dg.AssetExecutionContext, config: TrainSettings, balanced_dataset: dict,
+                    dataset_version: dict, training: TrainingResource, mlflow: MlflowResource,
+                    dvc: DvcResource, state: LocalStateResource) -> dg.MaterializeResult:
+    """The fine-tuned image encoder; every step's loss and every epoch's validation accuracy go to MLflow."""
+    spec, cfg = config.spec(), config.train_config()
+    tags = {"skulens.stage": "train", "dataset.clean_md5": str(dataset_version.get("clean_md5")),
+            "dataset.balanced_md5": str(dataset_version.get("balanced_md5")),
+            "git.rev": str(dataset_version.get("git_rev")), "git.dirty": str(dataset_version.get("git_dirty")),
+            "dagster.run_id": context.run.run_id}
+    run_id = mlflow.start_run(f"train-{spec['name']}-{context.run.run_id[:8]}", tags)
+    client = mlflow.client()
+    from mlflow.entities import Param
+
+    params = {**{f"model.{k}": v for k, v in spec.items()}, **{f"train.{k}": v for k, v in cfg.items()},
+              "data.depth": balanced_dataset["depth"], "data.skus": int(balanced_dataset["train"]["sku"].nunique())}
+    client.log_batch(run_id, params=[Param(k, str(v)[:500]) for k, v in params.items()])
+    lock = Path(dvc.repo_dir) / "dvc.lock"
+    if lock.exists():
+        client.log_artifact(run_id, str(lock), "dataset")
+    request = {
+        "balanced_dir": str(dvc.data_dir("balanced")), "clean_dir": str(dvc.data_dir("clean")),
+        "spec": spec, "config": cfg, "out_dir": str(state.path("training", "current")),
+        "mlflow_uri": mlflow.tracking_uri, "mlflow_run_id": run_id, "progress": False,
+    }
+    try:
+        summary = training.train(context, request)
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    final = {k: summary[k] for k in ("val_acc_before", "val_acc", "images_per_s", "steps") if summary.get(k) is not None}
+    client.log_batch(run_id, metrics=[__import__("mlflow").entities.Metric(f"final/{k}", float(v), 0, 0)
+                                      for k, v in final.items()])
+    client.set_terminated(run_id, "FINISHED")
+    value = {"encoder_path": summary["encoder_path"], "mlflow_run_id": run_id, "spec": summary["spec"],
+             "train_config": cfg, "metrics": final, "dataset_version": dataset_version, "device": summary["device"]}
+    return dg.MaterializeResult(
+        value=value,
+        metadata={"model": spec["name"], "device": summary["device"], "steps": summary["steps"],
+                  "val_acc_before": summary.get("val_acc_before"), "val_acc": summary.get("val_acc"),
+                  "val_acc_per_epoch": json.dumps(summary.get("val_acc_per_epoch")),
+                  "train_images_per_s": summary["images_per_s"], "seconds": summary["seconds"],
+                  "mlflow_run": dg.MetadataValue.url(f"{mlflow.tracking_uri}/#/experiments/"
+                                                     f"{client.get_run(run_id).info.experiment_id}/runs/{run_id}")},
+    )

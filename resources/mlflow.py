@@ -1,0 +1,22 @@
+import dagster as dg
+
+
+class MlflowResource(dg.ConfigurableResource):
+    """The MLflow tracking server and the registered model name."""
+
+    tracking_uri: str
+    experiment: str = "skulens"
+    model_name: str = "skulens-encoder"
+
+    def start_run(self, run_name: str, tags: dict | None = None) -> str:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(self.tracking_uri)
+        exp = client.get_experiment_by_name(self.experiment)
+        exp_id = exp.experiment_id if exp else client.create_experiment(self.experiment)
+        return client.create_run(exp_id, run_name=run_name, tags=tags or {}).info.run_id
+
+    def client(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(self.tracking_uri)

@@ -1,0 +1,24 @@
+"""Entry point of the external training process (Dagster Pipes): `python -m resources.pipes_train`.
+
+Only `dagster_pipes` (a small, dependency-free package) and skulens are imported here, so this
+runs in a slim GPU image without the Dagster framework.
+"""
+
+from dagster_pipes import open_dagster_pipes
+
+from skulens.training import run_training
+
+
+def main() -> None:
+    with open_dagster_pipes() as pipes:
+        request = pipes.get_extra("request")
+        pipes.log.info(f"training {request['spec'].get('name')} from {request['balanced_dir']}")
+        summary = run_training(request, echo=pipes.log.info)
+        pipes.report_asset_materialization(metadata={
+            k: {"raw_value": v, "type": "json"} if isinstance(v, (dict, list)) else v
+            for k, v in summary.items() if v is not None
+        })
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""The training asset through Dagster on real S3 + MLflow: local and Pipes modes, metrics in MLflow."""
+
+from __future__ import annotations
+
+import dagster as dg
+import pytest
+
+from assets import datasets as dataset_assets
+from assets import ingest as ingest_assets
+from assets import quality, training
+from skulens import importer
+from tests.conftest import pipeline_resources
+
+ASSETS = [ingest_assets.catalog_products, ingest_assets.catalog_images, quality.cleaned_catalog,
+          dataset_assets.balanced_dataset, quality.dataset_version, training.trained_encoder]
+
+TINY = {"model": "tiny-test", "epochs": 2, "batch_size": 16, "base_lr": 2e-3, "arcface_lr": 2e-2}
+
+
+@pytest.mark.parametrize("mode", ["local", "pipes"])
+def test_trained_encoder_logs_to_mlflow(mode, s3, mlflow_server, demo_dir, dvc_repo, tmp_path, dagster_instance):
+    repo, bucket = dvc_repo
+    importer.import_catalog(s3.client(), bucket, demo_dir / "catalog", progress=False)
+    res = pipeline_resources(s3, bucket, repo, tmp_path / "state", mlflow_server.uri, training_mode=mode)
+    run_config = dg.RunConfig(ops={"trained_encoder": training.TrainSettings(**TINY),
+                                   "balanced_dataset": dataset_assets.BalanceSettings(depth=6)})
+    result = dg.materialize(ASSETS, resources=res, instance=dagster_instance, run_config=run_config)
+    assert result.success
+    out = result.output_for_node("trained_encoder")
+    from skulens.models.io import load_encoder
+
+    enc = load_encoder(out["encoder_path"])
+    assert enc.spec.name == "tiny-test"
+    assert out["dataset_version"]["clean_md5"]
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_server.uri)
+    run = client.get_run(out["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["dataset.clean_md5"] == out["dataset_version"]["clean_md5"]
+    loss = client.get_metric_history(run.info.run_id, "train/loss")
+    assert len(loss) >= 2 and loss[-1].step > loss[0].step
+    val = client.get_metric_history(run.info.run_id, "val/val_acc")
+    assert len(val) == 3  # before training + 2 epochs
+    assert not any("secret" in k.lower() or "access_key" in k.lower() for k in run.data.params)
+    assert s3.secret_key not in str(run.data.params) + str(run.data.tags)
