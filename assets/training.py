@@ -6,7 +6,9 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from resources import DvcResource, LocalStateResource
+import pandas as pd
+
+from resources import DvcResource, LocalStateResource, S3Resource
 from resources.mlflow import MlflowResource
 from resources.training import TrainingResource
 
@@ -48,11 +50,16 @@ class TrainSettings(dg.Config):
 
 @dg.asset(group_name=GROUP, pool="gpu", kinds={"pytorch", "mlflow"})
 def trained_encoder(context: dg.AssetExecutionContext, config: TrainSettings, balanced_dataset: dict,
-                    dataset_version: dict, training: TrainingResource, mlflow: MlflowResource,
-                    dvc: DvcResource, state: LocalStateResource) -> dg.MaterializeResult:
+                    dataset_version: dict, catalog_images: pd.DataFrame, training: TrainingResource,
+                    mlflow: MlflowResource, dvc: DvcResource, state: LocalStateResource,
+                    s3: S3Resource) -> dg.MaterializeResult:
     """The fine-tuned image encoder; every step's loss and every epoch's validation accuracy go to MLflow."""
+    from skulens.automation import config_hash, manifest_fingerprint
+
     spec, cfg = config.spec(), config.train_config()
-    tags = {"skulens.stage": "train", "dataset.clean_md5": str(dataset_version.get("clean_md5")),
+    products_etag = s3.client().head_object(Bucket=s3.bucket, Key="catalog/products.csv")["ETag"].strip('"')
+    tags = {"catalog.fingerprint": manifest_fingerprint(catalog_images, products_etag),
+            "train.config_hash": config_hash(config.model_dump()),"skulens.stage": "train", "dataset.clean_md5": str(dataset_version.get("clean_md5")),
             "dataset.balanced_md5": str(dataset_version.get("balanced_md5")),
             "git.rev": str(dataset_version.get("git_rev")), "git.dirty": str(dataset_version.get("git_dirty")),
             "dagster.run_id": context.run.run_id}

@@ -62,7 +62,7 @@ def split(df: pd.DataFrame, holdout_frac: float, seed: int):
     return train_df, queries, held
 
 
-def evaluate(encoder, df, queries, held, ks, image_size, batch_size=64, num_workers=0):
+def evaluate(encoder, df, queries, held, ks, image_size, batch_size=16, num_workers=0):
     """{k: {"seen": top1, "held_out": top1, "all": top1}} with one embedding pass over all images."""
     from skulens.models.factory import _eval_transform_for
     from skulens.train import _embed_paths
@@ -70,8 +70,9 @@ def evaluate(encoder, df, queries, held, ks, image_size, batch_size=64, num_work
     if image_size and image_size != encoder.spec.image_size:
         encoder.spec = dataclasses.replace(encoder.spec, image_size=int(image_size))
         encoder.preprocess = _eval_transform_for(encoder.spec)
-    emb = _embed_paths(encoder, df["clean_path"].tolist(), batch_size=batch_size, num_workers=num_workers)
-    pos = {p: i for i, p in enumerate(df["clean_path"])}
+    need = df[(df["rank"] < max(ks)) | df["clean_path"].isin(set(queries["clean_path"]))]
+    emb = _embed_paths(encoder, need["clean_path"].tolist(), batch_size=batch_size, num_workers=num_workers)
+    pos = {p: i for i, p in enumerate(need["clean_path"])}
     q_idx = np.array([pos[p] for p in queries["clean_path"]])
     q_sku = queries["sku"].to_numpy()
     q_held = queries["sku"].isin(held).to_numpy()
@@ -137,7 +138,7 @@ def main(argv=None) -> int:
         enc0 = create_encoder(ModelSpec(name="efficientnet-lite0"))
         before = evaluate(enc0, df, queries, held, args.k, args.eval_size, num_workers=args.num_workers)
         report["before"] = before
-        print(f"[before] embedded {len(df)} images in {time.perf_counter() - t0:.0f}s")
+        print(f"[before] {before} ({time.perf_counter() - t0:.0f}s)", flush=True)
         del enc0
 
     cfg = TrainConfig(

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import dagster as dg
 
-from assets import datasets, ingest, quality, training
+from assets import datasets, index_update, ingest, quality, training
+from pipelines import automation
 from resources import DvcResource, LocalStateResource, S3Resource
 from resources.mlflow import MlflowResource
 from resources.training import TrainingResource
@@ -27,7 +28,9 @@ main_job = dg.define_asset_job(
 defs = dg.Definitions(
     assets=all_assets,
     asset_checks=all_checks,
-    jobs=[main_job],
+    jobs=[main_job, index_update.index_update],
+    schedules=[automation.nightly_schedule(main_job)],
+    sensors=[automation.catalog_sensor(index_update.index_update), automation.champion_sensor(index_update.index_update)],
     resources={
         "s3": S3Resource(
             endpoint_url=settings.s3_endpoint,

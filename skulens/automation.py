@@ -1,0 +1,134 @@
+"""What the schedule and the sensors decide, as plain functions (no Dagster import):
+
+- the catalog's state in S3 (key -> ETag) and a fingerprint of it,
+- the delta between the catalog and what the published index was built from,
+- the incremental index update: embed only new or changed SKUs with the champion, drop deleted ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from skulens import catalog
+from skulens.s3 import list_objects
+
+SOURCES_META = "sources"  # index meta: {image key: etag} of every catalog file the index has processed
+
+
+@dataclass(frozen=True)
+class CatalogState:
+    images: dict  # catalog/images key -> etag (keys that follow the contract)
+    products_etag: str | None
+    fingerprint: str
+
+    @property
+    def skus(self) -> set[str]:
+        return {catalog.parse_image_key(k, catalog.CATALOG_IMAGES_PREFIX).sku for k in self.images}
+
+
+def fingerprint(pairs, extra: str = "") -> str:
+    h = hashlib.sha256()
+    for key, etag in sorted(pairs):
+        h.update(f"{key}\0{etag}\n".encode())
+    h.update(extra.encode())
+    return h.hexdigest()
+
+
+def catalog_state(client, bucket: str) -> CatalogState:
+    """One listing of `catalog/`: cheap enough to run on every sensor tick (1,000 keys per request)."""
+    images, products_etag = {}, None
+    for obj in list_objects(client, bucket, "catalog/"):
+        if obj.key == catalog.PRODUCTS_KEY:
+            products_etag = obj.etag
+            continue
+        try:
+            catalog.parse_image_key(obj.key, catalog.CATALOG_IMAGES_PREFIX)
+        except catalog.CatalogError:
+            continue
+        images[obj.key] = obj.etag
+    return CatalogState(images=images, products_etag=products_etag,
+                        fingerprint=fingerprint(images.items(), extra=products_etag or ""))
+
+
+def manifest_fingerprint(manifest: pd.DataFrame, products_etag: str | None) -> str:
+    """The same fingerprint computed from an ingest manifest (to tag what a model was trained on)."""
+    return fingerprint(zip(manifest["key"], manifest["etag"]), extra=products_etag or "")
+
+
+def config_hash(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class IndexDelta:
+    changed_skus: list[str] = field(default_factory=list)  # new SKUs or SKUs with a new/changed/removed image
+    removed_skus: list[str] = field(default_factory=list)  # SKUs with no image left in the catalog
+
+    @property
+    def empty(self) -> bool:
+        return not self.changed_skus and not self.removed_skus
+
+
+def index_delta(current: dict, indexed: dict) -> IndexDelta:
+    """Compare catalog images (key -> etag) with the index's sources (key -> etag), per SKU."""
+    def sku_of(key):
+        return catalog.parse_image_key(key, catalog.CATALOG_IMAGES_PREFIX).sku
+
+    now_skus = {sku_of(k) for k in current}
+    touched = {sku_of(k) for k, e in current.items() if indexed.get(k) != e}
+    touched |= {sku_of(k) for k in indexed if k not in current}
+    removed = sorted(s for s in touched if s not in now_skus)
+    return IndexDelta(changed_skus=sorted(touched & now_skus), removed_skus=removed)
+
+
+@dataclass
+class UpdateReport:
+    changed_skus: list[str]
+    removed_skus: list[str]
+    embedded_images: int
+    dropped_files: pd.DataFrame
+    seconds: dict
+
+
+def update_index(encoder, index, manifest: pd.DataFrame, work_dir: Path, model_version: str | None,
+                 batch_size: int = 64):
+    """Embed only the SKUs whose images changed since ``index`` was built; drop deleted SKUs.
+
+    ``manifest``: the ingest manifest (sku, key, etag, bytes, path) of the whole catalog. Files are
+    checked with the cleaning rules first (a corrupt upload is dropped and reported, never indexed);
+    a single good image is enough for a SKU to be recognizable (RetailKLIP: one image per product).
+    Returns (new index, UpdateReport).
+    """
+    from skulens.clean import CleanConfig, clean_catalog
+    from skulens.embed import embed_images
+
+    t0 = time.perf_counter()
+    indexed = dict(index.meta.get(SOURCES_META, {}))
+    current = dict(zip(manifest["key"], manifest["etag"]))
+    delta = index_delta(current, indexed)
+    rows = manifest[manifest["sku"].isin(delta.changed_skus)]
+    t1 = time.perf_counter()
+    cleaned = clean_catalog(rows, None, Path(work_dir), CleanConfig(min_images_per_sku=1, workers=1), progress=False)
+    t2 = time.perf_counter()
+    kept = cleaned.kept
+    vectors = embed_images(encoder, kept["clean_path"].tolist(), batch_size=batch_size) if len(kept) else None
+    t3 = time.perf_counter()
+    gone = sorted(set(delta.removed_skus) | (set(delta.changed_skus) - set(kept["sku"])))
+    new = index.with_updates(vectors, kept["sku"].tolist(), kept["key"].tolist(), remove_skus=gone,
+                             model_version=model_version)
+    sources = {k: e for k, e in indexed.items() if k in current and current[k] == e
+               and catalog.parse_image_key(k, catalog.CATALOG_IMAGES_PREFIX).sku not in set(delta.changed_skus)}
+    # every file looked at counts as seen (dropped ones too), so a bad upload is not retried until it changes
+    sources.update(dict(zip(rows["key"], rows["etag"])))
+    new.meta[SOURCES_META] = sources
+    report = UpdateReport(changed_skus=delta.changed_skus, removed_skus=gone, embedded_images=len(kept),
+                          dropped_files=cleaned.dropped_files,
+                          seconds={"delta": round(t1 - t0, 3), "check": round(t2 - t1, 3),
+                                   "embed": round(t3 - t2, 3), "total": round(time.perf_counter() - t0, 3)})
+    return new, report
