@@ -54,7 +54,7 @@ def load_grozi(root: Path) -> pd.DataFrame:
 def split(df: pd.DataFrame, holdout_frac: float, seed: int):
     skus = np.array(sorted(df["sku"].unique()))
     rng = np.random.default_rng(seed)
-    n_hold = int(round(holdout_frac * len(skus)))
+    n_hold = round(holdout_frac * len(skus))
     held = set(rng.choice(skus, size=n_hold, replace=False).tolist()) if n_hold else set()
     first_half = df["rank"] < df["n"] // 2
     train_df = df[first_half & ~df["sku"].isin(held)].reset_index(drop=True)
@@ -128,9 +128,11 @@ def main(argv=None) -> int:
     root = Path(args.data)
     df = load_grozi(root)
     train_df, queries, held = split(df, args.holdout_frac, args.seed)
-    print(f"GroZi-120: {df['sku'].nunique()} products, {len(df)} crops; training on {train_df['sku'].nunique()} "
-          f"products x first-half frames = {len(train_df)} crops; {len(held)} products held out (index only); "
-          f"{len(queries)} queries (last half of every product)")
+    print(
+        f"GroZi-120: {df['sku'].nunique()} products, {len(df)} crops; training on {train_df['sku'].nunique()} "
+        f"products x first-half frames = {len(train_df)} crops; {len(held)} products held out (index only); "
+        f"{len(queries)} queries (last half of every product)"
+    )
     report: dict = {"args": vars(args)}
 
     t0 = time.perf_counter()
@@ -142,38 +144,71 @@ def main(argv=None) -> int:
         del enc0
 
     cfg = TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, base_lr=args.base_lr, lr_decay=args.lr_decay,
-        arcface_lr=args.arcface_lr, margin=args.margin, scale=args.scale, depth=args.depth, seed=args.seed,
-        num_workers=args.num_workers, image_size=args.image_size, max_steps=args.max_steps,
-        augment_strength=args.augment_strength, augment_originals=args.augment_originals,
-        freeze_bn=not args.no_freeze_bn, val_before=False,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        base_lr=args.base_lr,
+        lr_decay=args.lr_decay,
+        arcface_lr=args.arcface_lr,
+        margin=args.margin,
+        scale=args.scale,
+        depth=args.depth,
+        seed=args.seed,
+        num_workers=args.num_workers,
+        image_size=args.image_size,
+        max_steps=args.max_steps,
+        augment_strength=args.augment_strength,
+        augment_originals=args.augment_originals,
+        freeze_bn=not args.no_freeze_bn,
+        val_before=False,
     )
 
     def log_fn(kind, step, m):
         if kind == "epoch":
-            print(f"  epoch {m['epoch']}: step {step} loss {m.get('train_loss', float('nan')):.3f} "
-                  f"{m.get('images_per_s', float('nan')):.1f} img/s", flush=True)
+            print(
+                f"  epoch {m['epoch']}: step {step} loss {m.get('train_loss', float('nan')):.3f} "
+                f"{m.get('images_per_s', float('nan')):.1f} img/s",
+                flush=True,
+            )
 
     t1 = time.perf_counter()
-    res = train(train_df, None, ModelSpec(name="efficientnet-lite0"), cfg, args.out, log_fn=log_fn,
-                progress=sys.stderr.isatty(), device="cpu", resume=not args.fresh)
+    res = train(
+        train_df,
+        None,
+        ModelSpec(name="efficientnet-lite0"),
+        cfg,
+        args.out,
+        log_fn=log_fn,
+        progress=sys.stderr.isatty(),
+        device="cpu",
+        resume=not args.fresh,
+    )
     train_s = time.perf_counter() - t1
     enc1 = load_encoder(res.encoder_path)
     after = evaluate(enc1, df, queries, held, args.k, args.eval_size, num_workers=args.num_workers)
-    report.update(after=after, steps=res.steps, train_images_per_s=res.images_per_s, train_seconds=train_s,
-                  threads=torch.get_num_threads(), history=res.history)
+    report.update(
+        after=after,
+        steps=res.steps,
+        train_images_per_s=res.images_per_s,
+        train_seconds=train_s,
+        threads=torch.get_num_threads(),
+        history=res.history,
+    )
 
-    print(f"\nfine-tuning: {res.steps} steps x {args.batch_size} at {args.image_size}px, "
-          f"{res.images_per_s:.1f} training images/s on CPU ({torch.get_num_threads()} threads), {train_s:.0f}s")
-    print(f"1-NN top-1 at {args.eval_size}px; index = first k frames of all {df['sku'].nunique()} products; "
-          f"queries = last half")
+    print(
+        f"\nfine-tuning: {res.steps} steps x {args.batch_size} at {args.image_size}px, "
+        f"{res.images_per_s:.1f} training images/s on CPU ({torch.get_num_threads()} threads), {train_s:.0f}s"
+    )
+    print(
+        f"1-NN top-1 at {args.eval_size}px; index = first k frames of all {df['sku'].nunique()} products; "
+        f"queries = last half"
+    )
     print(f"{'k':>3} | {'trained products':>24} | {'held-out products':>24} | {'all':>20}")
     print(f"{'':>3} | {'before -> after':>24} | {'before -> after':>24} | {'before -> after':>20}")
     for k in args.k:
         b = report.get("before", {}).get(k, {})
         a = after[k]
 
-        def cell(key):
+        def cell(key, b=b, a=a):
             return f"{b.get(key, float('nan')):.3f} -> {a[key]:.3f}"
 
         print(f"{k:>3} | {cell('seen'):>24} | {cell('held_out'):>24} | {cell('all'):>20}")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from assets import datasets, index_update, ingest, quality, training
+from assets import datasets, evaluation, index, index_update, ingest, quality, training
 from pipelines import automation
 from resources import DvcResource, LocalStateResource, S3Resource
 from resources.mlflow import MlflowResource
@@ -15,7 +15,7 @@ from skulens.settings import ACCESS_KEY_VAR, SECRET_KEY_VAR, Settings, load_loca
 settings = load_local_env(Settings.from_env())
 
 ROOT = Path(__file__).resolve().parent.parent
-modules = [ingest, quality, datasets, training]
+modules = [ingest, quality, datasets, training, evaluation, index]
 all_assets = dg.load_assets_from_modules(modules)
 all_checks = dg.load_asset_checks_from_modules(modules)
 

@@ -16,12 +16,12 @@ new SKU to the catalog leaves the split and the sampled images of every existing
 from __future__ import annotations
 
 import zlib
-from typing import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 import pandas as pd
 
-__all__ = ["split_validation", "balance", "label_map", "suggest_depth", "choose_depth"]
+__all__ = ["balance", "choose_depth", "label_map", "split_validation", "suggest_depth"]
 
 MIN_TRAIN_PER_SKU = 2
 
@@ -44,9 +44,7 @@ def _stable_sorted(group: pd.DataFrame) -> pd.DataFrame:
     return group.sort_values(keys, kind="mergesort")
 
 
-def split_validation(
-    df: pd.DataFrame, per_sku: int = 1, seed: int = 0
-) -> tuple[pd.DataFrame, pd.DataFrame]:
+def split_validation(df: pd.DataFrame, per_sku: int = 1, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Split ``df`` into ``(train_df, val_df)`` holding out ``per_sku`` images of every SKU.
 
     Stratified by SKU and deterministic by ``seed``. Each SKU keeps at least

@@ -290,5 +290,12 @@ def _print_summary(s: Settings, root: Path) -> None:
                 click.echo(f"  dvc {stage:<7}: {md5}  (remote s3://{s.bucket}/dvc)")
 
 
+# --- recognition (skulens/cli_recognize.py) ------------------------------------------------------
+from skulens.cli_recognize import recognize_cmd, serve_cmd  # noqa: E402
+
+main.add_command(recognize_cmd)
+main.add_command(serve_cmd)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -375,6 +375,21 @@ def registration_metrics(trained: dict, evaluation: dict, gallery: str = "catalo
     return out
 
 
+#: tags of the training run copied to the registered version's run (the nightly schedule compares
+#: ``catalog.fingerprint`` and ``train.config_hash`` of the champion's run with the current ones)
+CARRIED_TAG_PREFIXES = ("catalog.", "train.", "dataset.", "git.")
+
+
+def training_run_tags(tracking_uri: str, run_id: str | None) -> dict:
+    """The training run's ``catalog.*``, ``train.*``, ``dataset.*`` and ``git.*`` tags."""
+    if not run_id:
+        return {}
+    from mlflow.tracking import MlflowClient
+
+    tags = MlflowClient(tracking_uri).get_run(run_id).data.tags
+    return {k: v for k, v in tags.items() if k.startswith(CARRIED_TAG_PREFIXES)}
+
+
 def register_and_decide(
     tracking_uri: str,
     model_name: str,
@@ -407,7 +422,8 @@ def register_and_decide(
     version = log_and_register(
         tracking_uri, model_name, trained["encoder_path"],
         metrics=registration_metrics(trained, evaluation, gallery), params=params,
-        tags={"run_name": f"register-{spec.get('name', 'encoder')}", "skulens.stage": "register", **(tags or {})},
+        tags={**training_run_tags(tracking_uri, trained.get("mlflow_run_id")),
+              "run_name": f"register-{spec.get('name', 'encoder')}", "skulens.stage": "register", **(tags or {})},
         lineage=lineage(trained, evaluation, extra_lineage), experiment=experiment,
     )
 
@@ -461,8 +477,15 @@ def build_champion_index(
     device: str = "cpu",
     batch_size: int = 64,
     meta: dict | None = None,
+    sources: dict | None = None,
 ) -> tuple[SkuIndex, str]:
-    """Embed every cleaned catalog image with the current ``champion``: ``(index, version)``."""
+    """Embed every cleaned catalog image with the current ``champion``: ``(index, version)``.
+
+    ``sources`` ({catalog key: etag} of every file the cleaning looked at, kept or dropped) is stored
+    in the index meta so that the incremental index update (:mod:`skulens.automation`) only embeds
+    SKUs that changed after this build."""
+    from skulens.automation import SOURCES_META
+
     from skulens.models.io import load_encoder
     from skulens.registry import download_champion
 
@@ -471,7 +494,8 @@ def build_champion_index(
     path, version = download_champion(tracking_uri, model_name, Path(work_dir) / "models")
     encoder = load_encoder(path, device=device)
     index = catalog_index(encoder, catalog, model_version=version, batch_size=batch_size,
-                          meta={"model_name": model_name, "source": "catalog", **(meta or {})})
+                          meta={"model_name": model_name, "source": "catalog", **(meta or {}),
+                                **({SOURCES_META: dict(sources)} if sources is not None else {})})
     return index, version
 
 
@@ -499,21 +523,23 @@ def export_champion_onnx(tracking_uri: str, model_name: str, work_dir: str | os.
 
     from skulens.export import export_onnx
     from skulens.models.io import load_encoder
-    from skulens.registry import CHAMPION, download_champion
+    from skulens.registry import CHAMPION, download_version
 
     work_dir = Path(work_dir)
-    path, version = download_champion(tracking_uri, model_name, work_dir / "models")
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    try:
+        mv = client.get_model_version_by_alias(model_name, CHAMPION)
+    except Exception as e:  # noqa: BLE001 - MlflowException: no such alias / model
+        raise LookupError(f"registered model {model_name!r} has no '{CHAMPION}' alias") from e
+    version, run_id = str(mv.version), mv.run_id
+    path, _ = download_version(tracking_uri, model_name, version, work_dir / "models")
     encoder = load_encoder(path, device="cpu")
     name = f"encoder-v{version}.onnx"
     info = export_onnx(encoder, work_dir / "onnx" / name, opset=opset, atol=atol)
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    mv = client.get_model_version_by_alias(model_name, CHAMPION)
-    run_id = mv.run_id
     existing = {Path(f.path).name for f in client.list_artifacts(run_id, artifact_path)}
     uploaded = name not in existing
     if uploaded:
         client.log_artifact(run_id, info["path"], artifact_path)
-        client.log_batch(run_id, metrics=[])  # no-op keeps the run untouched besides the file
-    client.set_model_version_tag(model_name, str(mv.version), "onnx.max_abs_diff", f"{info['max_abs_diff']:.3g}")
+    client.set_model_version_tag(model_name, version, "onnx.max_abs_diff", f"{info['max_abs_diff']:.3g}")
     artifact_uri = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}/{name}"
-    return {**info, "version": str(version), "run_id": run_id, "artifact_uri": artifact_uri, "uploaded": uploaded}
+    return {**info, "version": version, "run_id": run_id, "artifact_uri": artifact_uri, "uploaded": uploaded}

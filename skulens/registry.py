@@ -284,15 +284,19 @@ def download_version(
 
 def _download(client, mv, dst) -> tuple[str, str]:
     dst = Path(dst) / f"v{mv.version}"  # one folder per version: never mixes files of two versions
+    done = dst / ".complete"  # a model version's artifacts never change: a finished download is reused
+    if done.is_file() and Path(done.read_text()).exists():
+        return done.read_text(), str(mv.version)
     dst.mkdir(parents=True, exist_ok=True)
     local = Path(client.download_artifacts(mv.run_id, ARTIFACT_DIR, str(dst)))
     fname = (mv.tags or {}).get("skulens.encoder_file")
     if fname and (local / fname).is_file():
-        return str(local / fname), str(mv.version)
-    files = [p for p in local.iterdir() if not p.name.endswith(".json")] if local.is_dir() else [local]
-    if len(files) == 1 and files[0].is_file():
-        return str(files[0]), str(mv.version)
-    return str(local), str(mv.version)
+        path = local / fname
+    else:
+        files = [p for p in local.iterdir() if not p.name.endswith(".json")] if local.is_dir() else [local]
+        path = files[0] if len(files) == 1 and files[0].is_file() else local
+    done.write_text(str(path))
+    return str(path), str(mv.version)
 
 
 def download_champion(tracking_uri: str, model_name: str, dst: str | os.PathLike) -> tuple[str, str]:

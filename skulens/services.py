@@ -339,8 +339,11 @@ def write_dagster_yaml(dagster_home: Path) -> Path:
         path.write_text(
             "# Written by skulens. Edit freely; skulens does not overwrite it.\n"
             "telemetry:\n  enabled: false\n"
-            "concurrency:\n"
-            "  pools:\n    default_limit: 1\n"
-            "  runs:\n    max_concurrent_runs: 4\n"
+            "# Pools: `gpu` (training, evaluation) and `dvc` (dataset writes) run one op at a time.\n"
+            "concurrency:\n  pools:\n    default_limit: 1\n"
+            "# Queued runs start within a second (the default dequeue interval is 5 s):\n"
+            "# the catalog sensor's index updates are on a one-minute budget.\n"
+            "run_coordinator:\n  module: dagster.core.run_coordinator\n  class: QueuedRunCoordinator\n"
+            "  config:\n    dequeue_interval_seconds: 1\n"
         )
     return path

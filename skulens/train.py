@@ -32,9 +32,10 @@ import os
 import random
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -44,7 +45,7 @@ from .balance import balance, label_map, suggest_depth
 from .models.factory import ModelSpec, _eval_transform_for, create_encoder
 from .models.io import save_encoder
 
-__all__ = ["TrainConfig", "TrainResult", "train", "build_optimizer", "CHECKPOINT_NAME", "ENCODER_NAME"]
+__all__ = ["CHECKPOINT_NAME", "ENCODER_NAME", "TrainConfig", "TrainResult", "build_optimizer", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -61,20 +62,20 @@ class TrainConfig:
     lr_decay: float = 0.7  # per block towards the input
     arcface_lr: float = 5e-3  # ArcFace class centres (random init: much higher)
     weight_decay: float = 0.05
-    warmup_steps: Optional[int] = None  # None: 5 % of the steps
+    warmup_steps: int | None = None  # None: 5 % of the steps
     min_lr_ratio: float = 0.0  # cosine floor, as a fraction of each group's peak LR
     margin: float = 28.6  # ArcFace angular margin, degrees (pytorch-metric-learning)
     scale: float = 64.0  # ArcFace scale
-    depth: Optional[int] = None  # images per SKU after balancing; None: suggest_depth(train_df)
+    depth: int | None = None  # images per SKU after balancing; None: suggest_depth(train_df)
     seed: int = 0
     num_workers: int = 0
     amp: str = "auto"  # auto | bf16 | fp16 | off
-    image_size: Optional[int] = None  # override the spec's image size (CNN towers, or ViT via open_clip)
-    max_steps: Optional[int] = None  # stop after this many optimiser steps (schedule spans them)
+    image_size: int | None = None  # override the spec's image size (CNN towers, or ViT via open_clip)
+    max_steps: int | None = None  # stop after this many optimiser steps (schedule spans them)
     augment_strength: float = 1.0  # 0..1, see models.transform.train_transform
     augment_originals: bool = False  # also augment the non-copied images
     freeze_bn: bool = True  # keep BatchNorm running stats at their pretrained values
-    grad_clip: Optional[float] = 1.0
+    grad_clip: float | None = 1.0
     val_before: bool = True  # validation accuracy before the first step (epoch 0)
     embed_batch_size: int = 64
 
@@ -89,7 +90,7 @@ class TrainResult:
     history: list  # one dict per epoch (epoch 0 = before training, if val_before)
     steps: int
     val_acc: list  # per trained epoch (None where there was no validation set)
-    val_acc_before: Optional[float]
+    val_acc_before: float | None
     images_per_s: float  # training throughput (forward + backward + data), trained epochs only
     labels: dict  # sku -> ArcFace label
     spec: ModelSpec
@@ -181,7 +182,9 @@ def _embed_paths(
     return torch.cat(out).numpy().astype(np.float32, copy=False)
 
 
-def _nn_top1(gallery: np.ndarray, gallery_skus: Sequence[str], query: np.ndarray, query_skus: Sequence[str]) -> float:
+def _nn_top1(
+    gallery: np.ndarray, gallery_skus: Sequence[str], query: np.ndarray, query_skus: Sequence[str]
+) -> float:
     if len(query) == 0 or len(gallery) == 0:
         return float("nan")
     nn_idx = np.argmax(query @ gallery.T, axis=1)
@@ -192,7 +195,7 @@ def _nn_top1(gallery: np.ndarray, gallery_skus: Sequence[str], query: np.ndarray
 # ------------------------------------------------------------------------------------ training
 
 
-def _resolve_device(device) -> "Any":
+def _resolve_device(device) -> Any:
     import torch
 
     if device is None:
@@ -255,7 +258,9 @@ def _lr_lambda(total: int, warmup: int, floor: float):
     return f
 
 
-def _fingerprint(cfg: TrainConfig, spec: ModelSpec, train_df: pd.DataFrame, val_df: Optional[pd.DataFrame]) -> str:
+def _fingerprint(
+    cfg: TrainConfig, spec: ModelSpec, train_df: pd.DataFrame, val_df: pd.DataFrame | None
+) -> str:
     c = cfg.to_dict()
     for k in ("num_workers", "embed_batch_size"):
         c.pop(k, None)
@@ -266,7 +271,9 @@ def _fingerprint(cfg: TrainConfig, spec: ModelSpec, train_df: pd.DataFrame, val_
         return sorted(zip(df["sku"].astype(str), df["clean_path"].astype(str)))
 
     blob = json.dumps(
-        {"cfg": c, "spec": spec.to_dict(), "train": rows(train_df), "val": rows(val_df)}, sort_keys=True, default=str
+        {"cfg": c, "spec": spec.to_dict(), "train": rows(train_df), "val": rows(val_df)},
+        sort_keys=True,
+        default=str,
     )
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -328,11 +335,11 @@ def build_optimizer(encoder, loss_fn, cfg: TrainConfig):
 
 def train(
     train_df: pd.DataFrame,
-    val_df: Optional[pd.DataFrame],
-    spec: "ModelSpec | str | Any",
-    cfg: Optional[TrainConfig] = None,
-    out_dir: "str | os.PathLike" = "train_out",
-    log_fn: Optional[LogFn] = None,
+    val_df: pd.DataFrame | None,
+    spec: ModelSpec | str | Any,
+    cfg: TrainConfig | None = None,
+    out_dir: str | os.PathLike = "train_out",
+    log_fn: LogFn | None = None,
     progress: bool = True,
     device: Any = None,
     resume: bool = True,
@@ -402,13 +409,15 @@ def train(
     # --- loss, optimiser, schedule
     loss_fn = create_arcface(len(labels), encoder.embed_dim, cfg.margin, cfg.scale).to(dev)
     optimizer = build_optimizer(encoder, loss_fn, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total_steps, warmup, cfg.min_lr_ratio))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _lr_lambda(total_steps, warmup, cfg.min_lr_ratio)
+    )
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     top_idx = max(
         (i for i, g in enumerate(optimizer.param_groups) if g["name"] != "arcface"),
         key=lambda i: optimizer.param_groups[i]["lr_scale"],
     )
-    arc_idx = [i for i, g in enumerate(optimizer.param_groups) if g["name"] == "arcface"][0]
+    arc_idx = next(i for i, g in enumerate(optimizer.param_groups) if g["name"] == "arcface")
 
     fp = _fingerprint(cfg, spec, train_df, val_df)
     start_epoch, step, history = 0, 0, []
@@ -433,10 +442,15 @@ def train(
     gallery_paths = train_df["clean_path"].astype(str).tolist()
     gallery_skus = train_df["sku"].astype(str).tolist()
 
-    def validate() -> Optional[float]:
+    def validate() -> float | None:
         if val_df is None:
             return None
-        kw = dict(device=dev, batch_size=cfg.embed_batch_size, num_workers=cfg.num_workers, amp_dtype=amp_dtype)
+        kw = {
+            "device": dev,
+            "batch_size": cfg.embed_batch_size,
+            "num_workers": cfg.num_workers,
+            "amp_dtype": amp_dtype,
+        }
         g = _embed_paths(encoder, gallery_paths, **kw)
         q = _embed_paths(encoder, val_df["clean_path"].astype(str).tolist(), **kw)
         return _nn_top1(g, gallery_skus, q, val_df["sku"].astype(str).tolist())
@@ -567,6 +581,11 @@ def train(
         config=cfg,
         device=str(dev),
         resumed_from_step=resumed_from,
-        extra={"steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "warmup_steps": warmup,
-               "balanced_rows": n, "depth": depth},
+        extra={
+            "steps_per_epoch": steps_per_epoch,
+            "total_steps": total_steps,
+            "warmup_steps": warmup,
+            "balanced_rows": n,
+            "depth": depth,
+        },
     )

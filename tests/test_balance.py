@@ -10,7 +10,14 @@ def _catalog(counts: dict[str, int]) -> pd.DataFrame:
     rows = []
     for sku, n in counts.items():
         for i in range(n):
-            rows.append({"sku": sku, "clean_path": f"/imgs/{sku}/{i:03d}.jpg", "key": f"{sku}-{i}", "sha256": f"h{sku}{i}"})
+            rows.append(
+                {
+                    "sku": sku,
+                    "clean_path": f"/imgs/{sku}/{i:03d}.jpg",
+                    "key": f"{sku}-{i}",
+                    "sha256": f"h{sku}{i}",
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -29,7 +36,7 @@ def test_split_is_stratified_deterministic_and_keeps_two_for_training():
     assert tr.groupby("sku").size().to_dict() == {"A": 1, "B": 2, "C": 2, "D": 5, "E": 23}
     assert list(tr.columns) == list(df.columns)
     # deterministic by seed, independent of input row order
-    tr2, va2 = split_validation(df.sample(frac=1, random_state=3), per_sku=2, seed=0)
+    _, va2 = split_validation(df.sample(frac=1, random_state=3), per_sku=2, seed=0)
     assert sorted(va2["clean_path"]) == sorted(va["clean_path"])
     _, va3 = split_validation(df, per_sku=2, seed=1)
     assert sorted(va3["clean_path"]) != sorted(va["clean_path"])

@@ -8,7 +8,6 @@ test that loads the real EfficientNet-Lite0 ImageNet weights from site-packages 
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import pandas as pd
@@ -17,10 +16,10 @@ from PIL import Image, ImageDraw
 
 torch = pytest.importorskip("torch")
 
-from skulens.balance import split_validation  # noqa: E402
-from skulens.models import ModelSpec, create_encoder, load_encoder, save_encoder  # noqa: E402
-from skulens.models.loss import create_arcface  # noqa: E402
-from skulens.train import TrainConfig, build_optimizer, train  # noqa: E402
+from skulens.balance import split_validation
+from skulens.models import ModelSpec, create_encoder, load_encoder, save_encoder
+from skulens.models.loss import create_arcface
+from skulens.train import TrainConfig, build_optimizer, train
 
 COLOURS = [(220, 40, 40), (40, 160, 60), (50, 80, 220)]
 SHAPES = ["disc", "stripes"]
@@ -60,8 +59,17 @@ def catalog(tmp_path_factory) -> pd.DataFrame:
 
 
 def _cfg(**kw) -> TrainConfig:
-    base = dict(epochs=3, batch_size=16, depth=8, base_lr=2e-4, arcface_lr=5e-3, warmup_steps=2,
-                val_before=False, seed=0, num_workers=0)
+    base = {
+        "epochs": 3,
+        "batch_size": 16,
+        "depth": 8,
+        "base_lr": 2e-4,
+        "arcface_lr": 5e-3,
+        "warmup_steps": 2,
+        "val_before": False,
+        "seed": 0,
+        "num_workers": 0,
+    }
     base.update(kw)
     return TrainConfig(**base)
 
@@ -200,14 +208,31 @@ def test_killed_run_resumes_to_same_steps_and_weights(catalog, tmp_path):
             raise Killed
 
     with pytest.raises(Killed):
-        train(tr, va, ModelSpec(name="tiny-test"), cfg, tmp_path / "run", log_fn=killer, progress=False, device="cpu")
+        train(
+            tr,
+            va,
+            ModelSpec(name="tiny-test"),
+            cfg,
+            tmp_path / "run",
+            log_fn=killer,
+            progress=False,
+            device="cpu",
+        )
     ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert ck["epoch"] == 1 and ck["step"] == 3
     assert not (tmp_path / "run" / "encoder.pt").exists()
 
     logged = []
-    res = train(tr, va, ModelSpec(name="tiny-test"), cfg, tmp_path / "run",
-                log_fn=lambda k, s, m: logged.append((k, s)), progress=False, device="cpu")
+    res = train(
+        tr,
+        va,
+        ModelSpec(name="tiny-test"),
+        cfg,
+        tmp_path / "run",
+        log_fn=lambda k, s, m: logged.append((k, s)),
+        progress=False,
+        device="cpu",
+    )
     assert res.resumed_from_step == 3 and res.steps == full.steps == 9
     assert [s for k, s in logged if k == "step"] == list(range(4, 10))
     assert [h["train_loss"] for h in res.history] == [h["train_loss"] for h in full.history]
@@ -218,8 +243,15 @@ def test_killed_run_resumes_to_same_steps_and_weights(catalog, tmp_path):
     again = train(tr, va, ModelSpec(name="tiny-test"), cfg, tmp_path / "run", progress=False, device="cpu")
     assert again.steps == 9 and again.resumed_from_step == 9
     with pytest.warns(UserWarning, match="starting afresh"):
-        other = train(tr, va, ModelSpec(name="tiny-test"), _cfg(epochs=1), tmp_path / "run",
-                      progress=False, device="cpu")
+        other = train(
+            tr,
+            va,
+            ModelSpec(name="tiny-test"),
+            _cfg(epochs=1),
+            tmp_path / "run",
+            progress=False,
+            device="cpu",
+        )
     assert other.steps == 3 and other.resumed_from_step == 0
 
 
@@ -228,11 +260,30 @@ def test_tiny_end_to_end_lowers_loss_and_raises_val_accuracy(catalog, tmp_path):
     assert len(tr) == 36 and len(va) == 24
     events = []
     # random-init tower: higher LRs than the pretrained recipe, BN statistics must be learnt
-    cfg = _cfg(epochs=12, depth=12, batch_size=12, base_lr=5e-3, arcface_lr=5e-2, warmup_steps=3,
-               val_before=True, augment_strength=0.5, freeze_bn=False, margin=11.5, scale=16.0)
+    cfg = _cfg(
+        epochs=12,
+        depth=12,
+        batch_size=12,
+        base_lr=5e-3,
+        arcface_lr=5e-2,
+        warmup_steps=3,
+        val_before=True,
+        augment_strength=0.5,
+        freeze_bn=False,
+        margin=11.5,
+        scale=16.0,
+    )
     with pytest.warns(RuntimeWarning, match="CPU"):
-        res = train(tr, va, ModelSpec(name="tiny-test"), cfg, tmp_path / "e2e",
-                    log_fn=lambda k, s, m: events.append((k, s, m)), progress=False, device=None)
+        res = train(
+            tr,
+            va,
+            ModelSpec(name="tiny-test"),
+            cfg,
+            tmp_path / "e2e",
+            log_fn=lambda k, s, m: events.append((k, s, m)),
+            progress=False,
+            device=None,
+        )
     steps = [m["loss"] for k, _, m in events if k == "step"]
     epochs = [m for k, _, m in events if k == "epoch"]
     assert res.steps == len(steps) == 12 * 6 and len(res.val_acc) == 12

@@ -12,7 +12,7 @@ Importing this package does not import torch; ``Encoder`` is built on first acce
 from .factory import DEFAULT_MODEL, ModelSpec, create_encoder
 from .io import load_encoder, save_encoder
 
-__all__ = ["DEFAULT_MODEL", "ModelSpec", "Encoder", "create_encoder", "save_encoder", "load_encoder"]
+__all__ = ["DEFAULT_MODEL", "Encoder", "ModelSpec", "create_encoder", "load_encoder", "save_encoder"]
 
 
 def __getattr__(name: str):

@@ -25,13 +25,13 @@ import dataclasses
 import functools
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 __all__ = [
-    "ModelSpec",
-    "Encoder",
-    "create_encoder",
     "DEFAULT_MODEL",
+    "Encoder",  # noqa: F822 - built lazily by the module __getattr__ (PEP 562)
+    "ModelSpec",
+    "create_encoder",
     "load_efficientnet_lite0_imagenet",
 ]
 
@@ -51,13 +51,13 @@ class ModelSpec:
     ``.spec`` is always fully resolved, and that is what :func:`save_encoder` stores)."""
 
     name: str = DEFAULT_MODEL
-    pretrained: Optional[str] = None  # OpenCLIP pretrained tag; for efficientnet-lite0: "imagenet"
-    image_size: Optional[int] = None
-    embed_dim: Optional[int] = None
-    mean: Optional[tuple] = None
-    std: Optional[tuple] = None
+    pretrained: str | None = None  # OpenCLIP pretrained tag; for efficientnet-lite0: "imagenet"
+    image_size: int | None = None
+    embed_dim: int | None = None
+    mean: tuple | None = None
+    std: tuple | None = None
     interpolation: str = "bicubic"
-    crop_pct: Optional[float] = None
+    crop_pct: float | None = None
     extra: dict = field(default_factory=dict)  # reserved (e.g. timm_drop_path)
 
     def to_dict(self) -> dict:
@@ -68,7 +68,7 @@ class ModelSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelSpec":
+    def from_dict(cls, d: dict) -> ModelSpec:
         known = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in dict(d).items() if k in known}
         for k in ("mean", "std"):
@@ -77,7 +77,7 @@ class ModelSpec:
         return cls(**d)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _encoder_class():
     import torch
     from torch import nn
@@ -105,7 +105,7 @@ def _encoder_class():
             return int(self.spec.image_size)
 
         @property
-        def device(self) -> "torch.device":
+        def device(self) -> torch.device:
             return next(self.parameters()).device
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -204,7 +204,9 @@ def _build_builtin(spec: ModelSpec, load_weights: bool):
         tower = _timm_tower("tf_efficientnet_lite0", spec.embed_dim, spec.image_size, proj, **spec.extra)
         if load_weights:
             if spec.pretrained not in (None, "imagenet"):
-                raise ValueError(f"efficientnet-lite0 only has pretrained='imagenet', got {spec.pretrained!r}")
+                raise ValueError(
+                    f"efficientnet-lite0 only has pretrained='imagenet', got {spec.pretrained!r}"
+                )
             load_efficientnet_lite0_imagenet(tower.trunk)
         return tower
     if name == "tiny-test":
@@ -235,7 +237,9 @@ def _build_open_clip(spec: ModelSpec, load_weights: bool):
         "mean": spec.mean or tuple(pp.get("mean", (0.48145466, 0.4578275, 0.40821073))),
         "std": spec.std or tuple(pp.get("std", (0.26862954, 0.26130258, 0.27577711))),
         "crop_pct": spec.crop_pct or 1.0,  # open_clip eval: resize shortest side, centre crop
-        "interpolation": pp.get("interpolation", spec.interpolation) if spec.mean is None else spec.interpolation,
+        "interpolation": pp.get("interpolation", spec.interpolation)
+        if spec.mean is None
+        else spec.interpolation,
     }
     if resolved["interpolation"] not in ("bicubic", "bilinear"):
         resolved["interpolation"] = "bicubic"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .factory import ModelSpec, create_encoder
 
-__all__ = ["save_encoder", "load_encoder", "FORMAT"]
+__all__ = ["FORMAT", "load_encoder", "save_encoder"]
 
 FORMAT = "skulens-encoder/1"
 

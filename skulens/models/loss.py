@@ -7,7 +7,7 @@ the loss anyway). ``margin`` is in degrees, as in pytorch-metric-learning (28.6 
 
 from __future__ import annotations
 
-__all__ = ["create_arcface", "arcface_param_group"]
+__all__ = ["arcface_param_group", "create_arcface"]
 
 
 def create_arcface(num_classes: int, embed_dim: int, margin: float = 28.6, scale: float = 64.0):
@@ -17,7 +17,9 @@ def create_arcface(num_classes: int, embed_dim: int, margin: float = 28.6, scale
 
     if num_classes < 2:
         raise ValueError("ArcFace needs at least 2 classes (SKUs)")
-    return ArcFaceLoss(num_classes=int(num_classes), embedding_size=int(embed_dim), margin=margin, scale=scale)
+    return ArcFaceLoss(
+        num_classes=int(num_classes), embedding_size=int(embed_dim), margin=margin, scale=scale
+    )
 
 
 def arcface_param_group(loss, lr: float, weight_decay: float = 0.0) -> dict:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from typing import Iterable
+from collections.abc import Iterable
 
 __all__ = ["block_ids", "block_param_groups"]
 
@@ -82,9 +82,7 @@ def block_ids(encoder) -> tuple[dict[str, int], int]:
     """``({param_name: block}, top_block)`` for the encoder's tower (names relative to the tower)."""
     tower = _tower(encoder)
     names = [n for n, _ in tower.named_parameters()]
-    if hasattr(tower, "transformer") and hasattr(getattr(tower, "transformer"), "resblocks") and hasattr(
-        tower, "conv1"
-    ):
+    if hasattr(tower, "transformer") and hasattr(tower.transformer, "resblocks") and hasattr(tower, "conv1"):
         return _vit_ids(tower, names)
     trunk = getattr(tower, "trunk", None)
     if trunk is not None:

@@ -10,11 +10,11 @@ differ only by colour (flavours, variants).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from PIL import Image
 
-__all__ = ["eval_transform", "train_transform", "MAX_HUE"]
+__all__ = ["MAX_HUE", "eval_transform", "train_transform"]
 
 MAX_HUE = 0.02
 
@@ -64,7 +64,7 @@ def eval_transform(
     """Resize the short side to ``image_size / crop_pct``, centre-crop ``image_size``, normalise."""
     from torchvision import transforms as T
 
-    resize = int(round(image_size / float(crop_pct)))
+    resize = round(image_size / float(crop_pct))
     return T.Compose(
         [
             _ToRGB(),

@@ -1,0 +1,173 @@
+"""Evaluation and registry: score the challenger against the champion and the base tower on the same
+shelf crops, register it in MLflow, promote it only when it wins, export the champion to ONNX."""
+
+import json
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+from pydantic import Field
+
+from resources import LocalStateResource
+from resources.mlflow import MlflowResource
+from resources.training import TrainingResource
+from skulens import pipeline_eval as pe
+
+GROUP = "evaluation"
+#: assets whose blocking data checks must have passed before a model may be promoted
+CHECKED_ASSETS = ("catalog_products", "cleaned_catalog")
+
+
+def _md(df: pd.DataFrame, limit: int = 40) -> dg.MetadataValue:
+    return dg.MetadataValue.md(df.head(limit).to_markdown(index=False) if len(df) else "none")
+
+
+def _run_url(mlflow: MlflowResource, run_id: str) -> dg.MetadataValue:
+    exp = mlflow.client().get_run(run_id).info.experiment_id
+    return dg.MetadataValue.url(f"{mlflow.tracking_uri}/#/experiments/{exp}/runs/{run_id}")
+
+
+class EvalSettings(dg.Config):
+    """How the shelf crops are scored (every model on the same crops and galleries)."""
+
+    k: int = Field(default=5, description="top-k cut-off (top-5 accuracy)")
+    n_aug: int = Field(default=8, description="RetailKLIP gallery: shelf-like augmentations per SKU image")
+    aug_seed: int = Field(default=0, description="seed of the RetailKLIP gallery augmentations")
+    sources: list[str] = Field(default=["crop", "photo"],
+                               description="shelf crop sources: crop (shelf/crops/) and photo (cut by boxes.csv)")
+    include_base: bool = Field(default=True, description="also score the un-fine-tuned base tower")
+    include_champion: bool = Field(default=True, description="also score the current champion (if any)")
+    batch_size: int = 64
+    top_confusions: int = Field(default=8, description="confused pairs shown in the plot")
+
+
+@dg.asset(group_name=GROUP, pool="gpu", kinds={"pytorch", "mlflow"})
+def model_evaluation(context: dg.AssetExecutionContext, config: EvalSettings, trained_encoder: dict,
+                     cleaned_catalog, shelf_crops: pd.DataFrame, catalog_products: pd.DataFrame,
+                     mlflow: MlflowResource, training: TrainingResource,
+                     state: LocalStateResource) -> dg.MaterializeResult:
+    """Challenger vs champion vs base tower on the same shelf crops: 1-NN against every cleaned catalog
+    image and against the RetailKLIP gallery; top-1/top-5, per-SKU and category accuracy, confusions."""
+    crops = pe.select_crops(shelf_crops, config.sources)
+    catalog = pe.catalog_frame(cleaned_catalog.kept)
+    device = pe.resolve_device(training.device)
+    ev = pe.evaluate_all(
+        trained_encoder["encoder_path"], trained_encoder["spec"], crops, catalog, catalog_products,
+        mlflow.tracking_uri, mlflow.model_name, state.path("evaluation", "work"),
+        k=config.k, n_aug=config.n_aug, aug_seed=config.aug_seed,
+        base_seed=int((trained_encoder.get("train_config") or {}).get("seed") or 0),
+        batch_size=config.batch_size, device=device, include_base=config.include_base,
+        include_champion=config.include_champion, echo=context.log.info,
+    )
+    if ev["champion_error"]:
+        context.log.warning(f"champion not evaluated: {ev['champion_error']} (it will not be replaced)")
+    files = pe.write_reports(ev, catalog, state.path("evaluation", context.run.run_id[:8]),
+                             top_confusions=config.top_confusions)
+    run_id = trained_encoder["mlflow_run_id"]
+    pe.log_to_run(mlflow.tracking_uri, run_id, pe.flat_metrics(ev), files,
+                  tags={"eval_set": ev["eval_set"], "eval.champion_version": ev["champion_version"] or "none"})
+
+    m = ev["models"]
+    meta = {
+        "eval_set": ev["eval_set"], "crops": ev["n_crops"], "crop_skus": ev["n_crop_skus"],
+        "crop_sources": ev["sources"], "device": device,
+        "champion_version": ev["champion_version"] or "none",
+        "comparison": _md(pe.comparison_table(ev)),
+        "top_confused_pairs": _md(pe.confusions_table(ev, top=5)),
+        "per_sku_accuracy": _md(pe.per_sku_table(ev), limit=60),
+        "per_sku_plot": dg.MetadataValue.md(pe.png_markdown(files["per_sku_png"], "Challenger per-SKU top-1")),
+        "confusions_plot": dg.MetadataValue.md(pe.png_markdown(files["confusions_png"], "Challenger confused pairs")),
+        "plots_dir": dg.MetadataValue.path(str(Path(files["per_sku_png"]).parent)),
+        "mlflow_run": _run_url(mlflow, run_id),
+    }
+    for role in pe.MODEL_ROLES:
+        if role in m:
+            for g, met in m[role]["metrics"].items():
+                for key in ("top1", "top5"):
+                    meta[f"{role}_{g}_{key}"] = dg.MetadataValue.float(round(met[key], 4))
+    if ev["champion_error"]:
+        meta["champion_error"] = ev["champion_error"]
+    return dg.MaterializeResult(value={k: v for k, v in ev.items() if k != "reports"}, metadata=meta)
+
+
+class PromotionSettings(dg.Config):
+    """When a challenger replaces the champion."""
+
+    margin: float = Field(default=0.0, description="challenger must beat the champion by at least this "
+                                                   "(0 = any improvement; a tie is never promoted)")
+    metric: str = Field(default="top1", description="top1 | top5 | category_acc | mean_per_sku_top1")
+    gallery: str = Field(default="catalog", description="catalog (all cleaned images) | retailklip")
+
+
+def _latest_checks(context: dg.AssetExecutionContext) -> tuple[bool, dict]:
+    """Latest results of the data checks on the catalog assets: (no ERROR check failed, summary)."""
+    try:
+        graph = context.repository_def.asset_graph
+        keys = [ck for a in CHECKED_ASSETS if graph.has(dg.AssetKey(a)) for ck in graph.get(dg.AssetKey(a)).check_keys]
+        records = context.instance.event_log_storage.get_latest_asset_check_execution_by_key(keys)
+    except Exception as e:  # noqa: BLE001 - optional: upstream blocking checks already gate the run
+        context.log.info(f"latest check results not readable ({type(e).__name__}); relying on blocking checks")
+        return True, {}
+    summary, ok = {}, True
+    for key, rec in records.items():
+        ev = rec.evaluation
+        status = rec.status.value
+        if status == "FAILED" and ev is not None and ev.severity == dg.AssetCheckSeverity.ERROR:
+            ok = False
+        summary[key.name] = status.lower()
+    return ok, summary
+
+
+@dg.asset(group_name=GROUP, kinds={"mlflow"})
+def registered_model(context: dg.AssetExecutionContext, config: PromotionSettings, trained_encoder: dict,
+                     model_evaluation: dict, mlflow: MlflowResource) -> dg.MaterializeResult:
+    """The challenger registered in MLflow (alias `challenger`, lineage: DVC md5s, git rev, train config,
+    eval set); promoted to `champion` only if it beats the champion on the same crops."""
+    checks_passed, checks = _latest_checks(context)
+    res = pe.register_and_decide(
+        mlflow.tracking_uri, mlflow.model_name, trained_encoder, model_evaluation,
+        metric=config.metric, gallery=config.gallery, margin=config.margin, checks_passed=checks_passed,
+        experiment=mlflow.experiment, extra_lineage={"dagster_run_id": context.run.run_id},
+        tags={"dagster.run_id": context.run.run_id},
+    )
+    (context.log.info if res["promoted"] else context.log.warning)(
+        f"v{res['version']}: {'PROMOTED to champion' if res['promoted'] else 'not promoted'}: {res['reason']}")
+    mv = mlflow.client().get_model_version(mlflow.model_name, res["version"])
+    meta = {
+        "model_name": mlflow.model_name, "version": res["version"], "promoted": res["promoted"],
+        "decision": dg.MetadataValue.md(f"**{'promoted' if res['promoted'] else 'kept champion'}**: {res['reason']}"),
+        "champion_version": str(res["champion_version"]),
+        "previous_champion": str(res["previous_champion"]),
+        "metric": f"{res['gallery']}/{res['metric']}", "margin": res["margin"],
+        "challenger_metric": res["challenger_metric"],
+        "champion_metric": res["champion_metric"] if res["champion_metric"] is not None else "n/a",
+        "eval_set": res["eval_set"], "checks_passed": checks_passed,
+        "checks": dg.MetadataValue.json(checks),
+        "lineage": dg.MetadataValue.json({k[len("lineage."):]: v for k, v in (mv.tags or {}).items()
+                                          if k.startswith("lineage.")}),
+        "mlflow_run": _run_url(mlflow, mv.run_id),
+    }
+    return dg.MaterializeResult(value=res, metadata=meta)
+
+
+class OnnxSettings(dg.Config):
+    opset: int = 17
+    atol: float = Field(default=1e-4, description="max |onnxruntime - torch| allowed on a random batch")
+
+
+@dg.asset(group_name=GROUP, deps=["registered_model"], kinds={"onnx", "mlflow"})
+def onnx_export(context: dg.AssetExecutionContext, config: OnnxSettings, mlflow: MlflowResource,
+                state: LocalStateResource) -> dg.MaterializeResult:
+    """The champion encoder as ONNX (dynamic batch), parity-checked with onnxruntime, logged to its MLflow run."""
+    info = pe.export_champion_onnx(mlflow.tracking_uri, mlflow.model_name, state.path("export"),
+                                   opset=config.opset, atol=config.atol)
+    context.log.info(f"champion v{info['version']} -> {info['path']} (max |diff| {info['max_abs_diff']:.2e})")
+    return dg.MaterializeResult(
+        value=info,
+        metadata={"model_version": info["version"], "max_abs_diff": dg.MetadataValue.float(info["max_abs_diff"]),
+                  "max_cos_diff": dg.MetadataValue.float(info["max_cos_diff"]), "opset": info["opset"],
+                  "input_shape": json.dumps(info["input_shape"]), "embed_dim": info["embed_dim"],
+                  "size_bytes": info["size_bytes"], "path": dg.MetadataValue.path(info["path"]),
+                  "artifact": info["artifact_uri"], "uploaded": info["uploaded"],
+                  "mlflow_run": _run_url(mlflow, info["run_id"])},
+    )

@@ -1,0 +1,44 @@
+"""The SKU index: every cleaned catalog image embedded with the current champion, published atomically to S3."""
+
+import dagster as dg
+from pydantic import Field
+
+from resources import LocalStateResource, S3Resource
+from resources.mlflow import MlflowResource
+from resources.training import TrainingResource
+from skulens import pipeline_eval as pe
+
+GROUP = "index"
+
+
+class IndexSettings(dg.Config):
+    prefix: str = Field(default="index", description="S3 prefix: <prefix>/versions/<version>.npz + <prefix>/CURRENT.json")
+    batch_size: int = 64
+
+
+@dg.asset(group_name=GROUP, pool="gpu", deps=["registered_model"], kinds={"numpy", "s3"})
+def sku_index(context: dg.AssetExecutionContext, config: IndexSettings, cleaned_catalog, mlflow: MlflowResource,
+              s3: S3Resource, training: TrainingResource, state: LocalStateResource) -> dg.MaterializeResult:
+    """Nearest-neighbour index of the cleaned catalog built with the champion (after this run's promotion
+    decision); a new immutable version is uploaded and verified before `CURRENT.json` moves to it."""
+    catalog = pe.catalog_frame(cleaned_catalog.kept)
+    index, version = pe.build_champion_index(
+        mlflow.tracking_uri, mlflow.model_name, catalog, state.path("index", "work"),
+        device=pe.resolve_device(training.device), batch_size=config.batch_size,
+        meta={"dagster_run_id": context.run.run_id},
+        sources=dict(zip(cleaned_catalog.images["key"].astype(str), cleaned_catalog.images["etag"].astype(str))),
+    )
+    pointer = pe.publish_if_changed(s3.client(), s3.bucket, index, prefix=config.prefix)
+    context.log.info(f"index {pointer['version']} ({'published' if pointer['published'] else 'unchanged'}): "
+                     f"{len(index)} images, {index.meta['n_skus']} SKUs, model v{version}")
+    pointer_url = f"s3://{s3.bucket}/{config.prefix.strip('/')}/CURRENT.json"
+    return dg.MaterializeResult(
+        value={k: v for k, v in pointer.items() if k != "etag"},
+        metadata={"version": pointer["version"], "published": pointer["published"], "count": len(index),
+                  "skus": index.meta["n_skus"],
+                  "sku_list": ", ".join(index.sku_list[:200]) + (" ..." if index.meta["n_skus"] > 200 else ""),
+                  "embed_dim": index.embed_dim, "model_name": mlflow.model_name,
+                  "model_version": version, "pointer": pointer_url,
+                  "object": f"s3://{s3.bucket}/{pointer['key']}", "sha256": pointer["sha256"],
+                  "previous_version": str(pointer.get("previous"))},
+    )
