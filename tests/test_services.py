@@ -61,3 +61,28 @@ def test_port_conflict_is_a_clear_error(tmp_path):
         env = dict(os.environ, SKULENS_HOME=str(tmp_path / "h"), SKULENS_S3_PORT=str(port))
         proc = subprocess.run([SKULENS, "services", "up"], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "SKULENS_S3_PORT" in proc.stderr
+
+
+def test_ui_services_show_schedule_and_sensors(tmp_path):
+    """What `make ui` starts: the Dagster webserver (and daemon) over workspace.yaml."""
+    import urllib.request
+
+    from skulens.services import ServiceManager
+    from skulens.settings import Settings
+
+    settings = Settings(home=tmp_path / "ui", s3_port=free_port(), mlflow_port=free_port(), dagster_port=free_port())
+    mgr = ServiceManager(settings)
+    try:
+        web = mgr.start("dagster-webserver")
+        daemon = mgr.start("dagster-daemon")
+        query = b'{"query":"{ repositoriesOrError { ... on RepositoryConnection { nodes { schedules { name } sensors { name } jobs { name } } } } }"}'
+        req = urllib.request.Request(f"{settings.dagster_url}/graphql", data=query,
+                                     headers={"Content-Type": "application/json"})
+        node = json.loads(urllib.request.urlopen(req, timeout=60).read())["data"]["repositoriesOrError"]["nodes"][0]
+        assert {s["name"] for s in node["schedules"]} == {"nightly_retrain"}
+        assert {s["name"] for s in node["sensors"]} == {"catalog_upload_sensor", "champion_change_sensor"}
+        assert {"main", "index_update"} <= {j["name"] for j in node["jobs"]}
+        assert (settings.dagster_home / "dagster.yaml").read_text().count("dequeue_interval_seconds: 1") == 1
+    finally:
+        mgr.down()
+    assert not _group_alive(web.pgid) and not _group_alive(daemon.pgid)
