@@ -14,8 +14,6 @@ from resources.training import TrainingResource
 from skulens import pipeline_eval as pe
 
 GROUP = "evaluation"
-#: assets whose blocking data checks must have passed before a model may be promoted
-CHECKED_ASSETS = ("catalog_products", "cleaned_catalog")
 
 
 def _md(df: pd.DataFrame, limit: int = 40) -> dg.MetadataValue:
@@ -99,20 +97,28 @@ class PromotionSettings(dg.Config):
     gallery: str = Field(default="catalog", description="catalog (all cleaned images) | retailklip")
 
 
+def _blocking_check_keys() -> list:
+    from assets import quality
+
+    return [spec.key for cd in dg.load_asset_checks_from_modules([quality]) for spec in cd.check_specs
+            if spec.blocking]
+
+
 def _latest_checks(context: dg.AssetExecutionContext) -> tuple[bool, dict]:
-    """Latest results of the data checks on the catalog assets: (no ERROR check failed, summary)."""
+    """Latest results of the blocking data checks (assets/quality.py): (none failed, name -> status).
+
+    Blocking checks already stop a run that fails them; this also covers a run that materializes the
+    model assets alone after a failed check run."""
     try:
-        graph = context.repository_def.asset_graph
-        keys = [ck for a in CHECKED_ASSETS if graph.has(dg.AssetKey(a)) for ck in graph.get(dg.AssetKey(a)).check_keys]
-        records = context.instance.event_log_storage.get_latest_asset_check_execution_by_key(keys)
-    except Exception as e:  # noqa: BLE001 - optional: upstream blocking checks already gate the run
+        records = context.instance.event_log_storage.get_latest_asset_check_execution_by_key(_blocking_check_keys())
+    except Exception as e:  # noqa: BLE001 - optional: the blocking checks gate the run anyway
         context.log.info(f"latest check results not readable ({type(e).__name__}); relying on blocking checks")
         return True, {}
     summary, ok = {}, True
     for key, rec in records.items():
         ev = rec.evaluation
         status = rec.status.value
-        if status == "FAILED" and ev is not None and ev.severity == dg.AssetCheckSeverity.ERROR:
+        if status == "FAILED" and (ev is None or ev.severity == dg.AssetCheckSeverity.ERROR):
             ok = False
         summary[key.name] = status.lower()
     return ok, summary

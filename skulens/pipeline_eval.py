@@ -147,6 +147,14 @@ def report_metrics(report: EvalReport) -> dict:
     return out
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def _seeded(seed: int):
     import torch
 
@@ -198,6 +206,7 @@ def evaluate_all(
                  "sources": {str(s): int(n) for s, n in crops["source"].value_counts().sort_index().items()},
                  "catalog_images": int(len(catalog)), "catalog_skus": int(catalog["sku"].nunique()),
                  "k": int(k), "n_aug": int(n_aug), "aug_seed": int(aug_seed), "device": device,
+                 "challenger_sha256": file_sha256(challenger_path), "champion_checked": bool(include_champion),
                  "models": {}, "reports": {}, "champion_version": None, "champion_error": None}
 
     def run(role: str, encoder, version: str | None) -> None:
@@ -412,6 +421,10 @@ def register_and_decide(
     """
     from skulens.registry import decide_promotion, get_champion, log_and_register, promote
 
+    sha = evaluation.get("challenger_sha256")
+    if sha and file_sha256(trained["encoder_path"]) != sha:
+        raise RuntimeError(f"{trained['encoder_path']} changed since it was evaluated (another training run?): "
+                           "re-run model_evaluation before registering")
     if gallery not in evaluation["models"]["challenger"]["metrics"]:
         raise ValueError(f"gallery {gallery!r} was not evaluated; one of {list(evaluation['models']['challenger']['metrics'])}")
     eval_set = evaluation["eval_set"]
@@ -431,7 +444,10 @@ def register_and_decide(
     current = get_champion(tracking_uri, model_name)
     current_version = current[0] if current else None
     champion_metric = None
-    if current_version != evaluated:
+    if current_version != evaluated and evaluated is None and not evaluation.get("champion_checked", True):
+        promote_it, reason = False, (f"champion v{current_version} was not evaluated in this run (include_champion="
+                                     "False): not comparable, keeping the champion")
+    elif current_version != evaluated:
         promote_it, reason = False, (f"champion changed during the run (evaluated v{evaluated}, now v{current_version}): "
                                      "not comparable, keeping the champion; run again to compare on the same crops")
     elif current is None:

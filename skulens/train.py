@@ -68,12 +68,13 @@ class TrainConfig:
     scale: float = 64.0  # ArcFace scale
     depth: int | None = None  # images per SKU after balancing; None: suggest_depth(train_df)
     seed: int = 0
-    num_workers: int = 0
+    num_workers: int | None = None  # DataLoader workers; None: 0 on CPU, min(8, cores) on CUDA
     amp: str = "auto"  # auto | bf16 | fp16 | off
     image_size: int | None = None  # override the spec's image size (CNN towers, or ViT via open_clip)
     max_steps: int | None = None  # stop after this many optimiser steps (schedule spans them)
     augment_strength: float = 1.0  # 0..1, see models.transform.train_transform
     augment_originals: bool = False  # also augment the non-copied images
+    arcface_init: str = "prototypes"  # "prototypes" (class-mean embeddings of the start model) | "random"
     freeze_bn: bool = True  # keep BatchNorm running stats at their pretrained values
     grad_clip: float | None = 1.0
     val_before: bool = True  # validation accuracy before the first step (epoch 0)
@@ -357,7 +358,7 @@ def train(
     import torch
 
     from .models.factory import _encoder_class
-    from .models.loss import create_arcface
+    from .models.loss import create_arcface, init_from_prototypes
 
     cfg = cfg or TrainConfig()
     out_dir = Path(out_dir)
@@ -366,6 +367,8 @@ def train(
     enc_path = out_dir / ENCODER_NAME
     dev = _resolve_device(device)
     amp_dtype, use_scaler = _resolve_amp(cfg.amp, dev)
+    if cfg.num_workers is None:
+        cfg = dataclasses.replace(cfg, num_workers=min(8, os.cpu_count() or 1) if dev.type == "cuda" else 0)
 
     if train_df is None or len(train_df) == 0:
         raise ValueError("train_df is empty")
@@ -380,8 +383,14 @@ def train(
     # --- model
     torch.manual_seed(cfg.seed)
     Encoder = _encoder_class()
+    start_weights = ""
     if isinstance(spec, Encoder):
         encoder = copy.deepcopy(spec).to(dev)
+        h = hashlib.sha256()
+        for k, v in encoder.model.state_dict().items():
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        start_weights = h.hexdigest()  # continuing from given weights: part of the resume fingerprint
         if cfg.image_size and cfg.image_size != encoder.spec.image_size:
             encoder.spec = dataclasses.replace(encoder.spec, image_size=int(cfg.image_size))
             encoder.preprocess = _eval_transform_for(encoder.spec)
@@ -419,7 +428,7 @@ def train(
     )
     arc_idx = next(i for i, g in enumerate(optimizer.param_groups) if g["name"] == "arcface")
 
-    fp = _fingerprint(cfg, spec, train_df, val_df)
+    fp = _fingerprint(cfg, spec, train_df, val_df) + start_weights
     start_epoch, step, history = 0, 0, []
     train_images, train_seconds = 0, 0.0
     resumed_from = 0
@@ -442,26 +451,34 @@ def train(
     gallery_paths = train_df["clean_path"].astype(str).tolist()
     gallery_skus = train_df["sku"].astype(str).tolist()
 
-    def validate() -> float | None:
+    embed_kw = {
+        "device": dev,
+        "batch_size": cfg.embed_batch_size,
+        "num_workers": cfg.num_workers,
+        "amp_dtype": amp_dtype,
+    }
+
+    def validate(gallery: np.ndarray | None = None) -> float | None:
         if val_df is None:
             return None
-        kw = {
-            "device": dev,
-            "batch_size": cfg.embed_batch_size,
-            "num_workers": cfg.num_workers,
-            "amp_dtype": amp_dtype,
-        }
-        g = _embed_paths(encoder, gallery_paths, **kw)
-        q = _embed_paths(encoder, val_df["clean_path"].astype(str).tolist(), **kw)
+        g = gallery if gallery is not None else _embed_paths(encoder, gallery_paths, **embed_kw)
+        q = _embed_paths(encoder, val_df["clean_path"].astype(str).tolist(), **embed_kw)
         return _nn_top1(g, gallery_skus, q, val_df["sku"].astype(str).tolist())
 
     def emit(kind: str, at: int, metrics: dict) -> None:
         if log_fn is not None:
             log_fn(kind, at, {k: _plain(v) for k, v in metrics.items()})
 
+    fresh = start_epoch == 0 and step == 0
+    start_gallery = None
+    if fresh and cfg.arcface_init == "prototypes":
+        start_gallery = _embed_paths(encoder, gallery_paths, **embed_kw)
+        init_from_prototypes(loss_fn, start_gallery, [labels[s] for s in gallery_skus])
+    elif cfg.arcface_init not in ("prototypes", "random"):
+        raise ValueError(f"unknown arcface_init {cfg.arcface_init!r}")
     val_before = None
-    if start_epoch == 0 and step == 0 and cfg.val_before and val_df is not None:
-        val_before = validate()
+    if fresh and cfg.val_before and val_df is not None:
+        val_before = validate(start_gallery)
         history.append({"epoch": 0, "step": 0, "val_acc": val_before})
         emit("epoch", 0, {"epoch": 0, "val_acc": val_before})
     elif history and history[0].get("epoch") == 0:

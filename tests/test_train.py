@@ -255,6 +255,16 @@ def test_killed_run_resumes_to_same_steps_and_weights(catalog, tmp_path):
     assert other.steps == 3 and other.resumed_from_step == 0
 
 
+def test_continue_from_encoder_leaves_it_untouched(catalog, tmp_path):
+    enc = create_encoder(ModelSpec(name="tiny-test"))
+    before = {k: v.clone() for k, v in enc.state_dict().items()}
+    res = train(catalog, None, enc, _cfg(epochs=1, max_steps=2), tmp_path / "cont", progress=False, device="cpu")
+    assert res.steps == 2 and res.val_acc == [None]
+    assert all(torch.equal(before[k], v) for k, v in enc.state_dict().items())
+    tuned = load_encoder(res.encoder_path).state_dict()
+    assert any(not torch.equal(before[k], tuned[k]) for k in before)
+
+
 def test_tiny_end_to_end_lowers_loss_and_raises_val_accuracy(catalog, tmp_path):
     tr, va = split_validation(catalog, per_sku=4, seed=0)  # 6 x 6 train, 6 x 4 val
     assert len(tr) == 36 and len(va) == 24

@@ -7,7 +7,7 @@ the loss anyway). ``margin`` is in degrees, as in pytorch-metric-learning (28.6 
 
 from __future__ import annotations
 
-__all__ = ["arcface_param_group", "create_arcface"]
+__all__ = ["arcface_param_group", "create_arcface", "init_from_prototypes"]
 
 
 def create_arcface(num_classes: int, embed_dim: int, margin: float = 28.6, scale: float = 64.0):
@@ -34,3 +34,27 @@ def arcface_param_group(loss, lr: float, weight_decay: float = 0.0) -> dict:
         "params": list(params),
         "param_names": [f"arcface.{n}" for n in names],
     }
+
+
+def init_from_prototypes(loss, embeddings, labels) -> None:
+    """Set the ArcFace class centres to the L2-normalised mean embedding of each class (computed with
+    the not yet fine-tuned tower). The loss then starts from the pretrained nearest-class-mean
+    classifier instead of random centres, so the first steps do not push random-centre gradients into
+    the pretrained tower. ``embeddings``: ``(N, D)`` array/tensor, ``labels``: ``(N,)`` ints in
+    ``[0, num_classes)``; classes without an embedding keep their random centre."""
+    import torch
+
+    emb = torch.as_tensor(embeddings, dtype=torch.float32)
+    lab = torch.as_tensor(labels, dtype=torch.long)
+    emb = torch.nn.functional.normalize(emb, dim=1)
+    d, c = loss.W.shape  # pytorch-metric-learning stores W as (embedding_size, num_classes)
+    if emb.shape[1] != d:
+        raise ValueError(f"embedding dim {emb.shape[1]} != ArcFace embedding size {d}")
+    sums = torch.zeros(c, d).index_add_(0, lab, emb)
+    counts = torch.bincount(lab, minlength=c)
+    with torch.no_grad():
+        has = counts > 0
+        centres = torch.nn.functional.normalize(sums[has] / counts[has, None], dim=1)
+        w = loss.W.detach().clone()
+        w[:, has.to(w.device)] = centres.T.to(w.device, w.dtype)
+        loss.W.copy_(w)
