@@ -8,6 +8,7 @@ export PYTHONDONTWRITEBYTECODE :=
 export MLFLOW_DISABLE_TELEMETRY := true
 export GX_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1
+export OMP_WAIT_POLICY := PASSIVE
 
 .PHONY: install run test ui down status lint lock clean-state
 

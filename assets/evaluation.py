@@ -55,7 +55,8 @@ def model_evaluation(context: dg.AssetExecutionContext, config: EvalSettings, tr
         k=config.k, n_aug=config.n_aug, aug_seed=config.aug_seed,
         base_seed=int((trained_encoder.get("train_config") or {}).get("seed") or 0),
         batch_size=config.batch_size, device=device, include_base=config.include_base,
-        include_champion=config.include_champion, echo=context.log.info,
+        include_champion=config.include_champion, cache_dir=state.path("cache", "embeddings"),
+        echo=context.log.info,
     )
     if ev["champion_error"]:
         context.log.warning(f"champion not evaluated: {ev['champion_error']} (it will not be replaced)")

@@ -26,6 +26,7 @@ def sku_index(context: dg.AssetExecutionContext, config: IndexSettings, cleaned_
         mlflow.tracking_uri, mlflow.model_name, catalog, state.path("index", "work"),
         device=pe.resolve_device(training.device), batch_size=config.batch_size,
         meta={"dagster_run_id": context.run.run_id},
+        cache_dir=state.path("cache", "embeddings"),
         sources=dict(zip(cleaned_catalog.images["key"].astype(str), cleaned_catalog.images["etag"].astype(str))),
     )
     pointer = pe.publish_if_changed(s3.client(), s3.bucket, index, prefix=config.prefix)

@@ -4,9 +4,8 @@ import json
 from pathlib import Path
 
 import dagster as dg
-from pydantic import Field
-
 import pandas as pd
+from pydantic import Field
 
 from resources import DvcResource, LocalStateResource, S3Resource
 from resources.mlflow import MlflowResource
@@ -21,7 +20,10 @@ class TrainSettings(dg.Config):
 
     model: str = Field(default="efficientnet-lite0", description="OpenCLIP model name, or efficientnet-lite0 / tiny-test")
     pretrained: str | None = Field(default=None, description="OpenCLIP pretrained tag (efficientnet-lite0: imagenet)")
-    image_size: int | None = Field(default=None, description="override the model's input size")
+    image_size: int | None = Field(default=None, description="override the model's input size (evaluation and index)")
+    train_image_size: int | None = Field(
+        default=128, description="training resolution for CNN towers (3x faster on CPU than 224 at the same GroZi "
+                                 "accuracy); ignored for ViT towers, which train at their own size")
     epochs: int = 4
     batch_size: int = 32
     base_lr: float = Field(default=2e-4, description="LR of the top block; each earlier block x lr_decay")
@@ -44,8 +46,11 @@ class TrainSettings(dg.Config):
 
     def train_config(self) -> dict:
         keys = ("epochs", "batch_size", "base_lr", "lr_decay", "arcface_lr", "weight_decay", "margin", "scale",
-                "warmup_steps", "max_steps", "amp", "augment_strength", "freeze_bn", "seed", "image_size")
-        return {k: getattr(self, k) for k in keys}
+                "warmup_steps", "max_steps", "amp", "augment_strength", "freeze_bn", "seed")
+        cfg = {k: getattr(self, k) for k in keys}
+        cnn = self.model in ("efficientnet-lite0", "tiny-test") or "efficientnet" in self.model.lower()
+        cfg["image_size"] = self.train_image_size if cnn else self.image_size
+        return cfg
 
 
 @dg.asset(group_name=GROUP, pool="gpu", kinds={"pytorch", "mlflow"})

@@ -291,7 +291,7 @@ def _print_summary(s: Settings, root: Path) -> None:
 
 
 # --- recognition (skulens/cli_recognize.py) ------------------------------------------------------
-from skulens.cli_recognize import recognize_cmd, serve_cmd  # noqa: E402
+from skulens.cli_recognize import recognize_cmd, serve_cmd
 
 main.add_command(recognize_cmd)
 main.add_command(serve_cmd)

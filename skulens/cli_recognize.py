@@ -27,7 +27,7 @@ def _client(settings: Settings):
     return make_client(settings.s3_endpoint, *s3_credentials(), region=settings.region)
 
 
-def _load_recognizer(settings: Settings, device: str, reload_interval_s: float = 30.0):
+def _load_recognizer(settings: Settings, device: str, reload_interval_s: float = 30.0, warmup: bool = False):
     from skulens.index import NoIndexPublished
     from skulens.recognize import Recognizer
 
@@ -36,13 +36,18 @@ def _load_recognizer(settings: Settings, device: str, reload_interval_s: float =
     except RuntimeError as exc:  # missing S3 keys
         raise click.ClickException(str(exc)) from exc
     try:
-        return Recognizer.from_services(settings.mlflow_uri, settings.model_name, client, settings.bucket,
-                                        cache_dir=settings.cache_dir / "recognize", device=device,
-                                        reload_interval_s=reload_interval_s)
+        rec = Recognizer.from_services(settings.mlflow_uri, settings.model_name, client, settings.bucket,
+                                       cache_dir=settings.cache_dir / "recognize", device=device,
+                                       reload_interval_s=reload_interval_s)
     except NoIndexPublished as exc:
         raise click.ClickException(f"no SKU index published yet ({exc}): run the pipeline first (skulens run)") from exc
     except LookupError as exc:
         raise click.ClickException(f"{exc}: no champion model registered yet; run the pipeline first") from exc
+    if warmup:  # the first forward pass pays lazy initialisation: not the first request's bill
+        from PIL import Image
+
+        rec.recognize([Image.new("RGB", (64, 64), (128, 128, 128))], k=1)
+    return rec
 
 
 @click.command("recognize")
@@ -71,7 +76,7 @@ def recognize_cmd(images: tuple[Path, ...], k: int, as_json: bool, device: str) 
     try:
         rec.recognize([str(images[0])], k=k)  # warm-up: the first call pays lazy initialisation
     except OSError:
-        pass  # reported below
+        pass  # not an image: reported below
     results = []
     for path in images:
         t = time.perf_counter()
@@ -134,7 +139,7 @@ def serve_cmd(host: str, port: int, device: str, reload_interval: float, max_upl
     from skulens.serve import MiB, create_app
 
     settings = _settings()
-    app = create_app(lambda: _load_recognizer(settings, device, reload_interval_s=reload_interval),
+    app = create_app(lambda: _load_recognizer(settings, device, reload_interval_s=reload_interval, warmup=True),
                      max_upload_bytes=int(max_upload_mb * MiB))
     click.echo(f"serving {settings.model_name} + s3://{settings.bucket}/index on http://{host}:{port} "
                f"(docs: http://{host}:{port}/docs)")

@@ -27,7 +27,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from skulens.evaluate import EvalReport, evaluate, plot_confusions, plot_per_sku, retailklip_gallery
@@ -97,19 +96,76 @@ def thumbnails(catalog: pd.DataFrame) -> dict[str, str]:
 
 
 # ====================================================================== evaluation
+def catalog_fingerprint(catalog: pd.DataFrame) -> str:
+    """sha256 over the cleaned images (sku, key, file, size, mtime): a key for cached embeddings."""
+    h = hashlib.sha256()
+    for sku, key, path in zip(catalog["sku"], catalog["key"].astype(str), catalog["clean_path"]):
+        st = os.stat(path)
+        h.update(f"{sku}\t{key}\t{path}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+class EmbeddingCache:
+    """Catalog embeddings per (encoder file sha256, catalog fingerprint) as ``.npy`` files, so that the
+    index build reuses what the evaluation computed with the same weights (and a re-run skips work).
+    Files are written atomically; a damaged or mismatching file is ignored."""
+
+    def __init__(self, root: str | os.PathLike, keep: int = 4):
+        self.root = Path(root)
+        self.keep = keep  # newest files kept; older ones are removed (local cache only)
+
+    def _path(self, encoder_sha: str, catalog_fp: str) -> Path:
+        return self.root / f"{encoder_sha[:20]}-{catalog_fp[:20]}.npy"
+
+    def get(self, encoder_sha: str | None, catalog_fp: str, n: int):
+        import numpy as np
+
+        if not encoder_sha:
+            return None
+        p = self._path(encoder_sha, catalog_fp)
+        try:
+            v = np.load(p, allow_pickle=False)
+        except (OSError, ValueError):
+            return None
+        return v if v.ndim == 2 and v.shape[0] == n and np.isfinite(v).all() else None
+
+    def put(self, encoder_sha: str | None, catalog_fp: str, vectors) -> None:
+        import numpy as np
+
+        if not encoder_sha:
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        p = self._path(encoder_sha, catalog_fp)
+        tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
+        with open(tmp, "wb") as f:
+            np.save(f, np.asarray(vectors, dtype=np.float32))
+        os.replace(tmp, p)
+        files = sorted(self.root.glob("*.npy"), key=lambda f: f.stat().st_mtime_ns, reverse=True)
+        for old in files[self.keep:]:
+            old.unlink(missing_ok=True)
+
+
 def catalog_index(encoder, catalog: pd.DataFrame, model_version: str | None = None, batch_size: int = 64,
-                  meta: dict | None = None) -> SkuIndex:
-    """An index of every cleaned catalog image embedded with ``encoder``."""
+                  meta: dict | None = None, cache: EmbeddingCache | None = None,
+                  encoder_sha: str | None = None) -> SkuIndex:
+    """An index of every cleaned catalog image embedded with ``encoder`` (through ``cache`` when the
+    encoder's file hash is known)."""
     from skulens.embed import embed_images
 
-    vecs = embed_images(encoder, catalog["clean_path"].tolist(), batch_size=batch_size)
+    fp = catalog_fingerprint(catalog) if cache is not None and encoder_sha else None
+    vecs = cache.get(encoder_sha, fp, len(catalog)) if fp else None
+    if vecs is None:
+        vecs = embed_images(encoder, catalog["clean_path"].tolist(), batch_size=batch_size)
+        if fp:
+            cache.put(encoder_sha, fp, vecs)
     return SkuIndex(vecs, catalog["sku"].tolist(), catalog["key"].astype(str).tolist(),
                     model_version=model_version, meta=dict(meta or {}))
 
 
 def evaluate_model(encoder, crops: pd.DataFrame, catalog: pd.DataFrame, products: pd.DataFrame | None,
                    k: int = 5, n_aug: int = 8, aug_seed: int = 0, batch_size: int = 64,
-                   galleries: tuple[str, ...] = GALLERIES) -> dict:
+                   galleries: tuple[str, ...] = GALLERIES, cache: EmbeddingCache | None = None,
+                   encoder_sha: str | None = None) -> dict:
     """Score one encoder on ``crops`` against each gallery.
 
     Returns ``{"reports": {gallery: EvalReport}, "metrics": {gallery: {...}}, "seconds",
@@ -122,7 +178,7 @@ def evaluate_model(encoder, crops: pd.DataFrame, catalog: pd.DataFrame, products
     reports: dict[str, EvalReport] = {}
     for g in galleries:
         if g == "catalog":
-            index = catalog_index(encoder, catalog, batch_size=batch_size)
+            index = catalog_index(encoder, catalog, batch_size=batch_size, cache=cache, encoder_sha=encoder_sha)
         elif g == "retailklip":
             index = retailklip_gallery(encoder, catalog, n_aug=n_aug, seed=aug_seed, image_col="clean_path",
                                        key_col="key", batch_size=batch_size)
@@ -178,6 +234,7 @@ def evaluate_all(
     device: str = "cpu",
     include_base: bool = True,
     include_champion: bool = True,
+    cache_dir: str | os.PathLike | None = None,
     echo: Echo = _noop,
 ) -> dict:
     """Evaluate the challenger (file), the current champion (MLflow alias, if any) and the
@@ -189,7 +246,9 @@ def evaluate_all(
     ``{version, metrics, seconds, crops_per_s}``), ``reports`` (role -> gallery -> EvalReport),
     ``champion_version`` (the version that was evaluated, or None), ``champion_error``.
     A champion that cannot be loaded is reported in ``champion_error``, never silently skipped: the
-    promotion decision then keeps the champion.
+    promotion decision then keeps the champion. A champion whose weights file is byte-identical to
+    the challenger's is not embedded twice. ``cache_dir``: catalog embeddings of the challenger and
+    champion are cached there (see :class:`EmbeddingCache`) for the index build.
     """
     from skulens.models.factory import ModelSpec, create_encoder
     from skulens.models.io import load_encoder
@@ -200,24 +259,29 @@ def evaluate_all(
     if len(catalog) == 0:
         raise ValueError("the cleaned catalog has no images")
     work_dir = Path(work_dir)
-    kw = dict(k=k, n_aug=n_aug, aug_seed=aug_seed, batch_size=batch_size)
-    out: dict = {"eval_set": eval_set_fingerprint(crops), "n_crops": int(len(crops)),
+    cache = EmbeddingCache(cache_dir) if cache_dir is not None else None
+    kw = {"k": k, "n_aug": n_aug, "aug_seed": aug_seed, "batch_size": batch_size, "cache": cache}
+    challenger_sha = file_sha256(challenger_path)
+    out: dict = {"eval_set": eval_set_fingerprint(crops), "n_crops": len(crops),
                  "n_crop_skus": int(crops["sku"].nunique()),
                  "sources": {str(s): int(n) for s, n in crops["source"].value_counts().sort_index().items()},
-                 "catalog_images": int(len(catalog)), "catalog_skus": int(catalog["sku"].nunique()),
+                 "catalog_images": len(catalog), "catalog_skus": int(catalog["sku"].nunique()),
                  "k": int(k), "n_aug": int(n_aug), "aug_seed": int(aug_seed), "device": device,
-                 "challenger_sha256": file_sha256(challenger_path), "champion_checked": bool(include_champion),
+                 "challenger_sha256": challenger_sha, "champion_checked": bool(include_champion),
                  "models": {}, "reports": {}, "champion_version": None, "champion_error": None}
 
-    def run(role: str, encoder, version: str | None) -> None:
-        res = evaluate_model(encoder, crops, catalog, products, **kw)
+    def run(role: str, encoder, version: str | None, sha: str | None = None) -> None:
+        res = evaluate_model(encoder, crops, catalog, products, encoder_sha=sha, **kw)
+        report(role, res, version)
+
+    def report(role: str, res: dict, version: str | None, note: str = "") -> None:
         out["reports"][role] = res["reports"]
         out["models"][role] = {"version": version, "metrics": res["metrics"], "seconds": res["seconds"],
                                "crops_per_s": res["crops_per_s"]}
-        echo(f"{role}{f' v{version}' if version else ''}: " + "; ".join(
+        echo(f"{role}{f' v{version}' if version else ''}{note}: " + "; ".join(
             f"{g} {r.summary()}" for g, r in res["reports"].items()))
 
-    run("challenger", load_encoder(challenger_path, device=device), None)
+    run("challenger", load_encoder(challenger_path, device=device), None, challenger_sha)
 
     if include_champion and tracking_uri and model_name:
         from skulens.registry import download_version, get_champion
@@ -228,7 +292,14 @@ def evaluate_all(
             out["champion_version"] = version
             try:
                 path, _ = download_version(tracking_uri, model_name, version, work_dir / "models")
-                run("champion", load_encoder(path, device=device), version)
+                sha = file_sha256(path)
+                if sha == challenger_sha:  # same weights (e.g. a resumed, finished training): same numbers
+                    same = out["models"]["challenger"]
+                    report("champion", {"reports": out["reports"]["challenger"], "metrics": same["metrics"],
+                                        "seconds": 0.0, "crops_per_s": same["crops_per_s"]}, version,
+                           " (same weights as the challenger)")
+                else:
+                    run("champion", load_encoder(path, device=device), version, sha)
             except Exception as e:  # noqa: BLE001 - reported; the decision keeps the champion
                 out["champion_error"] = f"{type(e).__name__}: {e}"[:500]
                 echo(f"champion v{version} could not be evaluated: {out['champion_error']}")
@@ -494,6 +565,7 @@ def build_champion_index(
     batch_size: int = 64,
     meta: dict | None = None,
     sources: dict | None = None,
+    cache_dir: str | os.PathLike | None = None,
 ) -> tuple[SkuIndex, str]:
     """Embed every cleaned catalog image with the current ``champion``: ``(index, version)``.
 
@@ -501,7 +573,6 @@ def build_champion_index(
     in the index meta so that the incremental index update (:mod:`skulens.automation`) only embeds
     SKUs that changed after this build."""
     from skulens.automation import SOURCES_META
-
     from skulens.models.io import load_encoder
     from skulens.registry import download_champion
 
@@ -509,7 +580,9 @@ def build_champion_index(
         raise ValueError("the cleaned catalog has no images to index")
     path, version = download_champion(tracking_uri, model_name, Path(work_dir) / "models")
     encoder = load_encoder(path, device=device)
+    cache = EmbeddingCache(cache_dir) if cache_dir is not None else None
     index = catalog_index(encoder, catalog, model_version=version, batch_size=batch_size,
+                          cache=cache, encoder_sha=file_sha256(path) if cache is not None else None,
                           meta={"model_name": model_name, "source": "catalog", **(meta or {}),
                                 **({SOURCES_META: dict(sources)} if sources is not None else {})})
     return index, version
@@ -545,7 +618,7 @@ def export_champion_onnx(tracking_uri: str, model_name: str, work_dir: str | os.
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     try:
         mv = client.get_model_version_by_alias(model_name, CHAMPION)
-    except Exception as e:  # noqa: BLE001 - MlflowException: no such alias / model
+    except Exception as e:  # MlflowException: no such alias / model
         raise LookupError(f"registered model {model_name!r} has no '{CHAMPION}' alias") from e
     version, run_id = str(mv.version), mv.run_id
     path, _ = download_version(tracking_uri, model_name, version, work_dir / "models")

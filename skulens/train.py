@@ -7,8 +7,14 @@
 * Optimiser: AdamW; tower groups with block-wise LR decay (top block ``base_lr``, each earlier block
   x ``lr_decay``), ArcFace's ``W`` in its own group at ``arcface_lr``. Linear warmup then cosine.
 * AMP on CUDA (bf16 where supported, else fp16 with a GradScaler); CPU works, with a warning.
+* ArcFace class centres start at the class-mean embeddings of the start model (``arcface_init=
+  "prototypes"``) instead of random vectors, whose early gradients damage the pretrained tower
+  (GroZi-120, k=1 top-1: 0.539 before, 0.741 after with prototypes, 0.643 with random centres).
 * BatchNorm running statistics are frozen by default (``freeze_bn``): small fine-tuning batches
-  would otherwise overwrite the pretrained statistics (affine parameters still train).
+  would otherwise overwrite the pretrained statistics (affine parameters still train); unfrozen, the
+  same GroZi run ends below no fine-tuning (0.500).
+* CPU: on a busy machine set ``OMP_WAIT_POLICY=PASSIVE`` before torch is imported (spinning OpenMP
+  threads made training 4x and the transforms 10-50x slower on a shared 2-core box).
 * A checkpoint (model, ArcFace, optimiser, scheduler, scaler, epoch, step, RNG states, history) is
   written atomically after every epoch to ``out_dir/checkpoint.pt``; ``train(..., resume=True)`` in
   the same ``out_dir`` continues from it. Batch order depends only on ``(seed, epoch)`` and each

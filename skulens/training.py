@@ -48,6 +48,21 @@ class MlflowStepLogger:
         self._buf = []
 
 
+def _restore_eval_size(encoder_path, spec) -> None:
+    """Training may run at a smaller size (CNN towers are size-agnostic); evaluation and the index
+    use the model's own input size, so the saved encoder keeps that one."""
+    import dataclasses
+
+    from skulens.models.factory import create_encoder
+    from skulens.models.io import load_encoder, save_encoder
+
+    enc = load_encoder(encoder_path)
+    want = spec.image_size or create_encoder(spec, load_weights=False).spec.image_size
+    if want and enc.spec.image_size != want:
+        enc.spec = dataclasses.replace(enc.spec, image_size=int(want))
+        save_encoder(enc, encoder_path)
+
+
 def run_training(request: dict, echo: Callable[[str], None] | None = None) -> dict:
     """Train from a request dict; returns a JSON-serialisable summary (encoder path, metrics, device)."""
     from skulens.models.factory import ModelSpec
@@ -64,6 +79,7 @@ def run_training(request: dict, echo: Callable[[str], None] | None = None) -> di
                    progress=request.get("progress", True), device=request.get("device"), resume=True)
     if log_fn:
         log_fn.flush()
+    _restore_eval_size(result.encoder_path, spec)
     val = [v for v in result.val_acc if v is not None]
     return {
         "encoder_path": str(result.encoder_path),

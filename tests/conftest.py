@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads (see skulens.settings.QUIET_ENV)
+
 from skulens.services import ServiceManager, free_port
 from skulens.settings import ACCESS_KEY_VAR, QUIET_ENV, SECRET_KEY_VAR, Settings, read_env_file
 

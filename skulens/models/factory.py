@@ -123,6 +123,9 @@ def _encoder_class():
         def extra_repr(self) -> str:
             return f"spec={self.spec}"
 
+    # importable as skulens.models.factory.Encoder (module __getattr__), so pickle finds it too
+    Encoder.__qualname__ = "Encoder"
+    Encoder.__module__ = __name__
     return Encoder
 
 
