@@ -50,7 +50,7 @@ def model_evaluation(context: dg.AssetExecutionContext, config: EvalSettings, tr
     catalog = pe.catalog_frame(cleaned_catalog.kept)
     device = pe.resolve_device(training.device)
     ev = pe.evaluate_all(
-        trained_encoder["encoder_path"], trained_encoder["spec"], crops, catalog, catalog_products,
+        trained_encoder["encoder_path"], crops, catalog, catalog_products,
         mlflow.tracking_uri, mlflow.model_name, state.path("evaluation", "work"),
         k=config.k, n_aug=config.n_aug, aug_seed=config.aug_seed,
         base_seed=int((trained_encoder.get("train_config") or {}).get("seed") or 0),

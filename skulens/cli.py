@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -261,11 +260,25 @@ def run_cmd(job: str, demo: bool) -> None:
         raise click.ClickException(f"job {job!r} failed (exit {rc}); see the run in the UI: make ui")
     click.echo(f"\njob {job!r} succeeded in {took:.0f}s.")
     _print_summary(s, root)
+    _print_recognize_example(s, env)
     click.echo("Where to look:")
     click.echo(f"  Dagster UI : make ui   (then open {s.dagster_url})")
     click.echo(f"  MLflow     : {s.mlflow_uri}")
     click.echo(f"  S3 endpoint: {s.s3_endpoint}  bucket {s.bucket}  (keys in {s.credentials_path})")
     click.echo("  stop all   : make down")
+
+
+def _print_recognize_example(s: Settings, env: dict) -> None:
+    """Recognize one held-out demo shelf crop with the published index, as a user would."""
+    crops = sorted((s.home / "demo" / "shelf").glob("*/crop00.jpg")) or sorted(
+        (s.home / "cache" / "shelf" / "crops").glob("*/*.jpg"))
+    if not crops:
+        return
+    crop = crops[len(crops) // 2]
+    cmd = [str(Path(sys.executable).parent / "skulens"), "recognize", str(crop), "--k", "3"]
+    click.echo(f"\nexample: skulens recognize {crop} --k 3   (true SKU: {crop.parent.name})")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    click.echo(proc.stdout.rstrip() or proc.stderr.rstrip()[-2000:])
 
 
 def _print_summary(s: Settings, root: Path) -> None:
@@ -291,7 +304,7 @@ def _print_summary(s: Settings, root: Path) -> None:
 
 
 # --- recognition (skulens/cli_recognize.py) ------------------------------------------------------
-from skulens.cli_recognize import recognize_cmd, serve_cmd
+from skulens.cli_recognize import recognize_cmd, serve_cmd  # noqa: E402 (cli_recognize uses helpers above)
 
 main.add_command(recognize_cmd)
 main.add_command(serve_cmd)

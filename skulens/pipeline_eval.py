@@ -18,6 +18,7 @@ Heavy libraries (torch, mlflow, matplotlib, onnx) are imported inside the functi
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import io
 import json
@@ -219,7 +220,6 @@ def _seeded(seed: int):
 
 def evaluate_all(
     challenger_path: str,
-    spec: dict,
     crops: pd.DataFrame,
     catalog: pd.DataFrame,
     products: pd.DataFrame | None,
@@ -238,9 +238,9 @@ def evaluate_all(
     echo: Echo = _noop,
 ) -> dict:
     """Evaluate the challenger (file), the current champion (MLflow alias, if any) and the
-    un-fine-tuned base tower (``create_encoder`` with the challenger's spec; torch seeded with
-    ``base_seed`` so a randomly initialised tower equals the challenger's starting point) on the
-    same crops and galleries.
+    un-fine-tuned base tower (``create_encoder`` with the spec stored in the challenger's file, so
+    the same architecture, input size and preprocessing; torch seeded with ``base_seed`` so a
+    randomly initialised tower equals the challenger's starting point) on the same crops and galleries.
 
     Returns a dict: ``eval_set``, ``n_crops``, ``sources``, ``k``, ``n_aug``, ``models`` (role ->
     ``{version, metrics, seconds, crops_per_s}``), ``reports`` (role -> gallery -> EvalReport),
@@ -250,7 +250,7 @@ def evaluate_all(
     the challenger's is not embedded twice. ``cache_dir``: catalog embeddings of the challenger and
     champion are cached there (see :class:`EmbeddingCache`) for the index build.
     """
-    from skulens.models.factory import ModelSpec, create_encoder
+    from skulens.models.factory import create_encoder
     from skulens.models.io import load_encoder
 
     if len(crops) == 0:
@@ -281,7 +281,10 @@ def evaluate_all(
         echo(f"{role}{f' v{version}' if version else ''}{note}: " + "; ".join(
             f"{g} {r.summary()}" for g, r in res["reports"].items()))
 
-    run("challenger", load_encoder(challenger_path, device=device), None, challenger_sha)
+    challenger = load_encoder(challenger_path, device=device)
+    base_spec = dataclasses.replace(challenger.spec)
+    run("challenger", challenger, None, challenger_sha)
+    del challenger
 
     if include_champion and tracking_uri and model_name:
         from skulens.registry import download_version, get_champion
@@ -306,7 +309,7 @@ def evaluate_all(
 
     if include_base:
         _seeded(base_seed)
-        base = create_encoder(ModelSpec.from_dict(spec), device=device)
+        base = create_encoder(base_spec, device=device)
         run("base", base, None)
     return out
 
@@ -455,6 +458,16 @@ def registration_metrics(trained: dict, evaluation: dict, gallery: str = "catalo
     return out
 
 
+def saved_spec(encoder_path: str | os.PathLike) -> dict | None:
+    """The resolved spec stored next to an encoder file (``<file>.json``, written by save_encoder):
+    what evaluation and serving use (training may have run at another input size)."""
+    side = Path(str(encoder_path) + ".json")
+    try:
+        return dict(json.loads(side.read_text())["spec"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 #: tags of the training run copied to the registered version's run (the nightly schedule compares
 #: ``catalog.fingerprint`` and ``train.config_hash`` of the champion's run with the current ones)
 CARRIED_TAG_PREFIXES = ("catalog.", "train.", "dataset.", "git.")
@@ -500,7 +513,7 @@ def register_and_decide(
         raise ValueError(f"gallery {gallery!r} was not evaluated; one of {list(evaluation['models']['challenger']['metrics'])}")
     eval_set = evaluation["eval_set"]
     challenger = {**evaluation["models"]["challenger"]["metrics"][gallery], "eval_set": eval_set}
-    spec, cfg = trained.get("spec") or {}, trained.get("train_config") or {}
+    spec, cfg = saved_spec(trained["encoder_path"]) or trained.get("spec") or {}, trained.get("train_config") or {}
     params = {**{f"model.{k}": v for k, v in spec.items()}, **{f"train.{k}": v for k, v in cfg.items()},
               "eval.gallery": gallery, "eval.metric": metric, "eval.k": evaluation.get("k")}
     version = log_and_register(

@@ -48,7 +48,7 @@ class MlflowStepLogger:
         self._buf = []
 
 
-def _restore_eval_size(encoder_path, spec) -> None:
+def _restore_eval_size(encoder_path, spec) -> dict:
     """Training may run at a smaller size (CNN towers are size-agnostic); evaluation and the index
     use the model's own input size, so the saved encoder keeps that one."""
     import dataclasses
@@ -61,6 +61,7 @@ def _restore_eval_size(encoder_path, spec) -> None:
     if want and enc.spec.image_size != want:
         enc.spec = dataclasses.replace(enc.spec, image_size=int(want))
         save_encoder(enc, encoder_path)
+    return enc.spec.to_dict()
 
 
 def run_training(request: dict, echo: Callable[[str], None] | None = None) -> dict:
@@ -79,7 +80,7 @@ def run_training(request: dict, echo: Callable[[str], None] | None = None) -> di
                    progress=request.get("progress", True), device=request.get("device"), resume=True)
     if log_fn:
         log_fn.flush()
-    _restore_eval_size(result.encoder_path, spec)
+    final_spec = _restore_eval_size(result.encoder_path, spec)
     val = [v for v in result.val_acc if v is not None]
     return {
         "encoder_path": str(result.encoder_path),
@@ -91,6 +92,6 @@ def run_training(request: dict, echo: Callable[[str], None] | None = None) -> di
         "images_per_s": round(float(result.images_per_s), 2),
         "device": str(result.device),
         "seconds": round(time.perf_counter() - t0, 1),
-        "spec": result.spec.to_dict(),
+        "spec": final_spec,
         "skus": len(result.labels),
     }
