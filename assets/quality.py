@@ -1,5 +1,7 @@
 """Data quality: clean the catalog, validate it (GE + asset checks), version it with DVC."""
 
+from pathlib import Path
+
 import dagster as dg
 import pandas as pd
 from pydantic import Field
@@ -10,7 +12,7 @@ from skulens.clean import CleanConfig, clean_catalog
 from skulens.dvc import git_revision
 
 GROUP = "data_quality"
-_P = datasets.read_params(__import__("pathlib").Path(__file__).resolve().parent.parent, "clean")
+_P = datasets.read_params(Path(__file__).resolve().parent.parent, "clean")
 
 
 class CleanSettings(dg.Config):

@@ -70,7 +70,7 @@ def trained_encoder(context: dg.AssetExecutionContext, config: TrainSettings, ba
             "dagster.run_id": context.run.run_id}
     run_id = mlflow.start_run(f"train-{spec['name']}-{context.run.run_id[:8]}", tags)
     client = mlflow.client()
-    from mlflow.entities import Param
+    from mlflow.entities import Metric, Param
 
     params = {**{f"model.{k}": v for k, v in spec.items()}, **{f"train.{k}": v for k, v in cfg.items()},
               "data.depth": balanced_dataset["depth"], "data.skus": int(balanced_dataset["train"]["sku"].nunique())}
@@ -89,8 +89,7 @@ def trained_encoder(context: dg.AssetExecutionContext, config: TrainSettings, ba
         client.set_terminated(run_id, "FAILED")
         raise
     final = {k: summary[k] for k in ("val_acc_before", "val_acc", "images_per_s", "steps") if summary.get(k) is not None}
-    client.log_batch(run_id, metrics=[__import__("mlflow").entities.Metric(f"final/{k}", float(v), 0, 0)
-                                      for k, v in final.items()])
+    client.log_batch(run_id, metrics=[Metric(f"final/{k}", float(v), 0, 0) for k, v in final.items()])
     client.set_terminated(run_id, "FINISHED")
     value = {"encoder_path": summary["encoder_path"], "mlflow_run_id": run_id, "spec": summary["spec"],
              "train_config": cfg, "metrics": final, "dataset_version": dataset_version, "device": summary["device"]}
