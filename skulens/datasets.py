@@ -63,6 +63,16 @@ def read_raw(raw_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     return m, read_products((raw_dir / "products.csv").read_bytes())
 
 
+def _swap_in(staging: Path, target: Path) -> None:
+    """Replace ``target`` with the fully written ``staging`` folder (renames; never a half-written target)."""
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(staging, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 # --- clean -----------------------------------------------------------------------------------------
 def _link_or_copy(src: str, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -97,12 +107,7 @@ def write_clean(result, clean_dir: Path, params: dict) -> pd.DataFrame:
     _atomic_parquet(kept[keep_cols], staging / "manifest.parquet")
     result.write_csv(staging)
     _atomic_text(json.dumps(params, indent=2, sort_keys=True, default=str) + "\n", staging / "params.json")
-    old = clean_dir.with_name(f".{clean_dir.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if clean_dir.exists():
-        os.replace(clean_dir, old)
-    os.replace(staging, clean_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    _swap_in(staging, clean_dir)
     return read_clean(clean_dir)
 
 
@@ -124,12 +129,7 @@ def write_balanced(train: pd.DataFrame, val: pd.DataFrame, clean_dir: Path, out_
         d["clean_path"] = _relative(d["clean_path"], Path(clean_dir).resolve())
         _atomic_parquet(d, staging / f"{name}.parquet")
     _atomic_text(json.dumps(params, indent=2, sort_keys=True, default=str) + "\n", staging / "params.json")
-    old = out_dir.with_name(f".{out_dir.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(staging, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    _swap_in(staging, out_dir)
 
 
 def read_balanced(out_dir: Path, clean_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
