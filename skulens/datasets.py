@@ -106,6 +106,10 @@ def write_clean(result, clean_dir: Path, params: dict) -> pd.DataFrame:
     keep_cols = [c for c in kept.columns if c != "path"]
     _atomic_parquet(kept[keep_cols], staging / "manifest.parquet")
     result.write_csv(staging)
+    # the versioned folder must be a function of the data and the params only: no timings or worker counts
+    volatile = {"seconds", "seconds_inspect", "seconds_normalise", "images_per_s", "workers", "backend"}
+    stats = {k: v for k, v in result.stats.items() if k not in volatile}
+    _atomic_text(json.dumps(stats, indent=2, sort_keys=True) + "\n", staging / "stats.json")
     _atomic_text(json.dumps(params, indent=2, sort_keys=True, default=str) + "\n", staging / "params.json")
     _swap_in(staging, clean_dir)
     return read_clean(clean_dir)

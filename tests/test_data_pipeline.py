@@ -87,6 +87,9 @@ def test_demo_catalog_is_cleaned_checked_balanced_and_versioned(s3, demo_dir, dv
     assert rp.returncode == 0, rp.stderr[-3000:] + rp.stdout[-3000:]
     kept_again = pd.read_parquet(repo / "data" / "clean" / "manifest.parquet")
     assert sorted(kept_again["sha256"]) == sorted(cleaned.kept["sha256"])
+    # same data + same params -> the same dataset version, whether Dagster or `dvc repro` built it
+    lock2 = yaml.safe_load((repo / "dvc.lock").read_text())
+    assert next(o["md5"] for o in lock2["stages"]["clean"]["outs"] if o["path"] == "data/clean") == version["clean_md5"]
 
 
 def test_blocking_check_stops_training_data_on_a_bad_catalog(s3, tmp_path, dvc_repo, instance):
