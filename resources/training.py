@@ -11,20 +11,39 @@ class TrainingResource(dg.ConfigurableResource):
     """Runs `skulens.training.run_training` where the GPU is.
 
     - ``local``: in the Dagster run's process; CUDA when present, otherwise CPU with a warning.
-    - ``pipes``: a separate process through Dagster Pipes (``PipesSubprocessClient`` here). On
-      Kubernetes, swap the client for ``dagster_k8s.PipesK8sClient`` with a GPU node selector and
-      run ``python -m resources.pipes_train`` in the skulens image (see README, "Kubernetes").
+    - ``pipes``: a separate process through Dagster Pipes (``PipesSubprocessClient``).
+    - ``k8s``: a pod on a GPU node pool through ``dagster_k8s.PipesK8sClient`` (package dagster-k8s),
+      running ``python -m resources.pipes_train`` in ``k8s_image`` (see README, "Kubernetes").
     """
 
-    mode: Literal["local", "pipes"] = "local"
+    mode: Literal["local", "pipes", "k8s"] = "local"
     device: str | None = Field(default=None, description="torch device; None picks cuda when available")
     python: str = Field(default=sys.executable, description="interpreter for the pipes subprocess")
+    k8s_image: str = Field(default="skulens:latest", description="k8s mode: image with skulens installed")
+    k8s_namespace: str = Field(default="default", description="k8s mode: namespace of the training pod")
+    k8s_gpu_node_selector: dict = Field(default={"nvidia.com/gpu.present": "true"},
+                                        description="k8s mode: node selector of the GPU node pool")
+    k8s_gpus: int = Field(default=1, description="k8s mode: nvidia.com/gpu limit of the pod")
 
     def train(self, context: dg.AssetExecutionContext, request: dict) -> dict:
         request = {**request, "device": self.device}
         if self.mode == "local":
             return self._local(context, request)
         return self._pipes(context, request)
+
+    def pipes_client_and_kwargs(self) -> tuple:
+        """The Pipes client for this mode and the extra run() arguments it needs."""
+        if self.mode == "pipes":
+            return dg.PipesSubprocessClient(), {"command": [self.python, "-m", "resources.pipes_train"]}
+        try:
+            from dagster_k8s import PipesK8sClient
+        except ImportError as exc:
+            raise dg.Failure("training mode 'k8s' needs the dagster-k8s package (pip install dagster-k8s) and a "
+                             "kubeconfig or in-cluster credentials") from exc
+        pod_spec = {"nodeSelector": dict(self.k8s_gpu_node_selector),
+                    "containers": [{"name": "train", "resources": {"limits": {"nvidia.com/gpu": self.k8s_gpus}}}]}
+        return PipesK8sClient(), {"image": self.k8s_image, "namespace": self.k8s_namespace,
+                                  "command": ["python", "-m", "resources.pipes_train"], "base_pod_spec": pod_spec}
 
     def _local(self, context, request: dict) -> dict:
         import torch
@@ -38,9 +57,8 @@ class TrainingResource(dg.ConfigurableResource):
         return run_training({**request, "device": device}, echo=context.log.info)
 
     def _pipes(self, context, request: dict) -> dict:
-        client = dg.PipesSubprocessClient()
-        invocation = client.run(context=context, command=[self.python, "-m", "resources.pipes_train"],
-                                extras={"request": request})
+        client, kwargs = self.pipes_client_and_kwargs()
+        invocation = client.run(context=context, extras={"request": request}, **kwargs)
         results = invocation.get_results()
         if not results:
             raise RuntimeError("the pipes training process reported no result")

@@ -45,3 +45,19 @@ def test_trained_encoder_logs_to_mlflow(mode, s3, mlflow_server, demo_dir, dvc_r
     assert len(val) == 3  # before training + 2 epochs
     assert not any("secret" in k.lower() or "access_key" in k.lower() for k in run.data.params)
     assert s3.secret_key not in str(run.data.params) + str(run.data.tags)
+
+
+def test_k8s_mode_builds_a_gpu_pod_spec_or_says_what_is_missing():
+    from resources.training import TrainingResource
+
+    res = TrainingResource(mode="k8s", k8s_image="registry.example/skulens:1", k8s_gpus=2)
+    try:
+        import dagster_k8s  # noqa: F401
+    except ImportError:
+        with pytest.raises(dg.Failure, match="dagster-k8s"):
+            res.pipes_client_and_kwargs()
+        return
+    client, kwargs = res.pipes_client_and_kwargs()
+    assert kwargs["image"] == "registry.example/skulens:1"
+    assert kwargs["base_pod_spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert kwargs["command"] == ["python", "-m", "resources.pipes_train"]
