@@ -1,6 +1,3 @@
-
-from functools import cached_property
-
 import dagster as dg
 from pydantic import PrivateAttr
 
@@ -24,7 +21,3 @@ class S3Resource(dg.ConfigurableResource):
             self._client = make_client(self.endpoint_url, self.access_key_id, self.secret_access_key,
                                        self.region, max_attempts=self.max_attempts)
         return self._client
-
-    @cached_property
-    def url(self) -> str:
-        return f"s3://{self.bucket}"

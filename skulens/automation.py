@@ -27,10 +27,6 @@ class CatalogState:
     products_etag: str | None
     fingerprint: str
 
-    @property
-    def skus(self) -> set[str]:
-        return {catalog.parse_image_key(k, catalog.CATALOG_IMAGES_PREFIX).sku for k in self.images}
-
 
 def fingerprint(pairs, extra: str = "") -> str:
     h = hashlib.sha256()
@@ -122,8 +118,10 @@ def update_index(encoder, index, manifest: pd.DataFrame, work_dir: Path, model_v
     gone = sorted(set(delta.removed_skus) | (set(delta.changed_skus) - set(kept["sku"])))
     new = index.with_updates(vectors, kept["sku"].tolist(), kept["key"].tolist(), remove_skus=gone,
                              model_version=model_version)
-    sources = {k: e for k, e in indexed.items() if k in current and current[k] == e
-               and catalog.parse_image_key(k, catalog.CATALOG_IMAGES_PREFIX).sku not in set(delta.changed_skus)}
+    changed = set(delta.changed_skus)
+    # unchanged files of untouched SKUs stay as they were (SKU from the manifest: no re-parsing of keys)
+    sku_of = dict(zip(manifest["key"], manifest["sku"]))
+    sources = {k: e for k, e in indexed.items() if current.get(k) == e and sku_of[k] not in changed}
     # every file looked at counts as seen (dropped ones too), so a bad upload is not retried until it changes
     sources.update(dict(zip(rows["key"], rows["etag"])))
     new.meta[SOURCES_META] = sources

@@ -18,11 +18,9 @@ def _settings() -> Settings:
 
 
 def _client(settings: Settings):
-    from skulens.s3 import make_client
-    from skulens.settings import s3_credentials
+    from skulens.s3 import client_for
 
-    load_local_env(settings)  # picks up keys `services up` may have just generated
-    return make_client(settings.s3_endpoint, *s3_credentials(), region=settings.region)
+    return client_for(settings)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -21,10 +21,9 @@ def _settings() -> Settings:
 
 
 def _client(settings: Settings):
-    from skulens.s3 import make_client
-    from skulens.settings import s3_credentials
+    from skulens.s3 import client_for
 
-    return make_client(settings.s3_endpoint, *s3_credentials(), region=settings.region)
+    return client_for(settings)
 
 
 def _load_recognizer(settings: Settings, device: str, reload_interval_s: float = 30.0, warmup: bool = False):

@@ -87,3 +87,11 @@ def object_exists(client, bucket: str, key: str) -> bool:
         if str(exc.response.get("Error", {}).get("Code", "")) in {"404", "NoSuchKey", "NotFound"}:
             return False
         raise
+
+
+def client_for(settings) -> "object":
+    """The S3 client for a skulens ``Settings`` (endpoint, region) with keys from the environment."""
+    from skulens.settings import load_local_env, s3_credentials
+
+    load_local_env(settings)  # picks up keys `services up` may have just generated
+    return make_client(settings.s3_endpoint, *s3_credentials(), region=settings.region)
