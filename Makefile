@@ -10,7 +10,7 @@ export GX_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: install run test ui down status lint lock clean-state
+.PHONY: install run test ui down status lint lock clean-state snapshot
 
 $(STAMP): pyproject.toml requirements-lock.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,9 @@ down:  ## stop every service skulens started
 
 status: install
 	$(BIN)/skulens services status
+
+snapshot: install  ## regenerate tests/snapshots/asset_graph.json after an intended change to the asset graph
+	$(BIN)/python -m tests.test_definitions
 
 lint: install
 	$(BIN)/ruff check skulens assets resources pipelines tests bench

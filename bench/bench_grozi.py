@@ -107,11 +107,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=DEFAULT_DATA, help="GroZi-120 subset root (images/, products.csv)")
     ap.add_argument("--out", default=".skulens/bench_grozi", help="training output dir (checkpoints)")
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=None, help="default 3 (--job-path: the job's default)")
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--image-size", type=int, default=128, help="training resolution")
+    ap.add_argument("--image-size", type=int, default=None, help="training resolution (default 128)")
     ap.add_argument("--eval-size", type=int, default=224, help="index/query resolution (before and after)")
-    ap.add_argument("--depth", type=int, default=16)
+    ap.add_argument("--depth", type=int, default=None, help="default 16 (--job-path: the job's default)")
     ap.add_argument("--base-lr", type=float, default=2e-4)
     ap.add_argument("--lr-decay", type=float, default=0.7)
     ap.add_argument("--arcface-lr", type=float, default=5e-3)
@@ -131,7 +131,17 @@ def main(argv=None) -> int:
     ap.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --out")
     ap.add_argument("--skip-before", action="store_true")
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    ap.add_argument("--job-path", action="store_true",
+                    help="train through the main job's own path: split_validation + balance (the balanced_dataset "
+                         "asset), write/read the balanced folder, skulens.training.run_training (the trained_encoder "
+                         "asset) with the launchpad defaults of TrainSettings/BalanceSettings; --epochs, --image-size "
+                         "and --depth are then taken from those defaults unless given explicitly")
     args = ap.parse_args(argv)
+    if args.job_path:
+        return job_path(args)
+    args.epochs = 3 if args.epochs is None else args.epochs
+    args.image_size = 128 if args.image_size is None else args.image_size
+    args.depth = 16 if args.depth is None else args.depth
 
     import torch
 
@@ -240,6 +250,69 @@ def main(argv=None) -> int:
     print(f"total {time.perf_counter() - t0:.0f}s")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2, default=str))
+    return 0
+
+
+def job_path(args) -> int:
+    """Fine-tune exactly as the ``main`` job does, then evaluate with this bench's protocol."""
+    import torch
+
+    from assets.datasets import BalanceSettings
+    from assets.training import TrainSettings
+    from skulens import balance as bal
+    from skulens import datasets
+    from skulens.models import ModelSpec, create_encoder, load_encoder
+    from skulens.training import run_training
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    root = Path(args.data)
+    df = load_grozi(root)
+    train_df, queries, held = split(df, args.holdout_frac, args.seed, args.query_stride)
+    bs, ts = BalanceSettings(), TrainSettings()
+    over = {k: v for k, v in {"epochs": args.epochs, "train_image_size": args.image_size, "seed": args.seed}.items()
+            if v is not None}
+    ts = ts.model_copy(update=over)
+    depth = args.depth if args.depth is not None else bs.depth
+    t0 = time.perf_counter()
+    # the balanced_dataset asset
+    train_src, val = bal.split_validation(train_df, per_sku=bs.val_per_sku, seed=args.seed)
+    depth = depth or bal.suggest_depth(train_src)
+    balanced = bal.balance(train_src, depth, seed=args.seed)
+    out = Path(args.out) / "job"
+    datasets.write_balanced(balanced, val, root, out / "balanced", {"depth": depth})
+    print(f"GroZi-120 through the job path: {balanced['sku'].nunique()} SKUs x {depth} = {len(balanced)} rows "
+          f"({int(balanced['augment'].sum())} oversampled copies), {len(val)} validation images; "
+          f"{len(held)} products held out; {len(queries)} queries", flush=True)
+    before = None
+    if not args.skip_before:
+        before = evaluate(create_encoder(ModelSpec(name=ts.model)), df, queries, held, args.k, args.eval_size,
+                          num_workers=args.num_workers)
+        print(f"[before] {before}", flush=True)
+    request = {"balanced_dir": str(out / "balanced"), "clean_dir": str(root), "spec": ts.spec(),
+               "config": ts.train_config(), "out_dir": str(out / "train"), "progress": sys.stderr.isatty(),
+               "device": "cpu"}
+    if args.fresh:
+        import shutil
+
+        shutil.rmtree(out / "train", ignore_errors=True)
+    t1 = time.perf_counter()
+    summary = run_training(request, echo=lambda m: print("  " + m, flush=True))
+    train_s = time.perf_counter() - t1
+    after = evaluate(load_encoder(summary["encoder_path"]), df, queries, held, args.k, args.eval_size,
+                     num_workers=args.num_workers)
+    print(f"\njob path: {summary['steps']} steps, {summary['images_per_s']} img/s, {train_s:.0f}s training; "
+          f"val_acc {summary.get('val_acc_before')} -> {summary.get('val_acc')}; augmented rows "
+          f"{summary.get('augmented_rows', 'n/a')}")
+    print(f"{'k':>3} | {'trained':>16} | {'held-out':>16} | {'all':>16}")
+    for k in args.k:
+        b = (before or {}).get(k, {})
+        print(f"{k:>3} | " + " | ".join(f"{b.get(c, float('nan')):.3f} -> {after[k][c]:.3f}".rjust(16)
+                                         for c in ("seen", "held_out", "all")))
+    print(f"total {time.perf_counter() - t0:.0f}s")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "before": before, "after": after,
+                                               "summary": summary, "train_seconds": train_s}, indent=2, default=str))
     return 0
 
 

@@ -34,12 +34,26 @@ def _graph() -> dict:
             "sensors": sorted(s.name for s in defs.sensors or [])}
 
 
+def write_snapshot() -> Path:
+    """Regenerate the snapshot on purpose: `make snapshot` (python -m tests.test_definitions)."""
+    SNAPSHOT.parent.mkdir(parents=True, exist_ok=True)
+    SNAPSHOT.write_text(json.dumps(_graph(), indent=2, sort_keys=True) + "\n")
+    return SNAPSHOT
+
+
 def test_asset_graph_matches_snapshot():
-    current = _graph()
-    if os.environ.get("UPDATE_SNAPSHOTS") or not SNAPSHOT.exists():
-        SNAPSHOT.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
+    """Never writes the snapshot: a missing or stale snapshot fails (regenerate with `make snapshot`)."""
+    assert SNAPSHOT.is_file(), f"{SNAPSHOT.relative_to(ROOT)} is missing: run `make snapshot` and commit it"
     expected = json.loads(SNAPSHOT.read_text())
-    assert current == expected, "asset graph changed; if intended, rerun with UPDATE_SNAPSHOTS=1"
+    assert _graph() == expected, "asset graph changed; if intended, run `make snapshot` and commit the diff"
+
+
+def test_snapshot_test_fails_when_the_snapshot_is_missing(tmp_path, monkeypatch):
+    missing = tmp_path / "asset_graph.json"
+    monkeypatch.setattr(sys.modules[__name__], "SNAPSHOT", missing)
+    with pytest.raises(AssertionError, match="missing"):
+        test_asset_graph_matches_snapshot()
+    assert not missing.exists(), "the test must not write the snapshot it compares against"
 
 
 def _imports(path: Path) -> set[str]:
@@ -86,3 +100,7 @@ def test_dagster_cli_asset_selection_works(s3, demo_dir, tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "RUN_SUCCESS" in proc.stderr + proc.stdout
+
+
+if __name__ == "__main__":
+    print(f"wrote {write_snapshot()}")
