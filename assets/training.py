@@ -99,6 +99,7 @@ def trained_encoder(context: dg.AssetExecutionContext, config: TrainSettings, ba
                   "val_acc_before": summary.get("val_acc_before"), "val_acc": summary.get("val_acc"),
                   "val_acc_per_epoch": json.dumps(summary.get("val_acc_per_epoch")),
                   "train_images_per_s": summary["images_per_s"], "seconds": summary["seconds"],
+                  "balanced_rows": summary.get("balanced_rows"), "augmented_rows": summary.get("augmented_rows"),
                   "mlflow_run": dg.MetadataValue.url(f"{mlflow.tracking_uri}/#/experiments/"
                                                      f"{client.get_run(run_id).info.experiment_id}/runs/{run_id}")},
     )

@@ -77,14 +77,14 @@ def split(df: pd.DataFrame, holdout_frac: float, seed: int, query_stride: int = 
 
 def evaluate(encoder, df, queries, held, ks, image_size, batch_size=16, num_workers=0):
     """{k: {"seen": top1, "held_out": top1, "all": top1}} with one embedding pass over all images."""
+    from skulens.embed import embed_images
     from skulens.models.factory import _eval_transform_for
-    from skulens.train import _embed_paths
 
     if image_size and image_size != encoder.spec.image_size:
         encoder.spec = dataclasses.replace(encoder.spec, image_size=int(image_size))
         encoder.preprocess = _eval_transform_for(encoder.spec)
     need = df[(df["rank"] < max(ks)) | df["clean_path"].isin(set(queries["clean_path"]))]
-    emb = _embed_paths(encoder, need["clean_path"].tolist(), batch_size=batch_size, num_workers=num_workers)
+    emb = embed_images(encoder, need["clean_path"].tolist(), batch_size=batch_size, num_workers=num_workers)
     pos = {p: i for i, p in enumerate(need["clean_path"])}
     q_idx = np.array([pos[p] for p in queries["clean_path"]])
     q_sku = queries["sku"].to_numpy()

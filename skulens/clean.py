@@ -42,7 +42,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
+
+from skulens.images import to_rgb  # noqa: F401 - the one RGB conversion, re-exported for cleaning
 
 # --------------------------------------------------------------------------------------------------
 # Reason codes (stable strings: they end up in CSV reports, Dagster metadata and GX docs)
@@ -394,27 +396,6 @@ def _inspect_bytes(data: bytes, sha: str, cfg: CleanConfig) -> ImageReport:
 # --------------------------------------------------------------------------------------------------
 # Normalisation
 # --------------------------------------------------------------------------------------------------
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Apply EXIF orientation and convert any mode to 8-bit RGB (alpha composited on white;
-    16-bit grey scaled, not clipped)."""
-    img = ImageOps.exif_transpose(img)
-    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
-        arr = np.asarray(img)
-        if img.mode.startswith("I;16") or (img.mode == "I" and arr.max(initial=0) > 255):
-            arr8 = ((arr.astype(np.uint32) * 255 + 32767) // 65535).clip(0, 255).astype(np.uint8)
-        else:
-            arr8 = np.clip(arr, 0, 255).astype(np.uint8)
-        img = Image.fromarray(arr8)
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
-        rgba = img.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        canvas.alpha_composite(rgba)
-        return canvas.convert("RGB")
-    if img.mode != "RGB":
-        return img.convert("RGB")
-    return img
-
-
 def normalised_name(sha256: str) -> str:
     """Deterministic file name of the normalised copy of an original with this sha256."""
     return f"{sha256}.v{NORMALISED_VERSION}.png"

@@ -7,38 +7,13 @@ to RGB before preprocessing (grayscale, palette, RGBA and CMYK photos all occur 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps
 
-ImageLike = str | os.PathLike | Image.Image
+from skulens.images import ImageLike, load_rgb
 
-
-def load_rgb(image: ImageLike) -> Image.Image:
-    """Open a path (or take a PIL image) and return a fully loaded RGB image.
-
-    Paths are decoded with their EXIF orientation applied. Transparent images are composited on white (a product cut-out on a white page), not on black.
-    """
-    if isinstance(image, Image.Image):
-        img = image
-    else:
-        with Image.open(image) as f:
-            f.load()
-            img = ImageOps.exif_transpose(f)  # phone photos: honour the EXIF orientation
-            if img is f:
-                img = f.copy()
-    if img.mode == "RGB":
-        return img
-    if img.mode == "P" and img.info.get("transparency") is not None:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA"):
-        rgba = img.convert("RGBA")
-        bg = Image.new("RGB", rgba.size, (255, 255, 255))
-        bg.paste(rgba, mask=rgba.getchannel("A"))
-        return bg
-    return img.convert("RGB")
+__all__ = ["ImageLike", "embed_images", "l2_normalize", "load_rgb"]
 
 
 class _ImageDataset:
@@ -92,12 +67,16 @@ def embed_images(
     device=None,
     progress: bool = False,
     num_workers: int = 0,
+    amp_dtype=None,
 ) -> np.ndarray:
     """Embed ``images`` (paths or PIL images) -> float32 array (N, D), each row L2-normalised.
 
     Runs the encoder in eval mode under ``torch.inference_mode`` and restores its previous
     train/eval mode afterwards. ``device`` defaults to the encoder's current device; the encoder is
     moved there if needed. ``num_workers > 0`` decodes images in DataLoader worker processes.
+    ``amp_dtype`` (e.g. ``torch.bfloat16``) runs the forward pass under autocast; the output is float32.
+    This is the one embedding loop: training's validation and prototypes, evaluation, the index,
+    ``index_update``, ``recognize`` and ``serve`` all call it.
     """
     import torch
 
@@ -133,7 +112,8 @@ def embed_images(
     try:
         with torch.inference_mode():
             for batch in loader:
-                feats = encoder(batch.to(dev, non_blocking=True))
+                with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    feats = encoder(batch.to(dev, non_blocking=True))
                 feats = torch.nn.functional.normalize(feats.float(), dim=-1)
                 out.append(feats.cpu().numpy())
     finally:

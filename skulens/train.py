@@ -2,7 +2,11 @@
 
 * Data: breadth/depth balanced (:func:`skulens.balance.balance`): every SKU, ``depth`` rows each;
   oversampled copies (``augment=True``) get the shelf-condition augmentation, originals the eval
-  transform (``augment_originals=True`` augments everything).
+  transform (``augment_originals=True`` augments everything). Balancing happens once: a frame that
+  is already balanced (it has the ``augment`` and ``copy`` columns that ``balance`` writes, as the
+  ``balanced_dataset`` asset's frame does) is trained on as it is; only a plain catalog frame is
+  balanced here. (Balancing a balanced frame again made every row an "original" and switched the
+  augmentation off for the whole ``main`` job.)
 * Model: the encoder's image tower; ArcFace (pytorch-metric-learning) on its unnormalised features.
 * Optimiser: AdamW; tower groups with block-wise LR decay (top block ``base_lr``, each earlier block
   x ``lr_decay``), ArcFace's ``W`` in its own group at ``arcface_lr``. Linear warmup then cosine.
@@ -45,9 +49,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 from .balance import balance, label_map, suggest_depth
+from .embed import embed_images
+from .images import load_rgb
 from .models.factory import ModelSpec, _eval_transform_for, create_encoder
 from .models.io import save_encoder
 
@@ -110,11 +115,6 @@ class TrainResult:
 # ----------------------------------------------------------------------------------------- data
 
 
-def _load_rgb(path: str) -> Image.Image:
-    with Image.open(path) as im:
-        return im.convert("RGB")
-
-
 def _sample_seed(seed: int, epoch: int, index: int) -> int:
     h = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
     return int.from_bytes(h, "little") & ((1 << 63) - 1)
@@ -134,59 +134,44 @@ class _BalancedDataset:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def uses_augmentation(self, i: int) -> bool:
+        return bool(self.augment[i] or self.augment_originals)
+
+    def augmented_rows(self) -> int:
+        """How many rows go through the train (shelf) augmentation rather than the eval transform."""
+        return sum(self.uses_augmentation(i) for i in range(len(self)))
+
     def __getitem__(self, i: int):
         import torch
 
-        img = _load_rgb(self.paths[i])
-        tf = self.train_tf if (self.augment[i] or self.augment_originals) else self.eval_tf
+        img = load_rgb(self.paths[i])
+        tf = self.train_tf if self.uses_augmentation(i) else self.eval_tf
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_sample_seed(self.seed, self.epoch, i))
             x = tf(img)
         return x, self.labels[i]
 
 
-class _PathDataset:
-    def __init__(self, paths: Sequence[str], tf):
-        self.paths, self.tf = list(paths), tf
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        return self.tf(_load_rgb(self.paths[i]))
+def is_balanced(frame: pd.DataFrame) -> bool:
+    """True for a frame written by :func:`skulens.balance.balance` (it carries ``augment`` and ``copy``)."""
+    return {"augment", "copy"} <= set(frame.columns)
 
 
-def _embed_paths(
-    encoder,
-    paths: Sequence[str],
-    device: Any = None,
-    batch_size: int = 64,
-    num_workers: int = 0,
-    amp_dtype=None,
-) -> np.ndarray:
-    """``(N, D)`` float32 L2-normalised embeddings of the images at ``paths`` (eval transform, eval
-    mode; the caller's train/eval mode is restored)."""
-    import torch
-
-    device = torch.device(device) if device is not None else encoder.device
-    if len(paths) == 0:
-        return np.zeros((0, encoder.embed_dim), dtype=np.float32)
-    loader = torch.utils.data.DataLoader(
-        _PathDataset(paths, encoder.preprocess), batch_size=batch_size, shuffle=False, num_workers=num_workers
-    )
-    was_training = encoder.training
-    encoder.eval()
-    out = []
-    try:
-        with torch.no_grad():
-            for x in loader:
-                x = x.to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    f = encoder(x)
-                out.append(torch.nn.functional.normalize(f.float(), dim=-1).cpu())
-    finally:
-        encoder.train(was_training)
-    return torch.cat(out).numpy().astype(np.float32, copy=False)
+def training_frame(train_df: pd.DataFrame, depth: int | None, seed: int) -> tuple[pd.DataFrame, int]:
+    """``(balanced frame, depth)``: ``train_df`` as it is when it is already balanced, else
+    :func:`skulens.balance.balance` of it at ``depth`` (``None``: :func:`suggest_depth`)."""
+    if is_balanced(train_df):
+        frame = train_df.reset_index(drop=True).copy()
+        frame["augment"] = frame["augment"].astype(bool)
+        labels = label_map(frame["sku"])
+        frame["label"] = frame["sku"].astype(str).map(labels).astype(int)
+        per_sku = frame.groupby("sku").size()
+        if depth and int(per_sku.max()) != int(depth):
+            log.warning("train(): the frame is already balanced at %d rows per SKU; depth=%s ignored",
+                        int(per_sku.max()), depth)
+        return frame, int(per_sku.max())
+    depth = int(depth or suggest_depth(train_df))
+    return balance(train_df, depth, seed=seed), depth
 
 
 def _nn_top1(
@@ -383,7 +368,7 @@ def train(
     labels = label_map(train_df["sku"])
     if len(labels) < 2:
         raise ValueError("need at least 2 SKUs to train")
-    depth = int(cfg.depth or suggest_depth(train_df))
+    bal, depth = training_frame(train_df, cfg.depth, cfg.seed)
     cfg = dataclasses.replace(cfg, depth=depth)
 
     # --- model
@@ -409,7 +394,6 @@ def train(
     spec = encoder.spec
 
     # --- data
-    bal = balance(train_df, depth, seed=cfg.seed)
     train_tf = encoder.train_transform(cfg.augment_strength)
     dataset = _BalancedDataset(bal, train_tf, encoder.preprocess, cfg.seed, cfg.augment_originals)
     n = len(dataset)
@@ -454,8 +438,10 @@ def train(
             resumed_from = step
             log.info("resumed from %s at epoch %d, step %d", ckpt_path, start_epoch, step)
 
-    gallery_paths = train_df["clean_path"].astype(str).tolist()
-    gallery_skus = train_df["sku"].astype(str).tolist()
+    # validation gallery / ArcFace prototypes: every distinct training image once (not the copies)
+    distinct = train_df.drop_duplicates("clean_path")
+    gallery_paths = distinct["clean_path"].astype(str).tolist()
+    gallery_skus = distinct["sku"].astype(str).tolist()
 
     embed_kw = {
         "device": dev,
@@ -467,8 +453,8 @@ def train(
     def validate(gallery: np.ndarray | None = None) -> float | None:
         if val_df is None:
             return None
-        g = gallery if gallery is not None else _embed_paths(encoder, gallery_paths, **embed_kw)
-        q = _embed_paths(encoder, val_df["clean_path"].astype(str).tolist(), **embed_kw)
+        g = gallery if gallery is not None else embed_images(encoder, gallery_paths, **embed_kw)
+        q = embed_images(encoder, val_df["clean_path"].astype(str).tolist(), **embed_kw)
         return _nn_top1(g, gallery_skus, q, val_df["sku"].astype(str).tolist())
 
     def emit(kind: str, at: int, metrics: dict) -> None:
@@ -478,7 +464,7 @@ def train(
     fresh = start_epoch == 0 and step == 0
     start_gallery = None
     if fresh and cfg.arcface_init == "prototypes":
-        start_gallery = _embed_paths(encoder, gallery_paths, **embed_kw)
+        start_gallery = embed_images(encoder, gallery_paths, **embed_kw)
         init_from_prototypes(loss_fn, start_gallery, [labels[s] for s in gallery_skus])
     elif cfg.arcface_init not in ("prototypes", "random"):
         raise ValueError(f"unknown arcface_init {cfg.arcface_init!r}")
@@ -610,5 +596,6 @@ def train(
             "warmup_steps": warmup,
             "balanced_rows": n,
             "depth": depth,
+            "augmented_rows": dataset.augmented_rows(),
         },
     )

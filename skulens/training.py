@@ -94,4 +94,6 @@ def run_training(request: dict, echo: Callable[[str], None] | None = None) -> di
         "seconds": round(time.perf_counter() - t0, 1),
         "spec": final_spec,
         "skus": len(result.labels),
+        "balanced_rows": int(result.extra["balanced_rows"]),
+        "augmented_rows": int(result.extra["augmented_rows"]),
     }

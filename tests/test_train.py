@@ -8,6 +8,7 @@ test that loads the real EfficientNet-Lite0 ImageNet weights from site-packages 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 import os
 
 # Spinning OpenMP threads are very slow on a busy 2-core box (no effect if torch is already loaded).
@@ -326,3 +327,49 @@ def test_tiny_end_to_end_lowers_loss_and_raises_val_accuracy(catalog, tmp_path):
     assert lrs[1] > lrs[0] and lrs[-1] < 0.05 * max(lrs) and max(lrs) <= 5e-3 + 1e-12
     enc = load_encoder(res.encoder_path)
     assert enc.spec.name == "tiny-test"
+
+
+# ------------------------------------------------------------------------------ balancing happens once
+
+
+def test_the_jobs_balanced_frame_is_trained_with_its_augmentation(catalog, tmp_path):
+    """The balanced_dataset asset balances (D rows per SKU, copies marked augment=True) and the
+    training process reads that folder back: train() must keep the copies' augmentation. It used to
+    balance the balanced frame again, which turned every row into an un-augmented "original"."""
+    from skulens import balance as bal
+    from skulens import datasets
+
+    sub = catalog[catalog["sku"].isin(sorted(catalog["sku"].unique())[:4])]
+    train_src, val = bal.split_validation(sub, per_sku=1, seed=0)
+    frame = bal.balance(train_src, 16, seed=0)
+    copies = int(frame["augment"].sum())
+    assert len(frame) == 64 and copies == 64 - len(train_src) > 0
+    root = tmp_path / "data"
+    datasets.write_balanced(frame, val, Path(sub["clean_path"].iloc[0]).parent, root / "balanced", {})
+    tr, va = datasets.read_balanced(root / "balanced", Path(sub["clean_path"].iloc[0]).parent)
+    res = train(tr, va, ModelSpec(name="tiny-test"), _cfg(depth=None, max_steps=1), tmp_path / "out",
+                progress=False, device="cpu")
+    assert res.extra["balanced_rows"] == 64 and res.extra["depth"] == 16
+    assert res.extra["augmented_rows"] == copies
+    # a plain (unbalanced) frame is still balanced by train() itself, with its copies augmented
+    res2 = train(train_src, None, ModelSpec(name="tiny-test"), _cfg(depth=16, max_steps=1), tmp_path / "out2",
+                 progress=False, device="cpu")
+    assert res2.extra["balanced_rows"] == 64 and res2.extra["augmented_rows"] == copies
+
+
+def test_balanced_dataset_augments_copies_and_keeps_originals(catalog):
+    """Rows marked augment=True go through the shelf augmentation, originals through the eval transform."""
+    from skulens import balance as bal
+    from skulens.images import load_rgb
+    from skulens.train import _BalancedDataset, training_frame
+
+    frame = bal.balance(catalog, 14, seed=0)
+    same, _ = training_frame(frame, None, seed=0)
+    assert same["augment"].tolist() == frame["augment"].tolist()  # not re-balanced
+    enc = create_encoder(ModelSpec(name="tiny-test"))
+    ds = _BalancedDataset(same, enc.train_transform(1.0), enc.preprocess, seed=0, augment_originals=False)
+    assert ds.augmented_rows() == int(frame["augment"].sum()) == 6 * 4
+    for i in (int(np.flatnonzero(frame["augment"])[0]), int(np.flatnonzero(~frame["augment"])[0])):
+        x, _ = ds[i]
+        plain = enc.preprocess(load_rgb(frame["clean_path"].iloc[i]))
+        assert torch.allclose(x, plain) is (not bool(frame["augment"].iloc[i]))
