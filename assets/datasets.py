@@ -5,9 +5,9 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from resources import DvcResource
+from resources import DvcResource, LocalStateResource, S3Resource
 from skulens import balance as bal
-from skulens import datasets
+from skulens import bundles, datasets
 
 GROUP = "data_quality"
 _P = datasets.read_params(Path(__file__).resolve().parent.parent, "balance")
@@ -23,21 +23,27 @@ class BalanceSettings(dg.Config):
 
 @dg.asset(group_name=GROUP, pool="dvc", kinds={"pandas"})
 def balanced_dataset(context: dg.AssetExecutionContext, config: BalanceSettings, cleaned_catalog,
-                     dvc: DvcResource) -> dg.MaterializeResult:
-    """Held-out validation split (equal per SKU) and a training set with exactly D rows per SKU."""
+                     dvc: DvcResource, s3: S3Resource, state: LocalStateResource) -> dg.MaterializeResult:
+    """Held-out validation split (equal per SKU) and a training set with exactly D rows per SKU,
+    also packed as one content-addressed bundle in S3 for training on another machine."""
     kept = cleaned_catalog.kept
     train_src, val = bal.split_validation(kept, per_sku=config.val_per_sku, seed=config.seed)
     depth = config.depth or bal.suggest_depth(train_src)
     train = bal.balance(train_src, depth, seed=config.seed)
     params = {"depth": depth, "val_per_sku": config.val_per_sku, "seed": config.seed}
     datasets.write_balanced(train, val, dvc.data_dir("clean"), dvc.data_dir("balanced"), params)
+    tar, sha = bundles.pack(dvc.data_dir("balanced"), dvc.data_dir("clean"),
+                            state.path("bundles") / "balanced.tar")
+    bundle = bundles.publish(s3.client(), s3.bucket, tar, sha)
     per_sku = train.groupby("sku").size()
     context.log.info(f"balanced: {train['sku'].nunique()} SKUs x {depth} = {len(train)} rows "
                      f"({int(train['augment'].sum())} oversampled copies); validation {len(val)} images")
     return dg.MaterializeResult(
-        value={"train": train, "val": val, "depth": depth},
+        value={"train": train, "val": val, "depth": depth,
+               "bundle": {k: bundle[k] for k in ("uri", "sha256", "bytes")}},
         metadata={"skus": int(train["sku"].nunique()), "depth": depth, "train_rows": len(train),
                   "oversampled_copies": int(train["augment"].sum()),
                   "undersampled_skus": int((train_src.groupby("sku").size() > depth).sum()),
-                  "val_images": len(val), "rows_per_sku_min": int(per_sku.min()), "rows_per_sku_max": int(per_sku.max())},
+                  "val_images": len(val), "bundle": bundle["uri"], "bundle_bytes": bundle["bytes"],
+                  "bundle_uploaded": bundle["uploaded"], "rows_per_sku_min": int(per_sku.min()), "rows_per_sku_max": int(per_sku.max())},
     )

@@ -49,9 +49,10 @@ def model_evaluation(context: dg.AssetExecutionContext, config: EvalSettings, tr
     crops = pe.select_crops(shelf_crops, config.sources)
     catalog = pe.catalog_frame(cleaned_catalog.kept)
     device = pe.resolve_device(training.device)
+    store = mlflow.store(state.cache_path("models"))
+    challenger = store.fetch(trained_encoder["encoder_uri"], trained_encoder["encoder_sha256"])
     ev = pe.evaluate_all(
-        trained_encoder["encoder_path"], crops, catalog, catalog_products,
-        mlflow.tracking_uri, mlflow.model_name, state.path("evaluation", "work"),
+        str(challenger), crops, catalog, catalog_products, store,
         k=config.k, n_aug=config.n_aug, aug_seed=config.aug_seed,
         base_seed=int((trained_encoder.get("train_config") or {}).get("seed") or 0),
         batch_size=config.batch_size, device=device, include_base=config.include_base,
@@ -127,12 +128,14 @@ def _latest_checks(context: dg.AssetExecutionContext) -> tuple[bool, dict]:
 
 @dg.asset(group_name=GROUP, kinds={"mlflow"})
 def registered_model(context: dg.AssetExecutionContext, config: PromotionSettings, trained_encoder: dict,
-                     model_evaluation: dict, mlflow: MlflowResource) -> dg.MaterializeResult:
+                     model_evaluation: dict, mlflow: MlflowResource, state: LocalStateResource) -> dg.MaterializeResult:
     """The challenger registered in MLflow (alias `challenger`, lineage: DVC md5s, git rev, train config,
     eval set); promoted to `champion` only if it beats the champion on the same crops."""
     checks_passed, checks = _latest_checks(context)
+    local = mlflow.store(state.cache_path("models")).fetch(trained_encoder["encoder_uri"],
+                                                           trained_encoder["encoder_sha256"])
     res = pe.register_and_decide(
-        mlflow.tracking_uri, mlflow.model_name, trained_encoder, model_evaluation,
+        mlflow.tracking_uri, mlflow.model_name, {**trained_encoder, "encoder_path": str(local)}, model_evaluation,
         metric=config.metric, gallery=config.gallery, margin=config.margin, checks_passed=checks_passed,
         experiment=mlflow.experiment, extra_lineage={"dagster_run_id": context.run.run_id},
         tags={"dagster.run_id": context.run.run_id},
@@ -166,7 +169,7 @@ class OnnxSettings(dg.Config):
 def onnx_export(context: dg.AssetExecutionContext, config: OnnxSettings, mlflow: MlflowResource,
                 state: LocalStateResource) -> dg.MaterializeResult:
     """The champion encoder as ONNX (dynamic batch), parity-checked with onnxruntime, logged to its MLflow run."""
-    info = pe.export_champion_onnx(mlflow.tracking_uri, mlflow.model_name, state.path("export"),
+    info = pe.export_champion_onnx(mlflow.store(state.cache_path("models")), state.path("export"),
                                    opset=config.opset, atol=config.atol)
     context.log.info(f"champion v{info['version']} -> {info['path']} (max |diff| {info['max_abs_diff']:.2e})")
     return dg.MaterializeResult(

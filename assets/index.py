@@ -23,7 +23,7 @@ def sku_index(context: dg.AssetExecutionContext, config: IndexSettings, cleaned_
     decision); a new immutable version is uploaded and verified before `CURRENT.json` moves to it."""
     catalog = pe.catalog_frame(cleaned_catalog.kept)
     index, version = pe.build_champion_index(
-        mlflow.tracking_uri, mlflow.model_name, catalog, state.path("index", "work"),
+        mlflow.store(state.cache_path("models")), catalog,
         device=pe.resolve_device(training.device), batch_size=config.batch_size,
         meta={"dagster_run_id": context.run.run_id},
         cache_dir=state.path("cache", "embeddings"),

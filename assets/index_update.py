@@ -19,16 +19,12 @@ class IndexUpdateConfig(dg.Config):
 
 
 def champion_encoder(mlflow: MlflowResource, state: LocalStateResource):
-    """The champion encoder, downloaded once per version into the local state folder."""
-    from skulens.models.io import load_encoder
-    from skulens.registry import download_version, get_champion
-
-    champ = get_champion(mlflow.tracking_uri, mlflow.model_name)
-    if champ is None:
+    """``(encoder, ref)`` of the champion, through the one model cache (skulens.model_store)."""
+    store = mlflow.store(state.cache_path("models"))
+    ref = store.champion()
+    if ref is None:
         raise dg.Failure(f"no champion for registered model {mlflow.model_name!r} yet: run the main job first")
-    version = str(champ[0])
-    path, _ = download_version(mlflow.tracking_uri, mlflow.model_name, version, state.path("models"))
-    return load_encoder(path), version
+    return store.encoder(ref), store.complete(ref)
 
 
 @dg.op(tags={"kind": "index"})
@@ -41,7 +37,9 @@ def update_sku_index(context: dg.OpExecutionContext, config: IndexUpdateConfig, 
     client = s3.client()
     sync = ingest.sync_images(client, s3.bucket, catalog.CATALOG_IMAGES_PREFIX, state.path("cache", "catalog"))
     t_ingest = time.perf_counter() - t0
-    encoder, version = champion_encoder(mlflow, state)
+    encoder, ref = champion_encoder(mlflow, state)
+    version = ref.version
+    model_meta = {"model_name": mlflow.model_name, "model_uri": ref.uri, "model_sha256": ref.sha256}
     try:
         index, pointer = load_current(client, s3.bucket, cache_dir=state.path("cache", "index"))
     except NoIndexPublished:
@@ -50,6 +48,7 @@ def update_sku_index(context: dg.OpExecutionContext, config: IndexUpdateConfig, 
         context.log.info(f"index model {getattr(index, 'model_version', None)} != champion {version}: building in full")
         index = SkuIndex(np.zeros((0, encoder.embed_dim), np.float32), np.array([], dtype=str),
                          np.array([], dtype=str), model_version=version, meta={SOURCES_META: {}})
+    index.meta.update(model_meta)
     new, report = update_index(encoder, index, sync.manifest, state.path("cache", "index-normalised"), version,
                                batch_size=config.batch_size)
     if not report.changed_skus and not report.removed_skus and pointer is not None:

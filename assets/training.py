@@ -80,7 +80,8 @@ def trained_encoder(context: dg.AssetExecutionContext, config: TrainSettings, ba
         client.log_artifact(run_id, str(lock), "dataset")
     request = {
         "balanced_dir": str(dvc.data_dir("balanced")), "clean_dir": str(dvc.data_dir("clean")),
-        "spec": spec, "config": cfg, "out_dir": str(state.path("training", "current")),
+        "dataset": balanced_dataset.get("bundle"), "s3_endpoint": s3.endpoint_url, "s3_region": s3.region,
+        "spec": spec, "config": cfg, "out_dir": str(Path(state.home) / "training" / "current"),
         "mlflow_uri": mlflow.tracking_uri, "mlflow_run_id": run_id, "progress": False,
     }
     try:
@@ -91,11 +92,13 @@ def trained_encoder(context: dg.AssetExecutionContext, config: TrainSettings, ba
     final = {k: summary[k] for k in ("val_acc_before", "val_acc", "images_per_s", "steps") if summary.get(k) is not None}
     client.log_batch(run_id, metrics=[Metric(f"final/{k}", float(v), 0, 0) for k, v in final.items()])
     client.set_terminated(run_id, "FINISHED")
-    value = {"encoder_path": summary["encoder_path"], "mlflow_run_id": run_id, "spec": summary["spec"],
+    value = {"encoder_uri": summary["encoder_uri"], "encoder_sha256": summary["encoder_sha256"],
+             "mlflow_run_id": run_id, "spec": summary["spec"],
              "train_config": cfg, "metrics": final, "dataset_version": dataset_version, "device": summary["device"]}
     return dg.MaterializeResult(
         value=value,
         metadata={"model": spec["name"], "device": summary["device"], "steps": summary["steps"],
+                  "encoder_uri": summary["encoder_uri"], "encoder_sha256": summary["encoder_sha256"],
                   "val_acc_before": summary.get("val_acc_before"), "val_acc": summary.get("val_acc"),
                   "val_acc_per_epoch": json.dumps(summary.get("val_acc_per_epoch")),
                   "train_images_per_s": summary["images_per_s"], "seconds": summary["seconds"],

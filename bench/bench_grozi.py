@@ -299,7 +299,7 @@ def job_path(args) -> int:
     t1 = time.perf_counter()
     summary = run_training(request, echo=lambda m: print("  " + m, flush=True))
     train_s = time.perf_counter() - t1
-    after = evaluate(load_encoder(summary["encoder_path"]), df, queries, held, args.k, args.eval_size,
+    after = evaluate(load_encoder(summary["encoder_uri"]), df, queries, held, args.k, args.eval_size,
                      num_workers=args.num_workers)
     print(f"\njob path: {summary['steps']} steps, {summary['images_per_s']} img/s, {train_s:.0f}s training; "
           f"val_acc {summary.get('val_acc_before')} -> {summary.get('val_acc')}; augmented rows "

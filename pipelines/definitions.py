@@ -39,7 +39,7 @@ defs = dg.Definitions(
             access_key_id=dg.EnvVar(ACCESS_KEY_VAR),
             secret_access_key=dg.EnvVar(SECRET_KEY_VAR),
         ),
-        "state": LocalStateResource(home=str(settings.home)),
+        "state": LocalStateResource(home=str(settings.home), cache=str(settings.cache_dir)),
         "mlflow": MlflowResource(tracking_uri=settings.mlflow_uri, model_name=settings.model_name),
         "training": TrainingResource(mode=os.environ.get("SKULENS_TRAINING_MODE", "local")),
         "dvc": DvcResource(

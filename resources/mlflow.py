@@ -20,3 +20,9 @@ class MlflowResource(dg.ConfigurableResource):
         from mlflow.tracking import MlflowClient
 
         return MlflowClient(self.tracking_uri)
+
+    def store(self, cache_dir) -> "ModelStore":  # noqa: F821 - lazily imported
+        """The one model loader/cache (skulens.model_store) for this registry, caching under ``cache_dir``."""
+        from skulens.model_store import ModelStore
+
+        return ModelStore(cache_dir, self.tracking_uri, self.model_name)

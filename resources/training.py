@@ -24,17 +24,27 @@ class TrainingResource(dg.ConfigurableResource):
     k8s_gpu_node_selector: dict = Field(default={"nvidia.com/gpu.present": "true"},
                                         description="k8s mode: node selector of the GPU node pool")
     k8s_gpus: int = Field(default=1, description="k8s mode: nvidia.com/gpu limit of the pod")
+    work_dir: str | None = Field(default=None, description="pipes mode: working directory of the training "
+                                 "process (checkpoints, fetched dataset); default: a folder in the state home")
 
     def train(self, context: dg.AssetExecutionContext, request: dict) -> dict:
+        """Run the training request. Outside the run's own process the request carries no local
+        path: the dataset travels as an S3 bundle (``dataset``) and the encoder comes back as an
+        MLflow URI plus sha256, so the process may run on another machine."""
         request = {**request, "device": self.device}
         if self.mode == "local":
             return self._local(context, request)
-        return self._pipes(context, request)
+        remote = {k: v for k, v in request.items() if k not in ("balanced_dir", "clean_dir", "out_dir")}
+        remote["out_dir"] = "skulens-train/current"  # relative to the training process's working directory
+        if not remote.get("dataset"):
+            raise dg.Failure(f"training mode {self.mode!r} needs the dataset bundle in S3 (balanced_dataset's "
+                             "'bundle'); re-materialize balanced_dataset")
+        return self._pipes(context, remote)
 
     def pipes_client_and_kwargs(self) -> tuple:
         """The Pipes client for this mode and the extra run() arguments it needs."""
         if self.mode == "pipes":
-            return dg.PipesSubprocessClient(), {"command": [self.python, "-m", "resources.pipes_train"]}
+            return dg.PipesSubprocessClient(cwd=self.work_dir), {"command": [self.python, "-m", "resources.pipes_train"]}
         try:
             from dagster_k8s import PipesK8sClient
         except ImportError as exc:

@@ -27,21 +27,30 @@ def _client(settings: Settings):
 
 
 def _load_recognizer(settings: Settings, device: str, reload_interval_s: float = 30.0, warmup: bool = False):
+    from botocore.exceptions import BotoCoreError, ClientError
+
     from skulens.index import NoIndexPublished
+    from skulens.model_store import ModelStore, ModelUnavailable
     from skulens.recognize import Recognizer
 
     try:
         client = _client(settings)
     except RuntimeError as exc:  # missing S3 keys
         raise click.ClickException(str(exc)) from exc
+    store = ModelStore(settings.cache_dir / "models", settings.mlflow_uri, settings.model_name)
     try:
         rec = Recognizer.from_services(settings.mlflow_uri, settings.model_name, client, settings.bucket,
                                        cache_dir=settings.cache_dir / "recognize", device=device,
-                                       reload_interval_s=reload_interval_s)
+                                       reload_interval_s=reload_interval_s, store=store)
     except NoIndexPublished as exc:
         raise click.ClickException(f"no SKU index published yet ({exc}): run the pipeline first (skulens run)") from exc
+    except ModelUnavailable as exc:
+        raise click.ClickException(str(exc)) from exc
     except LookupError as exc:
         raise click.ClickException(f"{exc}: no champion model registered yet; run the pipeline first") from exc
+    except (BotoCoreError, ClientError) as exc:
+        raise click.ClickException(f"the S3 store at {settings.s3_endpoint} did not answer ({type(exc).__name__}: "
+                                   f"{exc}); start it with `skulens services up`") from exc
     if warmup:  # the first forward pass pays lazy initialisation: not the first request's bill
         from PIL import Image
 

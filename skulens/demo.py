@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 
+from skulens.augment import perspective_coeffs
+
 CATEGORIES = {
     "cereal": "box",
     "drinks": "bottle",
@@ -155,24 +157,21 @@ def render_packshot(p: Product, size: int = 256, view: int = 0, rng: random.Rand
     return im
 
 
-def _perspective_coeffs(src, dst):
-    a = []
-    for (x, y), (u, v) in zip(dst, src):
-        a.append([x, y, 1, 0, 0, 0, -u * x, -u * y])
-        a.append([0, 0, 0, x, y, 1, -v * x, -v * y])
-    b = np.array(src, dtype=float).reshape(8)
-    return np.linalg.solve(np.array(a, dtype=float), b).tolist()
-
-
 def shelfify(im: Image.Image, rng: random.Random, out_size: int | None = None) -> Image.Image:
-    """Make a packshot look like a shelf crop: perspective, light, blur, occlusion, noise, small."""
+    """Make a packshot look like a shelf crop: perspective, light, blur, occlusion, noise, small.
+
+    A data *simulator* for the demo set (stdlib ``random``, stronger than
+    :func:`skulens.augment.shelf_augment`); the perspective step uses the shared
+    :func:`skulens.augment.perspective_coeffs`.
+    """
     w, h = im.size
     j = 0.12
-    dst = [(rng.uniform(0, j) * w, rng.uniform(0, j) * h), (w - rng.uniform(0, j) * w, rng.uniform(0, j) * h),
-           (w - rng.uniform(0, j) * w, h - rng.uniform(0, j) * h), (rng.uniform(0, j) * w, h - rng.uniform(0, j) * h)]
+    # the packshot rectangle is shrunk onto a jittered quad of the output (shelf colour around it)
+    quad = [(rng.uniform(0, j) * w, rng.uniform(0, j) * h), (w - rng.uniform(0, j) * w, rng.uniform(0, j) * h),
+            (w - rng.uniform(0, j) * w, h - rng.uniform(0, j) * h), (rng.uniform(0, j) * w, h - rng.uniform(0, j) * h)]
     shelf_bg = tuple(int(c) for c in (rng.randint(150, 210), rng.randint(150, 200), rng.randint(140, 190)))
-    im = im.transform((w, h), Image.PERSPECTIVE, _perspective_coeffs([(0, 0), (w, 0), (w, h), (0, h)], dst),
-                      resample=Image.BICUBIC, fillcolor=shelf_bg)
+    coeffs = perspective_coeffs(dst=quad, src=[(0, 0), (w, 0), (w, h), (0, h)])  # output quad -> input corners
+    im = im.transform((w, h), Image.PERSPECTIVE, coeffs, resample=Image.BICUBIC, fillcolor=shelf_bg)
     # white packshot background -> shelf colour
     arr = np.asarray(im).astype(np.int16)
     white = (arr > 245).all(axis=2)

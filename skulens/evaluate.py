@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageEnhance, ImageFilter
 
+from skulens.augment import shelf_augment  # noqa: F401  (also re-exported for existing callers)
 from skulens.index import SkuIndex
 
 
@@ -144,57 +144,6 @@ def evaluate(
 
 
 # ====================================================================== RetailKLIP gallery
-def shelf_augment(img: Image.Image, rng: np.random.Generator) -> Image.Image:
-    """Mild, deterministic (given ``rng``) shelf-like distortion of a clean catalog image.
-
-    Simulates what a shelf crop looks like compared to a packshot: loose/tight crop box, slight
-    rotation and perspective, lighting and white-balance shifts, low resolution / blur, and a
-    shelf-coloured margin. Keeps the product recognisable (no flips: text and logos matter).
-    """
-    img = img.convert("RGB")
-    w, h = img.size
-    # 1. crop box jitter: keep 80-100% of each side, random offset
-    sx, sy = rng.uniform(0.8, 1.0), rng.uniform(0.8, 1.0)
-    cw, ch = max(1, int(w * sx)), max(1, int(h * sy))
-    x0, y0 = int(rng.uniform(0, w - cw + 1e-9)), int(rng.uniform(0, h - ch + 1e-9))
-    img = img.crop((x0, y0, x0 + cw, y0 + ch))
-    # 2. small perspective (camera not facing the shelf squarely) + rotation, shelf-grey fill
-    fill = tuple(int(v) for v in rng.integers(60, 200, size=3))
-    w, h = img.size
-    d = 0.06
-    src = [(rng.uniform(0, d) * w, rng.uniform(0, d) * h), (w - rng.uniform(0, d) * w, rng.uniform(0, d) * h),
-           (w - rng.uniform(0, d) * w, h - rng.uniform(0, d) * h), (rng.uniform(0, d) * w, h - rng.uniform(0, d) * h)]
-    dst = [(0, 0), (w, 0), (w, h), (0, h)]
-    img = img.transform((w, h), Image.Transform.PERSPECTIVE, _perspective_coeffs(dst, src),
-                        resample=Image.Resampling.BILINEAR, fillcolor=fill)
-    img = img.rotate(float(rng.uniform(-6, 6)), resample=Image.Resampling.BILINEAR, expand=False, fillcolor=fill)
-    # 3. lighting: brightness / contrast / saturation and a white-balance cast
-    img = ImageEnhance.Brightness(img).enhance(float(rng.uniform(0.7, 1.2)))
-    img = ImageEnhance.Contrast(img).enhance(float(rng.uniform(0.75, 1.15)))
-    img = ImageEnhance.Color(img).enhance(float(rng.uniform(0.85, 1.15)))
-    cast = rng.uniform(0.95, 1.05, size=3)  # mild: sibling SKUs often differ only by colour
-    arr = np.clip(np.asarray(img, dtype=np.float32) * cast[None, None, :], 0, 255).astype(np.uint8)
-    img = Image.fromarray(arr, "RGB")
-    # 4. resolution: shelf crops are small; downscale then upscale, sometimes blur
-    scale = float(rng.uniform(0.35, 1.0))
-    small = (max(8, int(w * scale)), max(8, int(h * scale)))
-    img = img.resize(small, Image.Resampling.BILINEAR).resize((w, h), Image.Resampling.BILINEAR)
-    if rng.random() < 0.3:
-        img = img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.3, 1.2))))
-    return img
-
-
-def _perspective_coeffs(dst, src) -> list[float]:
-    """Coefficients for PIL's PERSPECTIVE transform mapping output points ``dst`` to input ``src``."""
-    a = []
-    b = []
-    for (x, y), (u, v) in zip(dst, src):
-        a.append([x, y, 1, 0, 0, 0, -u * x, -u * y])
-        a.append([0, 0, 0, x, y, 1, -v * x, -v * y])
-        b.extend([u, v])
-    return np.linalg.solve(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)).tolist()
-
-
 _PATH_COLUMNS = ("path", "image_path", "local_path", "file", "image")
 
 
@@ -218,9 +167,9 @@ def retailklip_gallery(
     batch_size: int = 64,
 ) -> SkuIndex:
     """RetailKLIP variant gallery: for each SKU take one catalog image (the first by path order) and
-    embed it plus ``n_aug`` shelf-like augmentations (:func:`shelf_augment`, seeded per SKU so the
-    result does not depend on catalog order). Returns an :class:`SkuIndex` with ``1 + n_aug`` rows
-    per SKU; row keys are ``<image key>`` and ``<image key>#aug<i>``.
+    embed it plus ``n_aug`` shelf-like augmentations (:func:`skulens.augment.shelf_augment`, seeded
+    per SKU so the result does not depend on catalog order). Returns an :class:`SkuIndex` with
+    ``1 + n_aug`` rows per SKU; row keys are ``<image key>`` and ``<image key>#aug<i>``.
 
     ``catalog_df`` has a ``sku`` column and a local image path column (``image_col``, or the first of
     path/image_path/local_path/file/image); ``key_col`` (if present) is the S3 key recorded per row.

@@ -204,12 +204,9 @@ def report_metrics(report: EvalReport) -> dict:
     return out
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+
+
+from skulens.model_store import file_sha256  # noqa: E402 - one checksum helper for every artifact
 
 
 def _seeded(seed: int):
@@ -223,9 +220,7 @@ def evaluate_all(
     crops: pd.DataFrame,
     catalog: pd.DataFrame,
     products: pd.DataFrame | None,
-    tracking_uri: str | None,
-    model_name: str | None,
-    work_dir: str | os.PathLike,
+    store=None,
     k: int = 5,
     n_aug: int = 8,
     aug_seed: int = 0,
@@ -237,7 +232,8 @@ def evaluate_all(
     cache_dir: str | os.PathLike | None = None,
     echo: Echo = _noop,
 ) -> dict:
-    """Evaluate the challenger (file), the current champion (MLflow alias, if any) and the
+    """Evaluate the challenger (file), the current champion (``store``: a
+    :class:`skulens.model_store.ModelStore`; its ``champion`` alias, if any) and the
     un-fine-tuned base tower (``create_encoder`` with the spec stored in the challenger's file, so
     the same architecture, input size and preprocessing; torch seeded with ``base_seed`` so a
     randomly initialised tower equals the challenger's starting point) on the same crops and galleries.
@@ -258,7 +254,6 @@ def evaluate_all(
                          "or shelf/photos/ + shelf/boxes.csv")
     if len(catalog) == 0:
         raise ValueError("the cleaned catalog has no images")
-    work_dir = Path(work_dir)
     cache = EmbeddingCache(cache_dir) if cache_dir is not None else None
     kw = {"k": k, "n_aug": n_aug, "aug_seed": aug_seed, "batch_size": batch_size, "cache": cache}
     challenger_sha = file_sha256(challenger_path)
@@ -286,15 +281,13 @@ def evaluate_all(
     run("challenger", challenger, None, challenger_sha)
     del challenger
 
-    if include_champion and tracking_uri and model_name:
-        from skulens.registry import download_version, get_champion
-
-        champ = get_champion(tracking_uri, model_name)
-        if champ is not None:
-            version = champ[0]
+    if include_champion and store is not None:
+        ref = store.champion()
+        if ref is not None:
+            version = ref.version
             out["champion_version"] = version
             try:
-                path, _ = download_version(tracking_uri, model_name, version, work_dir / "models")
+                path = store.path(ref)
                 sha = file_sha256(path)
                 if sha == challenger_sha:  # same weights (e.g. a resumed, finished training): same numbers
                     same = out["models"]["challenger"]
@@ -302,7 +295,7 @@ def evaluate_all(
                                         "seconds": 0.0, "crops_per_s": same["crops_per_s"]}, version,
                            " (same weights as the challenger)")
                 else:
-                    run("champion", load_encoder(path, device=device), version, sha)
+                    run("champion", store.encoder(ref, device=device), version, sha)
             except Exception as e:  # noqa: BLE001 - reported; the decision keeps the champion
                 out["champion_error"] = f"{type(e).__name__}: {e}"[:500]
                 echo(f"champion v{version} could not be evaluated: {out['champion_error']}")
@@ -505,19 +498,20 @@ def register_and_decide(
     """
     from skulens.registry import decide_promotion, get_champion, log_and_register, promote
 
+    encoder_path = trained["encoder_path"]  # the verified local copy (ModelStore.fetch of encoder_uri)
     sha = evaluation.get("challenger_sha256")
-    if sha and file_sha256(trained["encoder_path"]) != sha:
-        raise RuntimeError(f"{trained['encoder_path']} changed since it was evaluated (another training run?): "
+    if sha and file_sha256(encoder_path) != sha:
+        raise RuntimeError(f"{encoder_path} changed since it was evaluated (another training run?): "
                            "re-run model_evaluation before registering")
     if gallery not in evaluation["models"]["challenger"]["metrics"]:
         raise ValueError(f"gallery {gallery!r} was not evaluated; one of {list(evaluation['models']['challenger']['metrics'])}")
     eval_set = evaluation["eval_set"]
     challenger = {**evaluation["models"]["challenger"]["metrics"][gallery], "eval_set": eval_set}
-    spec, cfg = saved_spec(trained["encoder_path"]) or trained.get("spec") or {}, trained.get("train_config") or {}
+    spec, cfg = saved_spec(encoder_path) or trained.get("spec") or {}, trained.get("train_config") or {}
     params = {**{f"model.{k}": v for k, v in spec.items()}, **{f"train.{k}": v for k, v in cfg.items()},
               "eval.gallery": gallery, "eval.metric": metric, "eval.k": evaluation.get("k")}
     version = log_and_register(
-        tracking_uri, model_name, trained["encoder_path"],
+        tracking_uri, model_name, encoder_path,
         metrics=registration_metrics(trained, evaluation, gallery), params=params,
         tags={**training_run_tags(tracking_uri, trained.get("mlflow_run_id")),
               "run_name": f"register-{spec.get('name', 'encoder')}", "skulens.stage": "register", **(tags or {})},
@@ -570,33 +564,37 @@ def register_and_decide(
 
 # ====================================================================== index
 def build_champion_index(
-    tracking_uri: str,
-    model_name: str,
+    store,
     catalog: pd.DataFrame,
-    work_dir: str | os.PathLike,
     device: str = "cpu",
     batch_size: int = 64,
     meta: dict | None = None,
     sources: dict | None = None,
     cache_dir: str | os.PathLike | None = None,
 ) -> tuple[SkuIndex, str]:
-    """Embed every cleaned catalog image with the current ``champion``: ``(index, version)``.
+    """Embed every cleaned catalog image with the current ``champion`` of ``store`` (a
+    :class:`skulens.model_store.ModelStore`): ``(index, version)``. The index meta names the model by
+    version, sha256 and URI, so readers load it from their cache without the registry.
 
     ``sources`` ({catalog key: etag} of every file the cleaning looked at, kept or dropped) is stored
     in the index meta so that the incremental index update (:mod:`skulens.automation`) only embeds
     SKUs that changed after this build."""
     from skulens.automation import SOURCES_META
-    from skulens.models.io import load_encoder
-    from skulens.registry import download_champion
 
     if len(catalog) == 0:
         raise ValueError("the cleaned catalog has no images to index")
-    path, version = download_champion(tracking_uri, model_name, Path(work_dir) / "models")
-    encoder = load_encoder(path, device=device)
+    ref = store.champion()
+    if ref is None:
+        raise LookupError(f"registered model {store.model_name!r} has no 'champion' alias")
+    path = store.path(ref)
+    sha = file_sha256(path)
+    encoder = store.encoder(ref, device=device)
+    version = ref.version
     cache = EmbeddingCache(cache_dir) if cache_dir is not None else None
     index = catalog_index(encoder, catalog, model_version=version, batch_size=batch_size,
-                          cache=cache, encoder_sha=file_sha256(path) if cache is not None else None,
-                          meta={"model_name": model_name, "source": "catalog", **(meta or {}),
+                          cache=cache, encoder_sha=sha if cache is not None else None,
+                          meta={"model_name": store.model_name, "model_sha256": sha, "model_uri": ref.uri,
+                                "source": "catalog", **(meta or {}),
                                 **({SOURCES_META: dict(sources)} if sources is not None else {})})
     return index, version
 
@@ -616,7 +614,7 @@ def publish_if_changed(client, bucket: str, index: SkuIndex, prefix: str = "inde
 
 
 # ====================================================================== ONNX
-def export_champion_onnx(tracking_uri: str, model_name: str, work_dir: str | os.PathLike,
+def export_champion_onnx(store, work_dir: str | os.PathLike,
                          opset: int = 17, atol: float = 1e-4, artifact_path: str = "onnx") -> dict:
     """Export the champion encoder to ONNX (parity-checked with onnxruntime) and log the file to the
     champion version's MLflow run under ``artifact_path/`` (once per version: an existing file is
@@ -624,18 +622,15 @@ def export_champion_onnx(tracking_uri: str, model_name: str, work_dir: str | os.
     from mlflow import MlflowClient
 
     from skulens.export import export_onnx
-    from skulens.models.io import load_encoder
-    from skulens.registry import CHAMPION, download_version
 
     work_dir = Path(work_dir)
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    try:
-        mv = client.get_model_version_by_alias(model_name, CHAMPION)
-    except Exception as e:  # MlflowException: no such alias / model
-        raise LookupError(f"registered model {model_name!r} has no '{CHAMPION}' alias") from e
-    version, run_id = str(mv.version), mv.run_id
-    path, _ = download_version(tracking_uri, model_name, version, work_dir / "models")
-    encoder = load_encoder(path, device="cpu")
+    model_name = store.model_name
+    client = MlflowClient(tracking_uri=store.tracking_uri, registry_uri=store.tracking_uri)
+    ref = store.champion()
+    if ref is None:
+        raise LookupError(f"registered model {model_name!r} has no 'champion' alias")
+    version, run_id = ref.version, ref.run_id
+    encoder = store.encoder(ref, device="cpu")
     name = f"encoder-v{version}.onnx"
     info = export_onnx(encoder, work_dir / "onnx" / name, opset=opset, atol=atol)
     existing = {Path(f.path).name for f in client.list_artifacts(run_id, artifact_path)}

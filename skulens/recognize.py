@@ -4,7 +4,12 @@
 a whole when the published index changes, so a request never mixes an index with a model that did
 not build it. The change check is a HEAD of ``index/CURRENT.json`` (its ETag), at most once per
 ``reload_interval_s``; when the new index was built by another model version, that version's
-encoder is downloaded from the registry before the swap.
+encoder is loaded before the swap.
+
+Models come from :class:`skulens.model_store.ModelStore`: the index names the model that built it
+(version and sha256), so a model used once before loads from the local cache with the MLflow server
+down; only a model that is not cached needs the registry, and then the store fails within seconds
+with one clear line (:class:`skulens.model_store.ModelUnavailable`) instead of retrying for minutes.
 """
 
 from __future__ import annotations
@@ -43,8 +48,7 @@ class _Source:
     bucket: str
     prefix: str
     cache_dir: Path
-    tracking_uri: str | None
-    model_name: str | None
+    store: object | None  # skulens.model_store.ModelStore, or None (a fixed encoder, no registry)
     products_key: str | None
     device: str
 
@@ -118,14 +122,19 @@ class Recognizer:
         products_key: str | None = "catalog/products.csv",
         device: str = "cpu",
         reload_interval_s: float = 30.0,
+        store=None,
     ) -> Recognizer:
-        """Load the published index (``CURRENT.json``) and the encoder version that built it from
-        the MLflow registry (the ``champion`` if the index records no model version)."""
+        """Load the published index (``CURRENT.json``) and the encoder version that built it
+        (the ``champion`` if the index records no model version) through ``store`` (default: a
+        :class:`~skulens.model_store.ModelStore` on ``tracking_uri`` caching in ``cache_dir/models``)."""
+        from skulens.model_store import ModelStore
+
         cache_dir = Path(cache_dir) if cache_dir is not None else Path(tempfile.mkdtemp(prefix="skulens-rec-"))
-        src = _Source(s3_client, bucket, prefix, cache_dir, tracking_uri, model_name, products_key, device)
+        store = store if store is not None else ModelStore(cache_dir / "models", tracking_uri, model_name)
+        src = _Source(s3_client, bucket, prefix, cache_dir, store, products_key, device)
         etag = pointer_etag(s3_client, bucket, prefix)
         index, pointer = load_current(s3_client, bucket, prefix, cache_dir / "index")
-        encoder, mv = cls._encoder_for(src, index.model_version)
+        encoder, mv = cls._encoder_for(src, index)
         products = _read_products(s3_client, bucket, products_key)
         return cls(encoder, index, products, model_version=mv, index_version=pointer["version"],
                    reload_interval_s=reload_interval_s, _source=src, _etag=pointer.get("etag") or etag)
@@ -145,7 +154,7 @@ class Recognizer:
         """Serve a given encoder with the published index; no registry. Reloads follow new index
         versions built by the same model version only (others are refused and logged)."""
         cache_dir = Path(cache_dir) if cache_dir is not None else Path(tempfile.mkdtemp(prefix="skulens-rec-"))
-        src = _Source(s3_client, bucket, prefix, cache_dir, None, None, products_key, "cpu")
+        src = _Source(s3_client, bucket, prefix, cache_dir, None, products_key, "cpu")
         etag = pointer_etag(s3_client, bucket, prefix)
         index, pointer = load_current(s3_client, bucket, prefix, cache_dir / "index")
         products = _read_products(s3_client, bucket, products_key)
@@ -153,21 +162,19 @@ class Recognizer:
                    reload_interval_s=reload_interval_s, _source=src, _etag=pointer.get("etag") or etag)
 
     @staticmethod
-    def _encoder_for(src: _Source, model_version: str | None):
-        from skulens.models.io import load_encoder
-        from skulens.registry import download_champion, download_version, get_champion
-
-        if src.tracking_uri is None or src.model_name is None:
+    def _encoder_for(src: _Source, index: SkuIndex):
+        """The encoder that built ``index``: by the version and sha256 its meta records (cache
+        first), or the champion for an index that records no version."""
+        store = src.store
+        if store is None:
             raise RuntimeError("no model registry configured")
-        dst = src.cache_dir / "models"
-        if model_version is None:
-            path, version = download_champion(src.tracking_uri, src.model_name, dst)
+        if index.model_version is None:
+            ref = store.champion(offline_ok=True)
+            if ref is None:
+                raise LookupError(f"registered model {store.model_name!r} has no 'champion' alias")
         else:
-            champ = get_champion(src.tracking_uri, src.model_name)
-            if champ is not None and champ[0] != str(model_version):
-                log.warning("serving index of model version %s while champion is %s", model_version, champ[0])
-            path, version = download_version(src.tracking_uri, src.model_name, model_version, dst)
-        return load_encoder(path, device=src.device), version
+            ref = store.version(index.model_version, sha256=index.meta.get("model_sha256"))
+        return store.encoder(ref, device=src.device), ref.version
 
     # ------------------------------------------------------------------ properties
     @property
@@ -215,7 +222,7 @@ class Recognizer:
                     return False
                 encoder, mv = state.encoder, state.model_version
                 if index.model_version is not None and str(index.model_version) != state.model_version:
-                    encoder, mv = self._encoder_for(src, index.model_version)
+                    encoder, mv = self._encoder_for(src, index)
                     encoder.eval()
                 if len(index) and int(getattr(encoder, "embed_dim", index.embed_dim)) != index.embed_dim:
                     raise ValueError(f"encoder dim {encoder.embed_dim} != index dim {index.embed_dim}")

@@ -7,7 +7,8 @@ Registry stages are deprecated since MLflow 2.9; this module only uses aliases:
 * ``previous-champion`` - the champion before the last promotion (for rollback).
 
 The encoder file(s) are logged as plain run artifacts under ``encoder/`` (the file written by
-``skulens.models.io.save_encoder``); loading them needs no network access besides the MLflow server.
+``skulens.models.io.save_encoder``); each version is tagged with the file's sha256 and URI, and
+:class:`skulens.model_store.ModelStore` is the one place that downloads, verifies and caches them.
 Secrets never go to MLflow: parameter, tag and lineage keys that look like credentials are dropped and
 URLs with embedded credentials are redacted.
 """
@@ -153,6 +154,11 @@ def log_and_register(
     source = f"{run.info.artifact_uri.rstrip('/')}/{ARTIFACT_DIR}"
     version_tags = {**{f"lineage.{k}": v for k, v in safe_lineage.items()},
                     "skulens.encoder_file": encoder_path.name if encoder_path.is_file() else ""}
+    if encoder_path.is_file():  # what skulens.model_store needs to fetch and verify it anywhere
+        from skulens.model_store import SHA_TAG, URI_TAG, file_sha256
+
+        version_tags[SHA_TAG] = file_sha256(encoder_path)
+        version_tags[URI_TAG] = f"{source}/{encoder_path.name}"
     mv = client.create_model_version(model_name, source=source, run_id=run_id, tags=version_tags)
     client.set_registered_model_alias(model_name, CHALLENGER, mv.version)
     return str(mv.version)
@@ -267,42 +273,3 @@ def promote(tracking_uri: str, model_name: str, version: str, reason: str | None
     if reason:
         client.set_model_version_tag(model_name, version, "promotion_reason", _redact(reason)[:5000])
     return old_version
-
-
-def download_version(
-    tracking_uri: str, model_name: str, version: str, dst: str | os.PathLike
-) -> tuple[str, str]:
-    """Download the encoder artifact of ``version`` into ``dst``: ``(encoder_path, version)``.
-
-    ``encoder_path`` is the logged file (or the ``encoder/`` folder if a folder was logged), under
-    ``dst/v<version>/encoder/``.
-    """
-    client = _client(tracking_uri)
-    mv = client.get_model_version(model_name, str(version))
-    return _download(client, mv, dst)
-
-
-def _download(client, mv, dst) -> tuple[str, str]:
-    dst = Path(dst) / f"v{mv.version}"  # one folder per version: never mixes files of two versions
-    done = dst / ".complete"  # a model version's artifacts never change: a finished download is reused
-    if done.is_file() and Path(done.read_text()).exists():
-        return done.read_text(), str(mv.version)
-    dst.mkdir(parents=True, exist_ok=True)
-    local = Path(client.download_artifacts(mv.run_id, ARTIFACT_DIR, str(dst)))
-    fname = (mv.tags or {}).get("skulens.encoder_file")
-    if fname and (local / fname).is_file():
-        path = local / fname
-    else:
-        files = [p for p in local.iterdir() if not p.name.endswith(".json")] if local.is_dir() else [local]
-        path = files[0] if len(files) == 1 and files[0].is_file() else local
-    done.write_text(str(path))
-    return str(path), str(mv.version)
-
-
-def download_champion(tracking_uri: str, model_name: str, dst: str | os.PathLike) -> tuple[str, str]:
-    """Download the ``champion`` encoder: ``(encoder_path, version)``. Raises LookupError if none."""
-    client = _client(tracking_uri)
-    mv = _version_by_alias(client, model_name, CHAMPION)
-    if mv is None:
-        raise LookupError(f"registered model {model_name!r} has no '{CHAMPION}' alias")
-    return _download(client, mv, dst)

@@ -95,3 +95,13 @@ def client_for(settings) -> "object":
 
     load_local_env(settings)  # picks up keys `services up` may have just generated
     return make_client(settings.s3_endpoint, *s3_credentials(), region=settings.region)
+
+
+def client_from_env(endpoint: str | None = None, region: str | None = None):
+    """An S3 client from the environment alone (a training pod, a worker): ``endpoint``/``region``
+    default to the skulens settings (``SKULENS_S3_ENDPOINT``...), keys to ``SKULENS_S3_ACCESS_KEY_ID`` /
+    ``SKULENS_S3_SECRET_ACCESS_KEY`` (or ``$SKULENS_HOME/credentials.env``)."""
+    from skulens.settings import Settings, load_local_env, s3_credentials
+
+    settings = load_local_env(Settings.from_env())
+    return make_client(endpoint or settings.s3_endpoint, *s3_credentials(), region=region or settings.region)

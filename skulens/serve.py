@@ -116,7 +116,8 @@ def create_app(
             try:
                 rec = get_recognizer()
             except Exception as e:  # noqa: BLE001
-                return JSONResponse({"status": "unavailable", "error": f"{type(e).__name__}"}, status_code=503)
+                return JSONResponse({"status": "unavailable", "error": f"{type(e).__name__}",
+                                     "detail": str(e)[:500]}, status_code=503)
         rec.maybe_reload()
         return {"status": "ok", "model_version": rec.model_version, "index_version": rec.index_version,
                 "index_count": len(rec.index), "n_skus": len(rec.index.sku_list)}
@@ -180,7 +181,11 @@ def app_from_env():
     def factory():
         ak, sk = s3_credentials()
         client = make_client(settings.s3_endpoint, ak, sk, settings.region)
+        from skulens.model_store import ModelStore
+
         return Recognizer.from_services(settings.mlflow_uri, settings.model_name, client, settings.bucket,
-                                        settings.cache_dir / "serve")
+                                        settings.cache_dir / "serve",
+                                        store=ModelStore(settings.cache_dir / "models", settings.mlflow_uri,
+                                                         settings.model_name))
 
     return create_app(factory)

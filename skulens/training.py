@@ -1,8 +1,18 @@
 """One training run as a plain request -> result function, runnable in-process or in another process
 (Dagster Pipes: a subprocess here, a Kubernetes pod on a GPU node pool). No Dagster import.
 
-The request is JSON-serialisable: where the balanced dataset is, the model spec, the training
-config, where to write checkpoints, and the MLflow run to log into.
+The request is JSON-serialisable and holds no local path another machine could not open:
+
+* ``dataset``: ``{uri, sha256}`` of the balanced training set in S3 (:mod:`skulens.bundles`), fetched
+  and verified into ``out_dir``; ``s3_endpoint`` says where (keys come from the environment:
+  ``SKULENS_S3_ACCESS_KEY_ID`` / ``SKULENS_S3_SECRET_ACCESS_KEY``). In-process training may pass
+  ``balanced_dir`` / ``clean_dir`` instead (the same machine: no copy).
+* ``spec``, ``config``: the model and the training knobs; ``out_dir``: checkpoints (relative to the
+  process's working directory when relative), so a restarted process resumes.
+* ``mlflow_uri``, ``mlflow_run_id``: the run to log into; the trained encoder is uploaded to it as
+  ``encoder/encoder.pt`` and the result names it by URI and sha256 (``encoder_uri``,
+  ``encoder_sha256``): later assets load it with :class:`skulens.model_store.ModelStore`, wherever
+  they run. Without MLflow (benchmarks) ``encoder_uri`` is the local file.
 """
 
 from __future__ import annotations
@@ -69,22 +79,29 @@ def run_training(request: dict, echo: Callable[[str], None] | None = None) -> di
     from skulens.models.factory import ModelSpec
     from skulens.train import TrainConfig, train
 
-    train_df, val_df = datasets.read_balanced(Path(request["balanced_dir"]), Path(request["clean_dir"]))
+    out_dir = Path(request.get("out_dir") or "skulens-train").resolve()
+    train_df, val_df = datasets.read_balanced(*_dataset_dirs(request, out_dir))
     spec = ModelSpec.from_dict(request["spec"])
     cfg = TrainConfig(**request["config"])
     log_fn = None
     if request.get("mlflow_uri") and request.get("mlflow_run_id"):
         log_fn = MlflowStepLogger(request["mlflow_uri"], request["mlflow_run_id"], echo=echo)
     t0 = time.perf_counter()
-    result = train(train_df, val_df, spec, cfg, out_dir=request["out_dir"], log_fn=log_fn,
+    result = train(train_df, val_df, spec, cfg, out_dir=out_dir, log_fn=log_fn,
                    progress=request.get("progress", True), device=request.get("device"), resume=True)
     if log_fn:
         log_fn.flush()
     final_spec = _restore_eval_size(result.encoder_path, spec)
     val = [v for v in result.val_acc if v is not None]
+    from skulens.model_store import file_sha256
+
+    sha = file_sha256(result.encoder_path)
+    uri = str(result.encoder_path)
+    if request.get("mlflow_uri") and request.get("mlflow_run_id"):
+        uri = upload_encoder(request["mlflow_uri"], request["mlflow_run_id"], result.encoder_path)
     return {
-        "encoder_path": str(result.encoder_path),
-        "checkpoint_path": str(result.checkpoint_path),
+        "encoder_uri": uri,
+        "encoder_sha256": sha,
         "steps": int(result.steps),
         "val_acc_before": result.val_acc_before,
         "val_acc": val[-1] if val else None,
@@ -97,3 +114,32 @@ def run_training(request: dict, echo: Callable[[str], None] | None = None) -> di
         "balanced_rows": int(result.extra["balanced_rows"]),
         "augmented_rows": int(result.extra["augmented_rows"]),
     }
+
+
+def _dataset_dirs(request: dict, out_dir: Path) -> tuple[Path, Path]:
+    """(balanced_dir, clean_dir): the local folders when given and present, else the fetched bundle."""
+    local = request.get("balanced_dir"), request.get("clean_dir")
+    if all(local) and Path(local[0]).is_dir() and Path(local[1]).is_dir():
+        return Path(local[0]), Path(local[1])
+    ds = request.get("dataset") or {}
+    if not ds.get("uri") or not ds.get("sha256"):
+        raise ValueError("the training request names no dataset this process can read: give dataset={uri, sha256} "
+                         "(an S3 bundle from the balanced_dataset asset) or local balanced_dir/clean_dir")
+    from skulens import bundles
+    from skulens.s3 import client_from_env
+
+    client = client_from_env(request.get("s3_endpoint"), request.get("s3_region"))
+    return bundles.fetch(client, ds["uri"], ds["sha256"], out_dir / "datasets")
+
+
+def upload_encoder(tracking_uri: str, run_id: str, encoder_path) -> str:
+    """Log the encoder file and its spec sidecar to the run under ``encoder/``: its ``runs:/`` URI."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    encoder_path = Path(encoder_path)
+    client.log_artifact(run_id, str(encoder_path), "encoder")
+    side = encoder_path.with_name(encoder_path.name + ".json")
+    if side.is_file():
+        client.log_artifact(run_id, str(side), "encoder")
+    return f"runs:/{run_id}/encoder/{encoder_path.name}"

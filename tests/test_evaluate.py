@@ -7,13 +7,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from skulens.augment import perspective_coeffs, shelf_augment
 from skulens.evaluate import (
     EvalReport,
     evaluate,
     plot_confusions,
     plot_per_sku,
     retailklip_gallery,
-    shelf_augment,
 )
 from skulens.index import SkuIndex
 
@@ -175,3 +175,38 @@ def test_shelf_augment_is_mild_and_seeded():
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     diff = np.abs(np.asarray(a.resize(img.size), np.float32) - np.asarray(img, np.float32)).mean()
     assert 1.0 < diff < 80.0
+
+
+def test_shelf_augment_still_importable_from_evaluate():
+    from skulens import evaluate
+
+    assert evaluate.shelf_augment is shelf_augment
+
+
+def test_perspective_coeffs_maps_output_corners_to_input_corners():
+    dst = [(0, 0), (100, 0), (100, 60), (0, 60)]  # output corners
+    src = [(7.5, 3.0), (91.0, 9.0), (96.0, 55.5), (2.0, 50.0)]  # input corners they must sample
+    a, b, c, d, e, f, g, h = perspective_coeffs(dst, src)
+    for (x, y), (u, v) in zip(dst, src):
+        den = g * x + h * y + 1
+        assert (a * x + b * y + c) / den == pytest.approx(u, abs=1e-9)
+        assert (d * x + e * y + f) / den == pytest.approx(v, abs=1e-9)
+    # the rectangle onto itself is the identity
+    np.testing.assert_allclose(perspective_coeffs(dst, dst), [1, 0, 0, 0, 1, 0, 0, 0], atol=1e-12)
+
+
+def test_shelf_augment_strength_zero_is_identity():
+    img = _product_image(4)
+    for src in (img, img.convert("L"), img.convert("RGBA")):
+        out = shelf_augment(src, np.random.default_rng(3), strength=0)
+        assert out.mode == "RGB" and out.size == src.size
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(src.convert("RGB")))
+    # weaker strength distorts less than the default; negative strength is rejected
+    weak = shelf_augment(img, np.random.default_rng(5), strength=0.3)
+    full = shelf_augment(img, np.random.default_rng(5))
+    ref = np.asarray(img, np.float32)
+    d_weak = np.abs(np.asarray(weak.resize(img.size), np.float32) - ref).mean()
+    d_full = np.abs(np.asarray(full.resize(img.size), np.float32) - ref).mean()
+    assert 0 < d_weak < d_full
+    with pytest.raises(ValueError):
+        shelf_augment(img, np.random.default_rng(0), strength=-1)

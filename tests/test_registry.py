@@ -10,7 +10,6 @@ import pytest
 
 from skulens.registry import (
     decide_promotion,
-    download_champion,
     get_champion,
     log_and_register,
     promote,
@@ -110,12 +109,17 @@ def test_champion_lifecycle_on_real_mlflow(mlflow_server, saved_encoder, tmp_pat
 
     from skulens.models import load_encoder
 
-    local, version = download_champion(uri, name, tmp_path / "dl")
-    assert version == "3" and local.endswith("encoder.pt")
-    assert Path(local + ".json").is_file()  # the spec sidecar travels with the weights
+    from skulens.model_store import ModelStore, file_sha256
+
+    store = ModelStore(tmp_path / "models", uri, name)
+    ref = store.champion()
+    assert ref.version == "3" and ref.sha256 == file_sha256(path)  # the version records its checksum
+    local = store.path(ref)
+    assert local.name == "encoder.pt" and local.parent.name == ref.sha256
+    assert Path(str(local) + ".json").is_file()  # the spec sidecar travels with the weights
     loaded = load_encoder(local)
     x = torch.randn(2, 3, enc.image_size, enc.image_size)
     with torch.inference_mode():
         np.testing.assert_allclose(loaded(x).numpy(), enc.eval()(x).numpy(), atol=1e-6)
-    with pytest.raises(LookupError):
-        download_champion(uri, f"{name}-none", tmp_path / "x")
+    assert store.path(store.version("3")) == local  # cached: the same file, no second download
+    assert ModelStore(tmp_path / "x", uri, f"{name}-none").champion() is None

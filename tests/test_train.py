@@ -8,8 +8,8 @@ test that loads the real EfficientNet-Lite0 ImageNet weights from site-packages 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 import os
+from pathlib import Path
 
 # Spinning OpenMP threads are very slow on a busy 2-core box (no effect if torch is already loaded).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -22,16 +22,35 @@ def test_trained_encoder_logs_to_mlflow(mode, s3, mlflow_server, demo_dir, dvc_r
     repo, bucket = dvc_repo
     importer.import_catalog(s3.client(), bucket, demo_dir / "catalog", progress=False)
     res = pipeline_resources(s3, bucket, repo, tmp_path / "state", mlflow_server.uri, training_mode=mode)
+    remote = tmp_path / "elsewhere"  # pipes: the training process's own working directory
+    if mode == "pipes":
+        from resources.training import TrainingResource
+
+        remote.mkdir()
+        res["training"] = TrainingResource(mode="pipes", device="cpu", work_dir=str(remote))
     run_config = dg.RunConfig(ops={"trained_encoder": training.TrainSettings(**TINY),
                                    "balanced_dataset": dataset_assets.BalanceSettings(depth=6)})
     result = dg.materialize(ASSETS, resources=res, instance=dagster_instance, run_config=run_config)
     assert result.success
     out = result.output_for_node("trained_encoder")
+    from skulens.model_store import ModelStore, file_sha256
     from skulens.models.io import load_encoder
 
-    enc = load_encoder(out["encoder_path"])
+    # the encoder crosses the asset boundary as an MLflow URI + sha256, never as a local path
+    assert "encoder_path" not in out
+    assert out["encoder_uri"].startswith(f"runs:/{out['mlflow_run_id']}/") and len(out["encoder_sha256"]) == 64
+    fetched = ModelStore(tmp_path / "fresh-cache", mlflow_server.uri).fetch(out["encoder_uri"], out["encoder_sha256"])
+    assert file_sha256(fetched) == out["encoder_sha256"]
+    enc = load_encoder(fetched)
     assert enc.spec.name == "tiny-test"
     assert out["dataset_version"]["clean_md5"]
+    bundle = result.output_for_node("balanced_dataset")["bundle"]
+    assert bundle["uri"].startswith(f"s3://{bucket}/artifacts/datasets/")
+    if mode == "pipes":  # it trained from the S3 bundle, in its own folder: nothing in the Dagster state folder
+        work = remote / "skulens-train" / "current"
+        assert (work / "checkpoint.pt").is_file()
+        assert (work / "datasets" / bundle["sha256"] / "balanced" / "train.parquet").is_file()
+        assert not (tmp_path / "state" / "training").exists()
 
     from mlflow.tracking import MlflowClient
 
