@@ -132,8 +132,12 @@ def run_bench(args, settings, mgr) -> None:
         time.sleep(1)
     print("sensor on; first tick's run finished")
 
+    from skulens.model_store import ModelStore
+
     rec = Recognizer.from_services(settings.mlflow_uri, settings.model_name, client, settings.bucket,
-                                   cache_dir=settings.home / "rec-cache", reload_interval_s=1.0)
+                                   cache_dir=settings.home / "rec-cache", reload_interval_s=1.0,
+                                   store=ModelStore(settings.cache_dir / "models", settings.mlflow_uri,
+                                                    settings.model_name))
     new_sku = f"sku{args.skus:06d}"
     img = synthetic_image(random.Random(12345))
     probe = settings.home / "probe.jpg"
