@@ -43,7 +43,7 @@ def write_snapshot() -> Path:
 
 def test_asset_graph_matches_snapshot():
     """Never writes the snapshot: a missing or stale snapshot fails (regenerate with `make snapshot`)."""
-    assert SNAPSHOT.is_file(), f"{SNAPSHOT.relative_to(ROOT)} is missing: run `make snapshot` and commit it"
+    assert SNAPSHOT.is_file(), f"{SNAPSHOT} is missing: run `make snapshot` and commit it"
     expected = json.loads(SNAPSHOT.read_text())
     assert _graph() == expected, "asset graph changed; if intended, run `make snapshot` and commit the diff"
 
