@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import dagster as dg
+import pandas as pd
 from pydantic import Field
 
 from resources import DvcResource, LocalStateResource, S3Resource
@@ -27,6 +28,7 @@ def balanced_dataset(context: dg.AssetExecutionContext, config: BalanceSettings,
     """Held-out validation split (equal per SKU) and a training set with exactly D rows per SKU,
     also packed as one content-addressed bundle in S3 for training on another machine."""
     kept = cleaned_catalog.kept
+    kept = bal.training_classes(kept)  # index-only SKUs (< min_images_per_sku images) are indexed, not trained on
     train_src, val = bal.split_validation(kept, per_sku=config.val_per_sku, seed=config.seed)
     depth = config.depth or bal.suggest_depth(train_src)
     train = bal.balance(train_src, depth, seed=config.seed)
@@ -35,15 +37,17 @@ def balanced_dataset(context: dg.AssetExecutionContext, config: BalanceSettings,
     tar, sha = bundles.pack(dvc.data_dir("balanced"), dvc.data_dir("clean"),
                             state.path("bundles") / "balanced.tar")
     bundle = bundles.publish(s3.client(), s3.bucket, tar, sha)
-    per_sku = train.groupby("sku").size()
-    context.log.info(f"balanced: {train['sku'].nunique()} SKUs x {depth} = {len(train)} rows "
+    per_sku = train.groupby("sku").size() if len(train) else pd.Series([0])
+    context.log.info(f"balanced: {train['sku'].nunique()} training SKUs x {depth} = {len(train)} rows "
                      f"({int(train['augment'].sum())} oversampled copies); validation {len(val)} images")
     return dg.MaterializeResult(
         value={"train": train, "val": val, "depth": depth,
                "bundle": {k: bundle[k] for k in ("uri", "sha256", "bytes")}},
-        metadata={"skus": int(train["sku"].nunique()), "depth": depth, "train_rows": len(train),
+        metadata={"skus": int(train["sku"].nunique()), "index_only_skus": int(
+                      cleaned_catalog.kept["sku"].nunique() - kept["sku"].nunique()),
+                  "depth": depth, "train_rows": len(train),
                   "oversampled_copies": int(train["augment"].sum()),
-                  "undersampled_skus": int((train_src.groupby("sku").size() > depth).sum()),
+                  "undersampled_skus": int((train_src.groupby("sku").size() > depth).sum()) if len(train_src) else 0,
                   "val_images": len(val), "bundle": bundle["uri"], "bundle_bytes": bundle["bytes"],
                   "bundle_uploaded": bundle["uploaded"], "rows_per_sku_min": int(per_sku.min()), "rows_per_sku_max": int(per_sku.max())},
     )

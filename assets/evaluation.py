@@ -37,6 +37,9 @@ class EvalSettings(dg.Config):
     include_champion: bool = Field(default=True, description="also score the current champion (if any)")
     batch_size: int = 64
     top_confusions: int = Field(default=8, description="confused pairs shown in the plot")
+    sparse_below: int = Field(default=pe.SPARSE_BELOW, description="catalog gallery: SKUs with fewer images get "
+                                                                   "shelf-like views, as in the published index")
+    sparse_views: int = Field(default=pe.SPARSE_VIEWS, description="shelf-like views per image of a sparse SKU")
 
 
 @dg.asset(group_name=GROUP, pool="gpu", kinds={"pytorch", "mlflow"})
@@ -50,22 +53,35 @@ def model_evaluation(context: dg.AssetExecutionContext, config: EvalSettings, tr
     catalog = pe.catalog_frame(cleaned_catalog.kept)
     device = pe.resolve_device(training.device)
     store = mlflow.store(state.cache_path("models"))
-    challenger = store.fetch(trained_encoder["encoder_uri"], trained_encoder["encoder_sha256"])
+    if len(crops) and not set(crops["sku"]) & set(catalog["sku"]):
+        raise dg.Failure(f"skulens error: none of the {crops['sku'].nunique()} SKUs of the shelf crops is in the cleaned "
+                         "catalog (e.g. " + ", ".join(sorted(set(crops["sku"]))[:3]) + "); upload their catalog "
+                         "images to catalog/images/<sku>/ or label the crops with catalog SKU ids")
+    skipped = not trained_encoder.get("encoder_uri")
+    if trained_encoder.get("skipped"):
+        context.log.warning(trained_encoder["reason"])
+    challenger = None if skipped else store.fetch(trained_encoder["encoder_uri"], trained_encoder["encoder_sha256"])
     ev = pe.evaluate_all(
-        str(challenger), crops, catalog, catalog_products, store,
+        str(challenger) if challenger else None, crops, catalog, catalog_products, store,
         k=config.k, n_aug=config.n_aug, aug_seed=config.aug_seed,
         base_seed=int((trained_encoder.get("train_config") or {}).get("seed") or 0),
         batch_size=config.batch_size, device=device, include_base=config.include_base,
         include_champion=config.include_champion, cache_dir=state.path("cache", "embeddings"),
-        echo=context.log.info,
+        echo=context.log.info, sparse_below=config.sparse_below, sparse_views=config.sparse_views,
+        base_spec=trained_encoder.get("spec") if skipped else None,
     )
+    unknown = sorted(set(crops["sku"]) - set(catalog["sku"]))
+    if unknown:
+        context.log.warning(f"{len(unknown)} shelf-crop SKU(s) are not in the catalog and cannot be recognized "
+                            f"(counted as errors): {', '.join(unknown[:10])}")
     if ev["champion_error"]:
         context.log.warning(f"champion not evaluated: {ev['champion_error']} (it will not be replaced)")
     files = pe.write_reports(ev, catalog, state.path("evaluation", context.run.run_id[:8]),
                              top_confusions=config.top_confusions)
-    run_id = trained_encoder["mlflow_run_id"]
-    pe.log_to_run(mlflow.tracking_uri, run_id, pe.flat_metrics(ev), files,
-                  tags={"eval_set": ev["eval_set"], "eval.champion_version": ev["champion_version"] or "none"})
+    run_id = trained_encoder.get("mlflow_run_id")
+    if run_id:
+        pe.log_to_run(mlflow.tracking_uri, run_id, pe.flat_metrics(ev), files,
+                      tags={"eval_set": ev["eval_set"], "eval.champion_version": ev["champion_version"] or "none"})
 
     m = ev["models"]
     meta = {
@@ -78,13 +94,17 @@ def model_evaluation(context: dg.AssetExecutionContext, config: EvalSettings, tr
         "per_sku_plot": dg.MetadataValue.md(pe.png_markdown(files["per_sku_png"], "Challenger per-SKU top-1")),
         "confusions_plot": dg.MetadataValue.md(pe.png_markdown(files["confusions_png"], "Challenger confused pairs")),
         "plots_dir": dg.MetadataValue.path(str(Path(files["per_sku_png"]).parent)),
-        "mlflow_run": _run_url(mlflow, run_id),
+        "training": trained_encoder.get("reason") or "fine-tuned",
+        "shelf_crop_skus_not_in_catalog": len(unknown),
     }
+    if run_id:
+        meta["mlflow_run"] = _run_url(mlflow, run_id)
     for role in pe.MODEL_ROLES:
         if role in m:
             for g, met in m[role]["metrics"].items():
-                for key in ("top1", "top5"):
-                    meta[f"{role}_{g}_{key}"] = dg.MetadataValue.float(round(met[key], 4))
+                for key in ("top1", "top5", "top1_sparse", "top1_rich"):
+                    if met.get(key) is not None:
+                        meta[f"{role}_{g}_{key}"] = dg.MetadataValue.float(round(met[key], 4))
     if ev["champion_error"]:
         meta["champion_error"] = ev["champion_error"]
     return dg.MaterializeResult(value={k: v for k, v in ev.items() if k != "reports"}, metadata=meta)
@@ -132,6 +152,19 @@ def registered_model(context: dg.AssetExecutionContext, config: PromotionSetting
     """The challenger registered in MLflow (alias `challenger`, lineage: DVC md5s, git rev, train config,
     eval set); promoted to `champion` only if it beats the champion on the same crops."""
     checks_passed, checks = _latest_checks(context)
+    if not trained_encoder.get("encoder_uri"):  # training skipped and a champion exists: nothing new
+        reason = f"nothing registered: {trained_encoder.get('reason', 'no challenger')}"
+        champ = model_evaluation.get("champion_version")
+        context.log.info(reason)
+        return dg.MaterializeResult(
+            value={"version": None, "promoted": False, "reason": reason, "champion_version": champ,
+                   "previous_champion": champ, "metric": config.metric, "gallery": config.gallery,
+                   "margin": config.margin, "eval_set": model_evaluation["eval_set"], "challenger_metric": None,
+                   "champion_metric": None, "checks_passed": checks_passed, "model_name": mlflow.model_name,
+                   "clean_md5": (trained_encoder.get("dataset_version") or {}).get("clean_md5")},
+            metadata={"model_name": mlflow.model_name, "version": "none", "promoted": False,
+                      "decision": dg.MetadataValue.md(f"**nothing registered**: {reason}"),
+                      "champion_version": str(champ)})
     local = mlflow.store(state.cache_path("models")).fetch(trained_encoder["encoder_uri"],
                                                            trained_encoder["encoder_sha256"])
     res = pe.register_and_decide(

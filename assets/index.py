@@ -14,6 +14,10 @@ GROUP = "index"
 class IndexSettings(dg.Config):
     prefix: str = Field(default="index", description="S3 prefix: <prefix>/versions/<version>.npz + <prefix>/CURRENT.json")
     batch_size: int = 64
+    sparse_below: int = Field(default=pe.SPARSE_BELOW, description="SKUs with fewer catalog images than this get "
+                              "shelf-like views in the index (RetailKLIP 4.2); index_update applies the same rule")
+    sparse_views: int = Field(default=pe.SPARSE_VIEWS, description="shelf-like views per image of a sparse SKU (0 = none)")
+    aug_seed: int = Field(default=0, description="seed of the views")
 
 
 @dg.asset(group_name=GROUP, pool="gpu", deps=["registered_model"], kinds={"numpy", "s3"})
@@ -27,6 +31,7 @@ def sku_index(context: dg.AssetExecutionContext, config: IndexSettings, cleaned_
         device=pe.resolve_device(training.device), batch_size=config.batch_size,
         meta={"dagster_run_id": context.run.run_id},
         cache_dir=state.path("cache", "embeddings"),
+        sparse_below=config.sparse_below, sparse_views=config.sparse_views, aug_seed=config.aug_seed,
         sources=dict(zip(cleaned_catalog.images["key"].astype(str), cleaned_catalog.images["etag"].astype(str))),
     )
     pointer = pe.publish_if_changed(s3.client(), s3.bucket, index, prefix=config.prefix)
@@ -36,7 +41,8 @@ def sku_index(context: dg.AssetExecutionContext, config: IndexSettings, cleaned_
     return dg.MaterializeResult(
         value={k: v for k, v in pointer.items() if k != "etag"},
         metadata={"version": pointer["version"], "published": pointer["published"], "count": len(index),
-                  "skus": index.meta["n_skus"],
+                  "skus": index.meta["n_skus"], "sparse_skus": index.meta["sparse"]["skus"],
+                  "sparse_rule": f"< {config.sparse_below} images: + {config.sparse_views} views per image",
                   "sku_list": ", ".join(index.sku_list[:200]) + (" ..." if index.meta["n_skus"] > 200 else ""),
                   "embed_dim": index.embed_dim, "model_name": mlflow.model_name,
                   "model_version": version, "pointer": pointer_url,

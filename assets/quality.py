@@ -21,13 +21,18 @@ class CleanSettings(dg.Config):
     min_bytes: int = Field(default=_P.get("min_bytes", 1024), description="files smaller than this are dropped")
     min_side: int = Field(default=_P.get("min_side", 32), description="images with a side under this (px) are dropped")
     max_pixels: int = Field(default=_P.get("max_pixels", 50_000_000), description="decompression-bomb cap")
-    min_images_per_sku: int = Field(default=_P.get("min_images_per_sku", 3), description="SKUs with fewer usable images are dropped")
+    min_images_per_sku: int = Field(default=_P.get("min_images_per_sku", 3),
+                                    description="usable images a SKU needs to be a training class; SKUs with fewer "
+                                                "are index-only (indexed and recognizable, never trained on)")
+    min_index_images: int = Field(default=_P.get("min_index_images", 1),
+                                  description="SKUs with fewer usable images than this are dropped")
     max_dropped_share: float = Field(default=_P.get("max_dropped_share", 0.2), description="blocking check: share of files dropped")
     cross_sku_duplicates: str = Field(default="drop_all", description="drop_all | keep_first | keep_all")
 
     def core(self) -> CleanConfig:
         return CleanConfig(min_bytes=self.min_bytes, min_side=self.min_side, max_pixels=self.max_pixels,
-                           min_images_per_sku=self.min_images_per_sku, cross_sku_duplicates=self.cross_sku_duplicates)
+                           min_images_per_sku=self.min_images_per_sku, min_index_images=self.min_index_images,
+                           cross_sku_duplicates=self.cross_sku_duplicates)
 
 
 def _md_table(df: pd.DataFrame, limit: int = 100) -> dg.MetadataValue:
@@ -41,12 +46,19 @@ def cleaned_catalog(context: dg.AssetExecutionContext, config: CleanSettings, ca
                     catalog_products: pd.DataFrame, dvc: DvcResource, state: LocalStateResource) -> dg.MaterializeResult:
     """Every catalog image kept or dropped with a reason; kept images form `data/clean` (DVC-tracked)."""
     cfg = config.core()
+    if len(catalog_images) == 0:
+        raise dg.Failure("skulens error: the catalog has no images (nothing under catalog/images/ in the bucket); "
+                         "upload one with `skulens import catalog DIR` (layout: DIR/products.csv, DIR/images/<sku>/)")
     datasets.write_raw(catalog_images, catalog_products, dvc.data_dir("raw"))
     result = clean_catalog(catalog_images, catalog_products, state.path("cache", "normalised"), cfg, progress=True)
     params = {**datasets.params_dict(cfg), "max_dropped_share": config.max_dropped_share}
     params.pop("workers", None)
     result.kept = datasets.write_clean(result, dvc.data_dir("clean"), params)
     s = result.stats
+    if s["files_kept"] == 0:
+        raise dg.Failure(f"skulens error: no usable catalog image: all {s['files_in']} file(s) were dropped "
+                         f"({', '.join(f'{k} {v}' for k, v in s['dropped_by_reason'].items())}); see "
+                         f"{dvc.data_dir('clean', 'dropped_files.csv')} and upload readable JPEG/PNG/WebP images")
     context.log.info(f"cleaned {s['files_in']} files in {s['seconds']}s ({s['images_per_s']} images/s): "
                      f"kept {s['files_kept']}, dropped {s['files_dropped']} ({s['dropped_by_reason']})")
     return dg.MaterializeResult(
@@ -54,6 +66,8 @@ def cleaned_catalog(context: dg.AssetExecutionContext, config: CleanSettings, ca
         metadata={
             "files_in": s["files_in"], "files_kept": s["files_kept"], "files_dropped": s["files_dropped"],
             "share_dropped": round(s["share_dropped"], 4), "skus_kept": s["skus_kept"], "skus_dropped": s["skus_dropped"],
+            "skus_train": s["skus_train"], "skus_index_only": s["skus_index_only"],
+            "sku_roles": _md_table(result.sku_roles),
             "normalised": s["normalised"], "images_per_s": s["images_per_s"],
             "dropped_by_reason": s["dropped_by_reason"],
             "dropped_files": _md_table(result.dropped_files),
@@ -82,7 +96,8 @@ def no_sku_copies_another(cleaned_catalog) -> dg.AssetCheckResult:
 
 
 @dg.asset_check(asset=cleaned_catalog, blocking=False,
-                description="Warns when catalog SKUs were dropped for having too few usable images.")
+                description="SKU roles: warns when catalog SKUs were dropped with no usable image; "
+                            "reports the index-only SKUs (fewer than min_images_per_sku images).")
 def skus_with_enough_images(cleaned_catalog) -> dg.AssetCheckResult:
     passed, meta = checks.check_min_images(cleaned_catalog)
     return _check(passed, meta, severity=dg.AssetCheckSeverity.WARN)

@@ -35,6 +35,9 @@ class TrainSettings(dg.Config):
     warmup_steps: int | None = None
     max_steps: int | None = None
     amp: str = Field(default="auto", description="auto | bf16 | fp16 | off (CUDA only)")
+    min_train_skus: int = Field(default=4, description="skip fine-tuning below this many training-class SKUs "
+                                                       "(every SKU is still indexed)")
+    min_train_images: int = Field(default=16, description="skip fine-tuning below this many training images")
     augment_strength: float = 1.0
     freeze_bn: bool = True
     seed: int = 0
@@ -58,8 +61,13 @@ def trained_encoder(context: dg.AssetExecutionContext, config: TrainSettings, ba
                     dataset_version: dict, catalog_images: pd.DataFrame, training: TrainingResource,
                     mlflow: MlflowResource, dvc: DvcResource, state: LocalStateResource,
                     s3: S3Resource) -> dg.MaterializeResult:
-    """The fine-tuned image encoder; every step's loss and every epoch's validation accuracy go to MLflow."""
+    """The fine-tuned image encoder; every step's loss and every epoch's validation accuracy go to MLflow.
+
+    Fine-tuning is skipped when too few SKUs qualify as training classes (a packshot-only catalog):
+    the champion then stays (nothing new is registered), or, with no champion yet, the un-fine-tuned
+    base tower goes on as the candidate, so every SKU is still evaluated and indexed."""
     from skulens.automation import config_hash, manifest_fingerprint
+    from skulens.training import save_base_tower, should_train
 
     spec, cfg = config.spec(), config.train_config()
     products_etag = s3.client().head_object(Bucket=s3.bucket, Key="catalog/products.csv")["ETag"].strip('"')
@@ -68,9 +76,40 @@ def trained_encoder(context: dg.AssetExecutionContext, config: TrainSettings, ba
             "dataset.balanced_md5": str(dataset_version.get("balanced_md5")),
             "git.rev": str(dataset_version.get("git_rev")), "git.dirty": str(dataset_version.get("git_dirty")),
             "dagster.run_id": context.run.run_id}
-    run_id = mlflow.start_run(f"train-{spec['name']}-{context.run.run_id[:8]}", tags)
+    train_it, why = should_train(balanced_dataset["train"], config.min_train_skus, config.min_train_images)
+    if not train_it:
+        champ = mlflow.store(state.cache_path("models")).champion()
+        if champ is not None:
+            reason = f"{why}; champion v{champ.version} stays and indexes every SKU"
+            context.log.warning(reason)
+            return dg.MaterializeResult(
+                value={"skipped": True, "reason": reason, "encoder_uri": None, "encoder_sha256": None,
+                       "mlflow_run_id": None, "spec": spec, "train_config": cfg, "metrics": {},
+                       "dataset_version": dataset_version, "device": None},
+                metadata={"skipped": True, "reason": reason, "model": spec["name"]})
+    run_name = f"{'train' if train_it else 'base'}-{spec['name']}-{context.run.run_id[:8]}"
+    run_id = mlflow.start_run(run_name, {**tags, "skulens.stage": "train" if train_it else "base"})
     client = mlflow.client()
     from mlflow.entities import Metric, Param
+
+    if not train_it:
+        from skulens.model_store import file_sha256
+        from skulens.training import upload_encoder
+
+        reason = f"{why}; no champion yet: the un-fine-tuned base tower is evaluated, registered and indexed"
+        context.log.warning(reason)
+        client.log_batch(run_id, params=[Param(k, str(v)[:500]) for k, v in
+                                         {**{f"model.{k}": v for k, v in spec.items()}, "train.skipped": True}.items()])
+        path = save_base_tower(spec, cfg.get("seed") or 0, Path(state.home) / "training" / "base" / "encoder.pt")
+        uri, sha = upload_encoder(mlflow.tracking_uri, run_id, path), file_sha256(path)
+        client.set_tag(run_id, "train.skipped_reason", reason[:5000])
+        client.set_terminated(run_id, "FINISHED")
+        return dg.MaterializeResult(
+            value={"skipped": True, "base_tower": True, "reason": reason, "encoder_uri": uri, "encoder_sha256": sha,
+                   "mlflow_run_id": run_id, "spec": spec, "train_config": cfg, "metrics": {},
+                   "dataset_version": dataset_version, "device": "cpu"},
+            metadata={"skipped": True, "reason": reason, "model": spec["name"], "encoder_uri": uri,
+                      "encoder_sha256": sha})
 
     params = {**{f"model.{k}": v for k, v in spec.items()}, **{f"train.{k}": v for k, v in cfg.items()},
               "data.depth": balanced_dataset["depth"], "data.skus": int(balanced_dataset["train"]["sku"].nunique())}

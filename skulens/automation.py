@@ -99,10 +99,15 @@ def update_index(encoder, index, manifest: pd.DataFrame, work_dir: Path, model_v
     ``manifest``: the ingest manifest (sku, key, etag, bytes, path) of the whole catalog. Files are
     checked with the cleaning rules first (a corrupt upload is dropped and reported, never indexed);
     a single good image is enough for a SKU to be recognizable (RetailKLIP: one image per product).
+    Sparse SKUs get the same shelf-like views as in the full build: the rule is read from the index
+    meta (``sparse``: below, views, seed), written by :func:`skulens.pipeline_eval.catalog_index`.
     Returns (new index, UpdateReport).
     """
+    import numpy as np
+
     from skulens.clean import CleanConfig, clean_catalog
     from skulens.embed import embed_images
+    from skulens.pipeline_eval import sparse_rows, view_vectors
 
     t0 = time.perf_counter()
     indexed = dict(index.meta.get(SOURCES_META, {}))
@@ -110,14 +115,20 @@ def update_index(encoder, index, manifest: pd.DataFrame, work_dir: Path, model_v
     delta = index_delta(current, indexed)
     rows = manifest[manifest["sku"].isin(delta.changed_skus)]
     t1 = time.perf_counter()
-    cleaned = clean_catalog(rows, None, Path(work_dir), CleanConfig(min_images_per_sku=1, workers=1), progress=False)
+    cleaned = clean_catalog(rows, None, Path(work_dir), CleanConfig(min_index_images=1, workers=1), progress=False)
     t2 = time.perf_counter()
     kept = cleaned.kept
     vectors = embed_images(encoder, kept["clean_path"].tolist(), batch_size=batch_size) if len(kept) else None
+    skus, keys = kept["sku"].tolist(), kept["key"].astype(str).tolist()
+    rule = dict(index.meta.get("sparse") or {})
+    views = int(rule.get("views", 0))
+    sparse = sparse_rows(kept, int(rule.get("below", 0))) if views > 0 and len(kept) else kept.iloc[:0]
+    if len(sparse):
+        v, vs, vk = view_vectors(encoder, sparse, views, int(rule.get("seed", 0)), batch_size)
+        vectors, skus, keys = np.concatenate([vectors, v]), skus + vs, keys + vk
     t3 = time.perf_counter()
     gone = sorted(set(delta.removed_skus) | (set(delta.changed_skus) - set(kept["sku"])))
-    new = index.with_updates(vectors, kept["sku"].tolist(), kept["key"].tolist(), remove_skus=gone,
-                             model_version=model_version)
+    new = index.with_updates(vectors, skus, keys, remove_skus=gone, model_version=model_version)
     changed = set(delta.changed_skus)
     # unchanged files of untouched SKUs stay as they were (SKU from the manifest: no re-parsing of keys)
     sku_of = dict(zip(manifest["key"], manifest["sku"]))

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 import numpy as np
 import pandas as pd
 
-__all__ = ["balance", "choose_depth", "label_map", "split_validation", "suggest_depth"]
+__all__ = ["balance", "choose_depth", "label_map", "split_validation", "suggest_depth", "training_classes"]
 
 MIN_TRAIN_PER_SKU = 2
 
@@ -70,6 +70,14 @@ def split_validation(df: pd.DataFrame, per_sku: int = 1, seed: int = 0) -> tuple
     train_df = pd.concat(train_parts, ignore_index=True) if train_parts else df.iloc[:0].copy()
     val_df = pd.concat(val_parts, ignore_index=True) if val_parts else df.iloc[:0].copy()
     return train_df[cols].reset_index(drop=True), val_df[cols].reset_index(drop=True)
+
+
+def training_classes(kept: pd.DataFrame) -> pd.DataFrame:
+    """The rows of SKUs that are training classes: ``role == "train"`` when the cleaned catalog
+    carries roles (see :mod:`skulens.clean`), else every row."""
+    if "role" not in kept.columns:
+        return kept
+    return kept[kept["role"] == "train"].reset_index(drop=True)
 
 
 def label_map(skus: Iterable[str]) -> dict[str, int]:

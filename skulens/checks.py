@@ -87,21 +87,31 @@ def check_cross_sku_duplication(result: CleanResult, max_share: float = 0.5) -> 
 
 def check_min_images(result: CleanResult, cfg: CleanConfig | None = None,
                      max_skus_below: int = 0) -> tuple[bool, dict[str, Any]]:
-    """Fails when a kept SKU has fewer than ``cfg.min_images_per_sku`` kept images (an invariant of
-    ``clean_catalog``), or when more than ``max_skus_below`` catalog SKUs were dropped for having too
-    few usable images (products the recognizer will not know)."""
+    """Roles of the kept SKUs: ``train`` (>= ``min_images_per_sku`` usable images, a training class)
+    or ``index`` (fewer: indexed and recognizable, never trained on). Fails when a kept SKU breaks
+    its role's minimum (an invariant of ``clean_catalog``), or when more than ``max_skus_below``
+    catalog SKUs were dropped with no usable image at all (products the recognizer will not know)."""
     cfg = cfg or result.config or CleanConfig()
-    min_n = cfg.min_images_per_sku
-    per_sku = result.kept.groupby("sku").size() if not result.kept.empty else pd.Series(dtype="int64")
-    kept_below = sorted(per_sku[per_sku < min_n].index.tolist())
+    min_n, min_idx = cfg.min_images_per_sku, cfg.min_index_images
+    kept = result.kept
+    per_sku = kept.groupby("sku").size() if not kept.empty else pd.Series(dtype="int64")
+    role = kept.groupby("sku")["role"].first() if "role" in kept.columns and not kept.empty else \
+        pd.Series("train", index=per_sku.index)
+    bad_train = sorted(per_sku[(role == "train") & (per_sku < min_n)].index.tolist())
+    bad_index = sorted(per_sku[per_sku < min_idx].index.tolist())
+    index_only = sorted(per_sku[role == "index"].index.tolist())
     ds = result.dropped_skus
     too_few = ds[ds["reason"] == SKU_TOO_FEW_IMAGES].sort_values("sku")
-    passed = not kept_below and len(too_few) <= max_skus_below
+    passed = not bad_train and not bad_index and len(too_few) <= max_skus_below
     return passed, {
         "min_images_per_sku": min_n,
+        "min_index_images": min_idx,
         "skus_kept": len(per_sku),
+        "skus_train": int((role == "train").sum()),
+        "skus_index_only": len(index_only),
+        "index_only_skus": index_only[:_LIST_CAP],
         "min_kept_images": int(per_sku.min()) if len(per_sku) else 0,
-        "kept_skus_below_min": kept_below[:_LIST_CAP],
+        "kept_skus_below_min": (bad_train + bad_index)[:_LIST_CAP],
         "n_skus_dropped_too_few": len(too_few),
         "max_skus_below": max_skus_below,
         "skus_dropped_too_few": [

@@ -1,5 +1,17 @@
 """Data-quality stage, core (no Dagster): inspect every cached original image, drop what is unusable,
-normalise what needs it, drop SKUs that end up with too few images.
+normalise what needs it, and give every SKU its role.
+
+Two roles (the single-shot setting: many product databases hold one packshot per SKU, and every
+launch starts with one):
+
+* ``train``: at least ``min_images_per_sku`` (3) usable images: a training class for fine-tuning,
+  and indexed;
+* ``index``: 1 .. ``min_images_per_sku - 1`` usable images: never trained on, but indexed (with
+  shelf-like views, see :mod:`skulens.pipeline_eval`), so it is recognizable.
+
+Only SKUs with fewer than ``min_index_images`` (1) usable images are dropped (SKU_TOO_FEW_IMAGES):
+a packshot-only catalog is kept whole. ``kept`` carries the ``role`` column; ``sku_roles`` has one
+row per kept SKU.
 
 Input is the ingest manifest (one row per S3 object: ``sku, key, etag, bytes, path``) and, optionally,
 the ``products`` table from ``catalog/products.csv``. Originals are never modified: usable plain-RGB
@@ -102,7 +114,8 @@ class CleanConfig:
     max_bytes: int = 200 * 1024 * 1024
     min_side: int = 32
     max_pixels: int = 50_000_000
-    min_images_per_sku: int = 3
+    min_images_per_sku: int = 3  # usable images a SKU needs to be a training class (role "train")
+    min_index_images: int = 1  # usable images a SKU needs to be kept at all (role "index" below min_images_per_sku)
     allowed_formats: tuple[str, ...] = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF")
     cross_sku_duplicates: str = "drop_all"
     verify_etag: bool = True  # compare md5(local file) with a plain (non-multipart) S3 ETag
@@ -117,8 +130,8 @@ class CleanConfig:
             raise ValueError(f"cross_sku_duplicates must be one of {CROSS_SKU_RULES}, got {self.cross_sku_duplicates!r}")
         if self.backend not in ("process", "thread"):
             raise ValueError(f"backend must be 'process' or 'thread', got {self.backend!r}")
-        if self.max_pixels <= 0 or self.min_side < 1 or self.min_images_per_sku < 1:
-            raise ValueError("max_pixels, min_side and min_images_per_sku must be positive")
+        if self.max_pixels <= 0 or self.min_side < 1 or self.min_images_per_sku < 1 or self.min_index_images < 1:
+            raise ValueError("max_pixels, min_side, min_images_per_sku and min_index_images must be positive")
         object.__setattr__(self, "allowed_formats", tuple(f.upper() for f in self.allowed_formats))
 
 
@@ -574,6 +587,7 @@ class CleanResult:
     kept          -- manifest columns + sha256, width, height, format, mode, normalised, clean_path.
     dropped_files -- sku, key, reason, detail.
     dropped_skus  -- sku, reason, detail, usable_images (SKUs from the manifest and from products.csv).
+    sku_roles     -- sku, usable_images, role ("train" or "index"): one row per kept SKU.
     stats         -- counts (see ``clean_catalog``), JSON-serialisable.
     """
 
@@ -583,6 +597,7 @@ class CleanResult:
     dropped_skus: pd.DataFrame
     stats: dict[str, Any]
     config: CleanConfig | None = None
+    sku_roles: pd.DataFrame | None = None
 
     def write_csv(self, directory: str | os.PathLike) -> dict[str, Path]:
         """Write dropped_files.csv, dropped_skus.csv and stats.json into ``directory``; return their paths."""
@@ -591,10 +606,13 @@ class CleanResult:
         paths = {
             "dropped_files": d / "dropped_files.csv",
             "dropped_skus": d / "dropped_skus.csv",
+            "sku_roles": d / "sku_roles.csv",
             "stats": d / "stats.json",
         }
         self.dropped_files.to_csv(paths["dropped_files"], index=False)
         self.dropped_skus.to_csv(paths["dropped_skus"], index=False)
+        roles = self.sku_roles if self.sku_roles is not None else pd.DataFrame(columns=["sku", "usable_images", "role"])
+        roles.to_csv(paths["sku_roles"], index=False)
         paths["stats"].write_text(json.dumps(self.stats, indent=2, sort_keys=True) + "\n")
         return paths
 
@@ -632,7 +650,8 @@ def clean_catalog(manifest: pd.DataFrame, products: pd.DataFrame | None, out_dir
     n = len(img)
     etags = img["etag"].tolist() if cfg.verify_etag else [None] * n
     items = list(zip(img["path"].astype(str).tolist(), etags))
-    min_n = cfg.min_images_per_sku
+    min_n = cfg.min_index_images  # below this a SKU is dropped; below min_images_per_sku it is index-only
+    min_train = cfg.min_images_per_sku
     timings: dict[str, float] = {}
 
     Image.init()  # register all plugins once, before any worker thread opens a file
@@ -687,7 +706,7 @@ def clean_catalog(manifest: pd.DataFrame, products: pd.DataFrame | None, out_dir
                 reason[idx] = DUPLICATE_IN_SKU
                 detail[idx] = f"same bytes as {first_key[(sku, sha)]}"
 
-        # 4. normalise the images that need it, for SKUs that can still reach min_images_per_sku
+        # 4. normalise the images that need it, for SKUs that can still reach min_index_images
         ok = reason == ""
         usable = img.loc[ok].groupby("sku").size()
         enough = img["sku"].map(usable).fillna(0).to_numpy() >= min_n
@@ -710,7 +729,7 @@ def clean_catalog(manifest: pd.DataFrame, products: pd.DataFrame | None, out_dir
                     clean_path[idx] = None
         timings["normalise"] = time.perf_counter() - t
 
-    # 5. SKU level: unknown SKUs, and SKUs left with too few usable images
+    # 5. SKU level: unknown SKUs, SKUs left with no (or < min_index_images) usable image, roles
     ok = reason == ""
     usable = img.loc[ok].groupby("sku").size()
     files_per_sku = img.groupby("sku").size()
@@ -727,13 +746,13 @@ def clean_catalog(manifest: pd.DataFrame, products: pd.DataFrame | None, out_dir
         elif u < min_n:
             too_few[sku] = u
             why = ("in products.csv but no image in the manifest" if nf == 0
-                   else f"{u} usable image(s) of {nf} file(s) < min_images_per_sku {min_n}")
+                   else f"{u} usable image(s) of {nf} file(s) < min_index_images {min_n}")
             sku_rows.append((sku, SKU_TOO_FEW_IMAGES, why, u))
     m = ok & img["sku"].isin(too_few).to_numpy()
     for idx in np.flatnonzero(m):
         sku = img.at[idx, "sku"]
         reason[idx] = SKU_TOO_FEW_IMAGES
-        detail[idx] = f"SKU has only {too_few[sku]} usable image(s) < min_images_per_sku {min_n}"
+        detail[idx] = f"SKU has only {too_few[sku]} usable image(s) < min_index_images {min_n}"
         clean_path[idx] = None
     normalised[m] = False  # a normalised copy may exist on disk, but it is not part of the clean set
 
@@ -750,6 +769,12 @@ def clean_catalog(manifest: pd.DataFrame, products: pd.DataFrame | None, out_dir
     for c in ("width", "height"):
         kept[c] = kept[c].astype("int64")
     kept["clean_path"] = kept["clean_path"].astype(str)
+    per_sku = kept.groupby("sku").size()
+    kept["role"] = np.where(kept["sku"].map(per_sku).to_numpy() >= min_train, "train", "index")
+    img["role"] = img["sku"].map(dict(zip(kept["sku"], kept["role"]))).where(kept_mask, None)
+    sku_roles = (per_sku.rename("usable_images").reset_index()
+                 .assign(role=lambda d: np.where(d["usable_images"] >= min_train, "train", "index")))
+    sku_roles["usable_images"] = sku_roles["usable_images"].astype("int64")
     dropped_files = img.loc[~kept_mask, ["sku", "key", "reason", "detail"]].reset_index(drop=True)
     dropped_skus = pd.DataFrame(sku_rows, columns=["sku", "reason", "detail", "usable_images"])
     dropped_skus["usable_images"] = dropped_skus["usable_images"].astype("int64")
@@ -764,6 +789,9 @@ def clean_catalog(manifest: pd.DataFrame, products: pd.DataFrame | None, out_dir
         "skus_in": len(all_skus),
         "skus_kept": len(all_skus) - len(sku_rows),
         "skus_dropped": len(sku_rows),
+        "skus_train": int((sku_roles["role"] == "train").sum()),
+        "skus_index_only": int((sku_roles["role"] == "index").sum()),
+        "files_index_only": int((kept["role"] == "index").sum()),
         "normalised": int(normalised.sum()),
         "dropped_by_reason": {k: int(v) for k, v in sorted(pd.Series(reason[~kept_mask]).value_counts().items())},
         "skus_dropped_by_reason": {k: int(v) for k, v in sorted(dropped_skus["reason"].value_counts().items())},
@@ -777,4 +805,4 @@ def clean_catalog(manifest: pd.DataFrame, products: pd.DataFrame | None, out_dir
         "backend": cfg.backend if runner.parallel else "serial",
     }
     return CleanResult(images=img, kept=kept, dropped_files=dropped_files, dropped_skus=dropped_skus,
-                       stats=stats, config=cfg)
+                       stats=stats, config=cfg, sku_roles=sku_roles)

@@ -210,7 +210,7 @@ def data_balance(clean_dir: Path, out: Path, params_file: Path) -> None:
     from skulens import datasets
 
     p = datasets.read_params(params_file.parent, "balance")
-    kept = datasets.read_clean(clean_dir)
+    kept = bal.training_classes(datasets.read_clean(clean_dir))
     train_src, val = bal.split_validation(kept, per_sku=int(p.get("val_per_sku", 1)), seed=int(p.get("seed", 0)))
     depth = int(p.get("depth", 0)) or bal.suggest_depth(train_src)
     train = bal.balance(train_src, depth, seed=int(p.get("seed", 0)))
@@ -252,10 +252,11 @@ def run_cmd(job: str, demo: bool) -> None:
     cmd = [str(Path(sys.executable).parent / "dagster"), "job", "execute", "-m", "pipelines.definitions",
            "-d", str(root), "-j", job]
     click.echo(f"running Dagster job {job!r} (DAGSTER_HOME={s.dagster_home}) ...")
-    rc = subprocess.call(cmd, env=env, cwd=str(root))
+    rc, log_path, error = _run_logged(cmd, env, root, s.log_dir / f"run-{job}-{time.strftime('%Y%m%dT%H%M%S')}.log")
     took = time.monotonic() - t0
     if rc != 0:
-        raise click.ClickException(f"job {job!r} failed (exit {rc}); see the run in the UI: make ui")
+        what = error or f"job {job!r} failed (exit {rc}); see the run in the UI (make ui)"
+        raise click.ClickException(f"{what}  [log: {log_path}]")
     click.echo(f"\njob {job!r} succeeded in {took:.0f}s.")
     _print_summary(s, root)
     _print_recognize_example(s, env)
@@ -264,6 +265,27 @@ def run_cmd(job: str, demo: bool) -> None:
     click.echo(f"  MLflow     : {s.mlflow_uri}")
     click.echo(f"  S3 endpoint: {s.s3_endpoint}  bucket {s.bucket}  (keys in {s.credentials_path})")
     click.echo("  stop all   : make down")
+
+
+ERROR_MARK = "skulens error: "  # assets raise dg.Failure("skulens error: <what happened and what to do>")
+
+
+def _run_logged(cmd: list[str], env: dict, cwd: Path, log_path: Path) -> tuple[int, Path, str | None]:
+    """Run ``cmd``, echoing its output and keeping all of it in ``log_path``: ``(exit code, log path,
+    the last one-line skulens error it printed, if any)``."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    error = None
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, cwd=str(cwd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, errors="replace")
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            log.write(line)
+            i = line.find(ERROR_MARK)
+            if i >= 0:
+                error = line[i + len(ERROR_MARK):].strip().rstrip('"\'').strip()
+        rc = proc.wait()
+    return rc, log_path, error
 
 
 def _print_recognize_example(s: Settings, env: dict) -> None:

@@ -36,7 +36,12 @@ from skulens.index import SkuIndex
 GALLERIES = ("catalog", "retailklip")
 MODEL_ROLES = ("challenger", "champion", "base")
 #: EvalReport.metrics() keys that are copied to MLflow / the promotion decision
-METRIC_KEYS = ("top1", "top5", "category_acc", "mean_per_sku_top1", "n_queries", "n_unknown_sku")
+METRIC_KEYS = ("top1", "top5", "category_acc", "mean_per_sku_top1", "n_queries", "n_unknown_sku",
+               "top1_sparse", "n_sparse", "top1_rich", "n_rich")
+#: SKUs with fewer catalog images than this get shelf-like views in the index (RetailKLIP 4.2) ...
+SPARSE_BELOW = 3
+#: ... this many per image (0 = none)
+SPARSE_VIEWS = 8
 
 Echo = Callable[[str], None]
 
@@ -146,11 +151,52 @@ class EmbeddingCache:
             old.unlink(missing_ok=True)
 
 
+def sparse_rows(catalog: pd.DataFrame, below: int) -> pd.DataFrame:
+    """The catalog rows of SKUs with fewer than ``below`` images (sparse SKUs, e.g. packshot-only)."""
+    if below <= 0 or len(catalog) == 0:
+        return catalog.iloc[:0]
+    counts = catalog.groupby("sku")["sku"].transform("size")
+    return catalog[counts < below]
+
+
+def view_vectors(encoder, rows: pd.DataFrame, views: int, seed: int = 0, batch_size: int = 64,
+                 chunk: int = 16):
+    """``views`` shelf-like augmentations (:func:`skulens.augment.shelf_augment`) of each row's image,
+    embedded: ``(vectors, skus, keys)`` with keys ``<key>#aug<i>``. Seeded per (seed, key), so a SKU's
+    views do not depend on the rest of the catalog (the full build and ``index_update`` agree)."""
+    import zlib
+
+    import numpy as np
+
+    from skulens.augment import shelf_augment
+    from skulens.embed import embed_images
+    from skulens.images import load_rgb
+
+    vecs, skus, keys = [], [], []
+    items = list(zip(rows["sku"].astype(str), rows["key"].astype(str), rows["clean_path"].astype(str)))
+    for start in range(0, len(items), chunk):  # a few images at a time: packshots can be large
+        imgs = []
+        for sku, key, path in items[start:start + chunk]:
+            base = load_rgb(path)
+            rng = np.random.default_rng([int(seed), zlib.crc32(key.encode())])
+            imgs += [shelf_augment(base, rng) for _ in range(views)]
+            skus += [sku] * views
+            keys += [f"{key}#aug{i}" for i in range(1, views + 1)]
+        vecs.append(embed_images(encoder, imgs, batch_size=batch_size))
+    dim = int(getattr(encoder, "embed_dim", 0) or (vecs[0].shape[1] if vecs else 0))
+    return (np.concatenate(vecs) if vecs else np.zeros((0, dim), np.float32)), skus, keys
+
+
 def catalog_index(encoder, catalog: pd.DataFrame, model_version: str | None = None, batch_size: int = 64,
                   meta: dict | None = None, cache: EmbeddingCache | None = None,
-                  encoder_sha: str | None = None) -> SkuIndex:
+                  encoder_sha: str | None = None, sparse_below: int = 0, sparse_views: int = 0,
+                  aug_seed: int = 0) -> SkuIndex:
     """An index of every cleaned catalog image embedded with ``encoder`` (through ``cache`` when the
-    encoder's file hash is known)."""
+    encoder's file hash is known), plus ``sparse_views`` shelf-like views of every image of the SKUs
+    with fewer than ``sparse_below`` images. The rule is stored in the index meta (``sparse``) so
+    that ``index_update`` applies the same one."""
+    import numpy as np
+
     from skulens.embed import embed_images
 
     fp = catalog_fingerprint(catalog) if cache is not None and encoder_sha else None
@@ -159,14 +205,44 @@ def catalog_index(encoder, catalog: pd.DataFrame, model_version: str | None = No
         vecs = embed_images(encoder, catalog["clean_path"].tolist(), batch_size=batch_size)
         if fp:
             cache.put(encoder_sha, fp, vecs)
-    return SkuIndex(vecs, catalog["sku"].tolist(), catalog["key"].astype(str).tolist(),
-                    model_version=model_version, meta=dict(meta or {}))
+    skus, keys = catalog["sku"].tolist(), catalog["key"].astype(str).tolist()
+    rows = sparse_rows(catalog, sparse_below) if sparse_views > 0 else catalog.iloc[:0]
+    if len(rows):
+        vfp = (hashlib.sha256(f"{fp}|views|{sparse_below}|{sparse_views}|{aug_seed}".encode()).hexdigest()
+               if fp else None)
+        n_views = len(rows) * sparse_views
+        v = cache.get(encoder_sha, vfp, n_views) if vfp else None
+        if v is None:
+            v, _, _ = view_vectors(encoder, rows, sparse_views, aug_seed, batch_size)
+            if vfp:
+                cache.put(encoder_sha, vfp, v)
+        vskus = [s for s in rows["sku"].astype(str) for _ in range(sparse_views)]
+        vkeys = [f"{k}#aug{i}" for k in rows["key"].astype(str) for i in range(1, sparse_views + 1)]
+        vecs, skus, keys = np.concatenate([vecs, v]), skus + vskus, keys + vkeys
+    m = dict(meta or {})
+    m["sparse"] = {"below": int(sparse_below), "views": int(sparse_views), "seed": int(aug_seed),
+                   "skus": int(rows["sku"].nunique()) if len(rows) else 0}
+    return SkuIndex(vecs, skus, keys, model_version=model_version, meta=m)
+
+
+def sparse_split(report: EvalReport, catalog: pd.DataFrame, below: int) -> dict:
+    """Top-1 over the queries of sparse SKUs (fewer than ``below`` catalog images) and of the others."""
+    counts = catalog.groupby("sku").size()
+    p = report.predictions
+    sparse = p["true"].map(counts).fillna(0).to_numpy() < below
+    out = {}
+    for name, mask in (("sparse", sparse), ("rich", ~sparse)):
+        n = int(mask.sum())
+        out[f"n_{name}"] = float(n)
+        out[f"top1_{name}"] = float(p["correct"].to_numpy()[mask].mean()) if n else float("nan")
+    return out
 
 
 def evaluate_model(encoder, crops: pd.DataFrame, catalog: pd.DataFrame, products: pd.DataFrame | None,
                    k: int = 5, n_aug: int = 8, aug_seed: int = 0, batch_size: int = 64,
                    galleries: tuple[str, ...] = GALLERIES, cache: EmbeddingCache | None = None,
-                   encoder_sha: str | None = None) -> dict:
+                   encoder_sha: str | None = None, sparse_below: int = SPARSE_BELOW,
+                   sparse_views: int = SPARSE_VIEWS) -> dict:
     """Score one encoder on ``crops`` against each gallery.
 
     Returns ``{"reports": {gallery: EvalReport}, "metrics": {gallery: {...}}, "seconds",
@@ -179,7 +255,8 @@ def evaluate_model(encoder, crops: pd.DataFrame, catalog: pd.DataFrame, products
     reports: dict[str, EvalReport] = {}
     for g in galleries:
         if g == "catalog":
-            index = catalog_index(encoder, catalog, batch_size=batch_size, cache=cache, encoder_sha=encoder_sha)
+            index = catalog_index(encoder, catalog, batch_size=batch_size, cache=cache, encoder_sha=encoder_sha,
+                                  sparse_below=sparse_below, sparse_views=sparse_views, aug_seed=aug_seed)
         elif g == "retailklip":
             index = retailklip_gallery(encoder, catalog, n_aug=n_aug, seed=aug_seed, image_col="clean_path",
                                        key_col="key", batch_size=batch_size)
@@ -187,6 +264,7 @@ def evaluate_model(encoder, crops: pd.DataFrame, catalog: pd.DataFrame, products
             raise ValueError(f"unknown gallery {g!r}; one of {GALLERIES}")
         rep = evaluate(q, crops["sku"].tolist(), index, products=products, k=k)
         rep.extra["gallery_rows"] = len(index)
+        rep.extra["sparse"] = sparse_split(rep, catalog, sparse_below if sparse_below > 0 else SPARSE_BELOW)
         reports[g] = rep
     return {
         "reports": reports,
@@ -198,7 +276,7 @@ def evaluate_model(encoder, crops: pd.DataFrame, catalog: pd.DataFrame, products
 
 def report_metrics(report: EvalReport) -> dict:
     """The numbers of one report that go to MLflow and into the promotion decision."""
-    m = report.metrics()
+    m = {**report.metrics(), **report.extra.get("sparse", {})}
     out = {k: float(m[k]) for k in METRIC_KEYS if k in m and m[k] is not None}
     out.setdefault("top5", float(report.top5))
     return out
@@ -216,7 +294,7 @@ def _seeded(seed: int):
 
 
 def evaluate_all(
-    challenger_path: str,
+    challenger_path: str | None,
     crops: pd.DataFrame,
     catalog: pd.DataFrame,
     products: pd.DataFrame | None,
@@ -231,6 +309,9 @@ def evaluate_all(
     include_champion: bool = True,
     cache_dir: str | os.PathLike | None = None,
     echo: Echo = _noop,
+    sparse_below: int = SPARSE_BELOW,
+    sparse_views: int = SPARSE_VIEWS,
+    base_spec=None,
 ) -> dict:
     """Evaluate the challenger (file), the current champion (``store``: a
     :class:`skulens.model_store.ModelStore`; its ``champion`` alias, if any) and the
@@ -255,8 +336,9 @@ def evaluate_all(
     if len(catalog) == 0:
         raise ValueError("the cleaned catalog has no images")
     cache = EmbeddingCache(cache_dir) if cache_dir is not None else None
-    kw = {"k": k, "n_aug": n_aug, "aug_seed": aug_seed, "batch_size": batch_size, "cache": cache}
-    challenger_sha = file_sha256(challenger_path)
+    kw = {"k": k, "n_aug": n_aug, "aug_seed": aug_seed, "batch_size": batch_size, "cache": cache,
+          "sparse_below": sparse_below, "sparse_views": sparse_views}
+    challenger_sha = file_sha256(challenger_path) if challenger_path else None
     out: dict = {"eval_set": eval_set_fingerprint(crops), "n_crops": len(crops),
                  "n_crop_skus": int(crops["sku"].nunique()),
                  "sources": {str(s): int(n) for s, n in crops["source"].value_counts().sort_index().items()},
@@ -276,10 +358,11 @@ def evaluate_all(
         echo(f"{role}{f' v{version}' if version else ''}{note}: " + "; ".join(
             f"{g} {r.summary()}" for g, r in res["reports"].items()))
 
-    challenger = load_encoder(challenger_path, device=device)
-    base_spec = dataclasses.replace(challenger.spec)
-    run("challenger", challenger, None, challenger_sha)
-    del challenger
+    if challenger_path:  # None when training was skipped and the champion stays
+        challenger = load_encoder(challenger_path, device=device)
+        base_spec = dataclasses.replace(challenger.spec)
+        run("challenger", challenger, None, challenger_sha)
+        del challenger
 
     if include_champion and store is not None:
         ref = store.champion()
@@ -289,6 +372,8 @@ def evaluate_all(
             try:
                 path = store.path(ref)
                 sha = file_sha256(path)
+                if base_spec is None:
+                    base_spec = dataclasses.replace(store.encoder(ref, device=device).spec)
                 if sha == challenger_sha:  # same weights (e.g. a resumed, finished training): same numbers
                     same = out["models"]["challenger"]
                     report("champion", {"reports": out["reports"]["challenger"], "metrics": same["metrics"],
@@ -300,7 +385,11 @@ def evaluate_all(
                 out["champion_error"] = f"{type(e).__name__}: {e}"[:500]
                 echo(f"champion v{version} could not be evaluated: {out['champion_error']}")
 
-    if include_base:
+    if include_base and base_spec is not None:
+        from skulens.models.factory import ModelSpec
+
+        if isinstance(base_spec, dict):
+            base_spec = ModelSpec.from_dict(base_spec)
         _seeded(base_seed)
         base = create_encoder(base_spec, device=device)
         run("base", base, None)
@@ -373,7 +462,10 @@ def write_reports(evaluation: dict, catalog: pd.DataFrame, out_dir: str | os.Pat
     tables (comparison, per-SKU, confusions, summary JSON). Returns name -> path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rep = evaluation["reports"]["challenger"][gallery]
+    role = next((r for r in MODEL_ROLES if r in evaluation["reports"]), None)  # the challenger, when there is one
+    if role is None:
+        raise ValueError("nothing was evaluated")
+    rep = evaluation["reports"][role][gallery]
     paths = {
         "per_sku_png": plot_per_sku(rep, out_dir / "per_sku_accuracy.png"),
         "confusions_png": plot_confusions(rep, thumbnails(catalog), out_dir / "confusions.png", top=top_confusions),
@@ -571,6 +663,9 @@ def build_champion_index(
     meta: dict | None = None,
     sources: dict | None = None,
     cache_dir: str | os.PathLike | None = None,
+    sparse_below: int = SPARSE_BELOW,
+    sparse_views: int = SPARSE_VIEWS,
+    aug_seed: int = 0,
 ) -> tuple[SkuIndex, str]:
     """Embed every cleaned catalog image with the current ``champion`` of ``store`` (a
     :class:`skulens.model_store.ModelStore`): ``(index, version)``. The index meta names the model by
@@ -593,6 +688,7 @@ def build_champion_index(
     cache = EmbeddingCache(cache_dir) if cache_dir is not None else None
     index = catalog_index(encoder, catalog, model_version=version, batch_size=batch_size,
                           cache=cache, encoder_sha=sha if cache is not None else None,
+                          sparse_below=sparse_below, sparse_views=sparse_views, aug_seed=aug_seed,
                           meta={"model_name": store.model_name, "model_sha256": sha, "model_uri": ref.uri,
                                 "source": "catalog", **(meta or {}),
                                 **({SOURCES_META: dict(sources)} if sources is not None else {})})

@@ -11,7 +11,7 @@ Tables validated (each its own pandas dataframe asset and expectation suite):
                        (= share of dropped files) <= ``max_dropped_share``.
 * ``kept_images``   -- rows with status "kept": sku in products, width/height in
                        [min_side, max_pixels // min_side], format in the allowed set, sha256 not null.
-* ``kept_per_sku``  -- kept images per kept SKU: min >= ``min_images_per_sku``.
+* ``kept_per_sku``  -- kept images per kept SKU: min >= ``min_index_images`` (index-only SKUs are kept).
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ def _suites(gx, products_skus: list[str], cfg: CleanConfig, max_dropped_share: f
         ],
         "kept_per_sku": [
             E.ExpectTableRowCountToBeBetween(min_value=1),
-            E.ExpectColumnMinToBeBetween(column="kept_images", min_value=cfg.min_images_per_sku),
+            E.ExpectColumnMinToBeBetween(column="kept_images", min_value=cfg.min_index_images),
         ],
     }
 

@@ -143,3 +143,28 @@ def upload_encoder(tracking_uri: str, run_id: str, encoder_path) -> str:
     if side.is_file():
         client.log_artifact(run_id, str(side), "encoder")
     return f"runs:/{run_id}/encoder/{encoder_path.name}"
+
+
+def should_train(train_df, min_skus: int, min_images: int) -> tuple[bool, str]:
+    """Does fine-tuning pay on these training classes? ``(train, reason)``. Below ``min_skus`` SKUs or
+    ``min_images`` distinct images ArcFace has too little to learn from (a packshot-only catalog has
+    no training class at all): the job then indexes every SKU with the champion, or the base tower."""
+    n_skus = int(train_df["sku"].nunique()) if len(train_df) else 0
+    n_images = int(train_df["clean_path"].nunique()) if len(train_df) else 0
+    if n_skus >= min_skus and n_images >= min_images:
+        return True, f"{n_skus} training SKUs, {n_images} images"
+    return False, (f"training skipped: {n_skus} SKU(s) with enough images to train on ({n_images} distinct images); "
+                   f"fine-tuning needs >= {min_skus} SKUs and >= {min_images} images (TrainSettings min_train_skus / "
+                   "min_train_images; a SKU needs clean min_images_per_sku images to be a training class)")
+
+
+def save_base_tower(spec_dict: dict, seed: int, path) -> Path:
+    """The un-fine-tuned tower of ``spec_dict`` (torch seeded with ``seed``, as the evaluation's base
+    model is) saved as an encoder file: the first model when there is nothing to fine-tune on."""
+    import torch
+
+    from skulens.models.factory import ModelSpec, create_encoder
+    from skulens.models.io import save_encoder
+
+    torch.manual_seed(int(seed))
+    return save_encoder(create_encoder(ModelSpec.from_dict(spec_dict), device="cpu"), Path(path))

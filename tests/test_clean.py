@@ -82,12 +82,15 @@ def _build(root: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, str]]:
             add(sku, f"own_{i}.jpg", lambda p, s=base + i: g.write_jpeg(p, 320, 320, seed=s))
         add(sku, "shared.jpg", lambda p: g.write_jpeg(p, 320, 320, seed=99), C.DUPLICATE_ACROSS_SKUS)
 
-    # E005: only 2 images; F006: 3 files but one broken -> 2 usable; both SKUs dropped
+    # E005: only 2 images; F006: 3 files but one broken -> 2 usable; both kept as index-only SKUs
     for i in range(2):
-        add("E005", f"img_{i}.jpg", lambda p, s=60 + i: g.write_jpeg(p, 300, 300, seed=s), C.SKU_TOO_FEW_IMAGES)
+        add("E005", f"img_{i}.jpg", lambda p, s=60 + i: g.write_jpeg(p, 300, 300, seed=s))
     for i in range(2):
-        add("F006", f"img_{i}.jpg", lambda p, s=70 + i: g.write_jpeg(p, 300, 300, seed=s), C.SKU_TOO_FEW_IMAGES)
+        add("F006", f"img_{i}.jpg", lambda p, s=70 + i: g.write_jpeg(p, 300, 300, seed=s))
     add("F006", "broken.jpg", lambda p: g.write_truncated_jpeg(p, seed=72), C.TRUNCATED)
+    # J010: one packshot (the single-shot setting): kept, index-only; K011: its only file is broken: dropped
+    add("J010", "packshot.jpg", lambda p: g.write_jpeg(p, 300, 300, seed=90))
+    add("K011", "broken.jpg", lambda p: g.write_truncated_jpeg(p, seed=91), C.TRUNCATED)
 
     # Z999: not in products.csv
     for i in range(3):
@@ -95,10 +98,10 @@ def _build(root: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, str]]:
 
     manifest = g.make_manifest(rows).sample(frac=1.0, random_state=0).reset_index(drop=True)  # unordered input
     products = pd.DataFrame({
-        "sku": ["A001", "B002", "C003", "D004", "E005", "F006", "G007"],  # G007: in catalog, no images
-        "name": [f"Product {c}" for c in "ABCDEFG"],
-        "category": ["snacks"] * 7,
-        "brand": ["Acme"] * 7,
+        "sku": ["A001", "B002", "C003", "D004", "E005", "F006", "G007", "J010", "K011"],  # G007: no images
+        "name": [f"Product {c}" for c in "ABCDEFGJK"],
+        "category": ["snacks"] * 9,
+        "brand": ["Acme"] * 9,
     })
     return manifest, products, expect
 
@@ -196,7 +199,7 @@ def test_pixel_limit_is_restored_and_bomb_never_decoded(tmp_path):
 def test_plain_rgb_images_are_kept_bit_exact_and_untouched(catalog):
     _, _, _, before, _, result = catalog
     plain = result.kept[~result.kept["normalised"]]
-    assert len(plain) == 6 + 3 + 3  # A001: 3 jpg + webp + bmp + tif; C003 x3; D004 x3
+    assert len(plain) == 6 + 3 + 3 + 2 + 2 + 1  # A001: 3 jpg + webp + bmp + tif; C003, D004 x3; E005, F006 x2; J010
     for r in plain.itertuples():
         assert r.clean_path == r.path
         assert g.file_sha256(r.clean_path) == r.sha256 == before[r.path]
@@ -272,13 +275,18 @@ def test_dropped_skus(catalog):
     *_, result = catalog
     ds = result.dropped_skus.set_index("sku")
     assert list(result.dropped_skus["sku"]) == sorted(result.dropped_skus["sku"])
-    assert set(ds.index) == {"E005", "F006", "G007", "Z999"}
-    assert ds.loc["E005", "reason"] == C.SKU_TOO_FEW_IMAGES and ds.loc["E005", "usable_images"] == 2
-    assert ds.loc["F006", "reason"] == C.SKU_TOO_FEW_IMAGES and ds.loc["F006", "usable_images"] == 2
+    assert set(ds.index) == {"G007", "K011", "Z999"}  # only SKUs with no usable image (or unknown) are dropped
     assert ds.loc["G007", "usable_images"] == 0 and "no image" in ds.loc["G007", "detail"]
+    assert ds.loc["K011", "reason"] == C.SKU_TOO_FEW_IMAGES and ds.loc["K011", "usable_images"] == 0
     assert ds.loc["Z999", "reason"] == C.UNKNOWN_SKU
-    assert sorted(result.kept["sku"].unique()) == ["A001", "B002", "C003", "D004"]
-    assert (result.kept.groupby("sku").size() >= 3).all()
+    assert sorted(result.kept["sku"].unique()) == ["A001", "B002", "C003", "D004", "E005", "F006", "J010"]
+    roles = result.sku_roles.set_index("sku")
+    assert roles["role"].to_dict() == {"A001": "train", "B002": "train", "C003": "train", "D004": "train",
+                                       "E005": "index", "F006": "index", "J010": "index"}
+    assert roles.loc["J010", "usable_images"] == 1 and roles.loc["F006", "usable_images"] == 2
+    assert (result.kept.groupby("sku")["role"].nunique() == 1).all()
+    train = result.kept[result.kept["role"] == "train"]
+    assert (train.groupby("sku").size() >= 3).all()
 
 
 def test_stats_and_order(catalog):
@@ -287,8 +295,9 @@ def test_stats_and_order(catalog):
     n_bad = sum(1 for r in expect.values() if r)
     assert (s["files_in"], s["files_dropped"], s["files_kept"]) == (len(manifest), n_bad, len(manifest) - n_bad)
     assert s["share_dropped"] == pytest.approx(n_bad / len(manifest))
-    assert (s["skus_in"], s["skus_kept"], s["skus_dropped"]) == (8, 4, 4)
-    assert s["dropped_by_reason"][C.NOT_AN_IMAGE] == 2 and s["dropped_by_reason"][C.SKU_TOO_FEW_IMAGES] == 4
+    assert (s["skus_in"], s["skus_kept"], s["skus_dropped"]) == (10, 7, 3)
+    assert (s["skus_train"], s["skus_index_only"], s["files_index_only"]) == (4, 3, 5)
+    assert s["dropped_by_reason"][C.NOT_AN_IMAGE] == 2 and C.SKU_TOO_FEW_IMAGES not in s["dropped_by_reason"]
     assert sum(s["dropped_by_reason"].values()) == n_bad
     assert s["normalised"] == 10 and s["cross_sku_duplicate_groups"] == 1
     assert s["images_per_s"] > 0 and s["seconds"] > 0
@@ -422,9 +431,10 @@ def test_check_cross_sku_duplication(catalog, tmp_path):
 def test_check_min_images(catalog):
     *_, result = catalog
     ok, md = checks.check_min_images(result)
-    assert not ok and md["n_skus_dropped_too_few"] == 3 and md["kept_skus_below_min"] == []
-    assert {d["sku"] for d in md["skus_dropped_too_few"]} == {"E005", "F006", "G007"}
-    assert checks.check_min_images(result, max_skus_below=3)[0]
+    assert not ok and md["n_skus_dropped_too_few"] == 2 and md["kept_skus_below_min"] == []
+    assert {d["sku"] for d in md["skus_dropped_too_few"]} == {"G007", "K011"}
+    assert md["index_only_skus"] == ["E005", "F006", "J010"] and md["skus_train"] == 4
+    assert checks.check_min_images(result, max_skus_below=2)[0]
     # a result violating the invariant (kept SKU below min) fails even with tolerance
     broken = replace(result, kept=result.kept[~((result.kept["sku"] == "C003") & (result.kept["key"] != "raw/C003/own_0.jpg"))])
     ok, md = checks.check_min_images(broken, max_skus_below=10)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -79,8 +80,9 @@ def test_image_table_violations_fail(cleaned):
     images.loc[kept[0], "sku"] = "NOT_IN_CATALOG"  # kept image with an unknown SKU
     images.loc[kept[1], "format"] = "PPM"  # format outside the allowed set
     images.loc[kept[2], "width"] = 5  # too narrow
-    images.loc[kept[4:8], "status"] = "dropped"  # dropped share 5/13 > 0.2, and P2 left with 0 kept
-    rep = validate_catalog(images, products, CFG, max_dropped_share=0.2)
+    images.loc[kept[4:8], "status"] = "dropped"  # dropped share 5/13 > 0.2, and a SKU left with 1 kept image
+    # one usable image is enough to be indexed (min_index_images 1); require 2 here to see the expectation fail
+    rep = validate_catalog(images, products, dataclasses.replace(CFG, min_index_images=2), max_dropped_share=0.2)
     assert not rep.success
     failed = {(r.table, r.name, r.column) for r in rep.failed()}
     assert failed == {

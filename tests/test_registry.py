@@ -107,9 +107,8 @@ def test_champion_lifecycle_on_real_mlflow(mlflow_server, saved_encoder, tmp_pat
     # download and load the champion: same weights, same embeddings
     import torch
 
-    from skulens.models import load_encoder
-
     from skulens.model_store import ModelStore, file_sha256
+    from skulens.models import load_encoder
 
     store = ModelStore(tmp_path / "models", uri, name)
     ref = store.champion()
