@@ -234,7 +234,8 @@ def sparse_split(report: EvalReport, catalog: pd.DataFrame, below: int) -> dict:
     for name, mask in (("sparse", sparse), ("rich", ~sparse)):
         n = int(mask.sum())
         out[f"n_{name}"] = float(n)
-        out[f"top1_{name}"] = float(p["correct"].to_numpy()[mask].mean()) if n else float("nan")
+        if n:  # no NaN in the metrics: they are compared and logged
+            out[f"top1_{name}"] = float(p["correct"].to_numpy()[mask].mean())
     return out
 
 

@@ -52,21 +52,24 @@ def test_demo_catalog_is_cleaned_checked_balanced_and_versioned(s3, demo_dir, dv
     checks = _checks(result)
     assert checks["dropped_share_below_threshold"] and checks["great_expectations_suite"]
     assert checks["products_sku_unique"] and checks["no_sku_copies_another"]
-    assert checks["skus_with_enough_images"] is False  # the demo's two-image SKU is dropped, and warned about
+    assert checks["skus_with_enough_images"]  # the demo's two-image SKU is kept (index-only), nothing dropped
 
     cleaned = result.output_for_node("cleaned_catalog")
     reasons = dict(zip(cleaned.dropped_files["key"].str.rsplit("/", n=1).str[-1], cleaned.dropped_files["reason"]))
     assert {"empty.jpg", "error-page.jpg", "truncated.jpg", "thumb.jpg"} <= set(reasons)
     assert ("00-copy.jpg" in reasons) != ("00.jpg" in reasons)  # one of the two identical files is kept
     assert len(set(reasons.values())) >= 5
-    assert "demo-009" in set(cleaned.dropped_skus["sku"])  # the lone SKU (8 demo SKUs + 1)
+    # the lone two-image SKU (8 demo SKUs + 1) is kept as an index-only SKU: indexed, not trained on
+    roles = cleaned.sku_roles.set_index("sku")["role"]
+    assert roles["demo-009"] == "index" and (roles.drop("demo-009") == "train").all()
+    assert "demo-009" not in set(cleaned.dropped_skus["sku"])
     clean_dir = repo / "data" / "clean"
     assert (clean_dir / "manifest.parquet").exists() and (clean_dir / "dropped_files.csv").exists()
     assert len(list((clean_dir / "images").rglob("*"))) >= len(cleaned.kept)
 
     bal = result.output_for_node("balanced_dataset")
     assert set(bal["train"].groupby("sku").size()) == {bal["depth"]}
-    assert set(bal["train"]["sku"]) == set(cleaned.kept["sku"])
+    assert set(bal["train"]["sku"]) == set(cleaned.kept["sku"]) - {"demo-009"}
 
     version = result.output_for_node("dataset_version")
     lock = yaml.safe_load((repo / "dvc.lock").read_text())

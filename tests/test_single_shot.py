@@ -1,0 +1,141 @@
+"""The single-shot setting through Dagster on real S3 + MLflow: a packshot-only catalog (one image per
+SKU) runs `main` to a published index and a correct recognition; a mixed catalog trains on its rich
+SKUs and indexes all of them, the sparse ones with shelf-like views, in the full build and in
+index_update alike."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from assets import datasets as dataset_assets
+from assets import evaluation, index, quality, training
+from assets import ingest as ingest_assets
+from skulens import importer
+from tests.conftest import pipeline_resources
+
+ASSETS = [ingest_assets.catalog_products, ingest_assets.catalog_images, ingest_assets.shelf_crops,
+          quality.cleaned_catalog, dataset_assets.balanced_dataset, quality.dataset_version,
+          training.trained_encoder, evaluation.model_evaluation, evaluation.registered_model, index.sku_index]
+CHECKS = [quality.dropped_share_below_threshold, quality.skus_with_enough_images]
+TINY = {"model": "tiny-test", "epochs": 1, "batch_size": 8, "base_lr": 2e-3, "arcface_lr": 2e-2}
+VIEWS = 2  # shelf-like views per image of a sparse SKU (small: tests stay fast)
+
+
+def _run(res, instance, ops: dict | None = None):
+    cfg = {"trained_encoder": training.TrainSettings(**TINY),
+           "balanced_dataset": dataset_assets.BalanceSettings(depth=6),
+           "model_evaluation": evaluation.EvalSettings(n_aug=2, sparse_views=VIEWS, include_base=False),
+           "sku_index": index.IndexSettings(sparse_views=VIEWS), **(ops or {})}
+    result = dg.materialize(ASSETS + CHECKS, resources=res, instance=instance, run_config=dg.RunConfig(ops=cfg))
+    assert result.success
+    return result
+
+
+def _recognizer(res, s3, bucket, tmp_path):
+    from skulens.recognize import Recognizer
+
+    store = res["mlflow"].store(Path(res["state"].home) / "cache" / "models")
+    return Recognizer.from_services(res["mlflow"].tracking_uri, res["mlflow"].model_name, s3.client(), bucket,
+                                    tmp_path / "rec", store=store)
+
+
+def test_packshot_only_catalog_is_indexed_and_recognized(s3, mlflow_server, dvc_repo, tmp_path, dagster_instance):
+    from skulens.demo import write_demo
+
+    demo = tmp_path / "demo"
+    write_demo(demo, n_skus=8, images_per_sku=1, crops_per_sku=2, photos=0, bad_files=False)
+    repo, bucket = dvc_repo
+    client = s3.client()
+    importer.import_catalog(client, bucket, demo / "catalog", progress=False)
+    importer.import_shelf(client, bucket, demo / "shelf", progress=False)
+    res = pipeline_resources(s3, bucket, repo, tmp_path / "state", mlflow_server.uri)
+    r = _run(res, dagster_instance)
+
+    cleaned = r.output_for_node("cleaned_catalog")
+    assert cleaned.stats["files_dropped"] == 0 and cleaned.stats["skus_index_only"] == 8
+    assert set(cleaned.kept["role"]) == {"index"}
+    assert len(r.output_for_node("balanced_dataset")["train"]) == 0
+    trained = r.output_for_node("trained_encoder")
+    assert trained["skipped"] and trained["base_tower"] and "training skipped" in trained["reason"]
+    ev = r.output_for_node("model_evaluation")
+    m = ev["models"]["challenger"]["metrics"]["catalog"]
+    assert m["n_sparse"] == ev["n_crops"] == 16 and m["n_rich"] == 0  # every SKU is sparse here
+    reg = r.output_for_node("registered_model")
+    assert reg["promoted"] and reg["version"] == "1"  # the base tower is the first model
+    idx = r.output_for_node("sku_index")
+    assert idx["published"] and idx["count"] == 8 * (1 + VIEWS) and idx["n_skus"] == 8
+
+    rec = _recognizer(res, s3, bucket, tmp_path)
+    assert rec.model_version == "1" and rec.index.meta["sparse"]["skus"] == 8
+    packshot = sorted((demo / "catalog" / "images").glob("*/00.jpg"))[3]
+    hit = rec.recognize(str(packshot), k=3)[0]
+    assert hit["sku"] == packshot.parent.name and hit["score"] == pytest.approx(1.0, abs=1e-4)
+
+    # a second run with nothing new: training skipped again, the champion stays, nothing registered
+    r2 = _run(res, dagster_instance)
+    t2 = r2.output_for_node("trained_encoder")
+    assert t2["skipped"] and t2["encoder_uri"] is None and "champion v1 stays" in t2["reason"]
+    assert r2.output_for_node("registered_model")["version"] is None
+    ev2 = r2.output_for_node("model_evaluation")
+    assert "challenger" not in ev2["models"] and ev2["champion_version"] == "1"
+    assert r2.output_for_node("sku_index")["model_version"] == "1"
+
+
+def test_mixed_catalog_trains_on_rich_skus_and_indexes_all(s3, mlflow_server, dvc_repo, tmp_path, dagster_instance):
+    from skulens.demo import write_demo
+    from skulens.index import load_current
+
+    demo = tmp_path / "demo"
+    write_demo(demo, n_skus=9, images_per_sku=4, crops_per_sku=2, photos=0, bad_files=False)
+    sparse = sorted(p.name for p in (demo / "catalog" / "images").iterdir())[-3:]
+    for sku in sparse:  # three launches with one packshot each
+        for f in sorted((demo / "catalog" / "images" / sku).glob("*.jpg"))[1:]:
+            f.unlink()
+    repo, bucket = dvc_repo
+    client = s3.client()
+    importer.import_catalog(client, bucket, demo / "catalog", progress=False)
+    importer.import_shelf(client, bucket, demo / "shelf", progress=False)
+    res = pipeline_resources(s3, bucket, repo, tmp_path / "state", mlflow_server.uri)
+    r = _run(res, dagster_instance, {"trained_encoder": training.TrainSettings(**TINY, min_train_images=12)})
+
+    roles = r.output_for_node("cleaned_catalog").sku_roles.set_index("sku")["role"]
+    assert sorted(roles[roles == "index"].index) == sparse and (roles == "train").sum() == 6
+    bal = r.output_for_node("balanced_dataset")
+    assert set(bal["train"]["sku"]) == set(roles[roles == "train"].index)  # trained on the rich SKUs only
+    trained = r.output_for_node("trained_encoder")
+    assert not trained.get("skipped") and trained["encoder_uri"].startswith("runs:/")
+    m = r.output_for_node("model_evaluation")["models"]["challenger"]["metrics"]["catalog"]
+    assert m["n_sparse"] == 3 * 2 and m["n_rich"] == 6 * 2
+    idx = r.output_for_node("sku_index")
+    assert idx["n_skus"] == 9 and idx["count"] == 6 * 4 + 3 * (1 + VIEWS)  # every SKU, sparse ones with views
+
+    # index_update applies the same rule to a new packshot-only SKU (no retraining)
+    new = demo / "new-sku"
+    shutil.copytree(demo / "catalog" / "images" / sparse[0], new / "images" / "NEW-001")
+    (new / "products.csv").write_text((demo / "catalog" / "products.csv").read_text()
+                                      + "NEW-001,New Launch 100 g,snacks,Acme,100 g\n")
+    (new / "images" / "NEW-001" / "00.jpg").write_bytes(
+        _other_image((demo / "catalog" / "images" / sparse[0] / "00.jpg")))
+    importer.import_catalog(client, bucket, new, progress=False)
+    from assets import index_update
+
+    result = index_update.index_update.execute_in_process(resources=res, instance=dagster_instance)
+    assert result.success
+    current, _ = load_current(client, bucket, cache_dir=tmp_path / "idx")
+    keys = [k for k, s in zip(current.keys, current.skus) if s == "NEW-001"]
+    assert len(keys) == 1 + current.meta["sparse"]["views"] and current.meta["sparse"]["views"] == VIEWS
+
+
+def _other_image(path: Path) -> bytes:
+    """A different, valid JPEG (a new product's packshot): the demo packshot mirrored."""
+    import io
+
+    from PIL import Image, ImageOps
+
+    buf = io.BytesIO()
+    ImageOps.mirror(Image.open(path).convert("RGB")).save(buf, "JPEG", quality=92)
+    return buf.getvalue()
