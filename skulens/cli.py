@@ -282,7 +282,7 @@ def _run_logged(cmd: list[str], env: dict, cwd: Path, log_path: Path) -> tuple[i
             sys.stdout.write(line)
             log.write(line)
             i = line.find(ERROR_MARK)
-            if i >= 0:
+            if i >= 0 and error is None and "Failure(" not in line:  # the event, not the source line of a traceback
                 error = line[i + len(ERROR_MARK):].strip().rstrip('"\'').strip()
         rc = proc.wait()
     return rc, log_path, error

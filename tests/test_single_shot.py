@@ -139,3 +139,63 @@ def _other_image(path: Path) -> bytes:
     buf = io.BytesIO()
     ImageOps.mirror(Image.open(path).convert("RGB")).save(buf, "JPEG", quality=92)
     return buf.getvalue()
+
+
+def _failure_text(result) -> str:
+    evs = [e for e in result.all_events if e.is_step_failure]
+    assert evs, "expected a step failure"
+    err = evs[0].step_failure_data.error
+    return " ".join(filter(None, [err.message, *(c.message for c in [err.cause] if c)]))
+
+
+def test_a_catalog_with_no_usable_image_fails_with_one_clear_line(s3, dvc_repo, tmp_path, dagster_instance):
+    cat = tmp_path / "bad"
+    (cat / "images" / "SKU-1").mkdir(parents=True)
+    (cat / "images" / "SKU-1" / "a.jpg").write_bytes(b"<html>502 Bad Gateway</html>" + b" " * 2000)
+    (cat / "images" / "SKU-1" / "b.jpg").write_bytes(b"")
+    (cat / "products.csv").write_text("sku,name\nSKU-1,Broken Product\n")
+    repo, bucket = dvc_repo
+    importer.import_catalog(s3.client(), bucket, cat, progress=False)
+    res = pipeline_resources(s3, bucket, repo, tmp_path / "state")
+    result = dg.materialize([ingest_assets.catalog_products, ingest_assets.catalog_images, quality.cleaned_catalog],
+                            resources=res, instance=dagster_instance, raise_on_error=False)
+    assert not result.success
+    text = _failure_text(result)
+    assert "skulens error: no usable catalog image: all 2 file(s) were dropped" in text
+    assert "NOT_AN_IMAGE 1" in text and "EMPTY 1" in text and "dropped_files.csv" in text
+
+
+def test_shelf_crops_of_unknown_skus_fail_with_one_clear_line(s3, mlflow_server, dvc_repo, tmp_path, dagster_instance):
+    from skulens.demo import write_demo
+
+    demo = tmp_path / "demo"
+    write_demo(demo, n_skus=4, images_per_sku=1, crops_per_sku=1, photos=0, bad_files=False)
+    shelf = tmp_path / "shelf"
+    for i, crop in enumerate(sorted((demo / "shelf").glob("*/crop00.jpg"))):
+        (shelf / f"OTHER-{i}").mkdir(parents=True)
+        (shelf / f"OTHER-{i}" / "c.jpg").write_bytes(crop.read_bytes())
+    repo, bucket = dvc_repo
+    importer.import_catalog(s3.client(), bucket, demo / "catalog", progress=False)
+    importer.import_shelf(s3.client(), bucket, shelf, progress=False)
+    res = pipeline_resources(s3, bucket, repo, tmp_path / "state", mlflow_server.uri)
+    cfg = {"trained_encoder": training.TrainSettings(**TINY)}
+    result = dg.materialize(ASSETS[:8], resources=res, instance=dagster_instance, raise_on_error=False,
+                            run_config=dg.RunConfig(ops=cfg))
+    assert not result.success
+    text = _failure_text(result)
+    assert "skulens error: none of the 4 SKUs of the shelf crops is in the cleaned catalog" in text
+
+
+def test_skulens_run_reports_the_error_line_and_the_log(tmp_path):
+    """`skulens run` echoes the job's output, keeps it in a log, and names the one-line cause."""
+    import sys
+
+    from skulens.cli import _run_logged
+
+    code = ("import sys; print('lots of events'); "
+            "print('dagster._core.definitions.events.Failure: skulens error: no usable catalog image: all 3 dropped'); "
+            "print('Traceback (most recent call last): ...'); "
+            "print('    raise dg.Failure(f\\'skulens error: no usable catalog image: all {n} dropped\\')'); sys.exit(1)")
+    rc, log, error = _run_logged([sys.executable, "-c", code], {}, tmp_path, tmp_path / "logs" / "run.log")
+    assert rc == 1 and error == "no usable catalog image: all 3 dropped"
+    assert "lots of events" in log.read_text() and "Traceback" in log.read_text()
