@@ -65,7 +65,8 @@ def model_evaluation(context: dg.AssetExecutionContext, config: EvalSettings, tr
         str(challenger) if challenger else None, crops, catalog, catalog_products, store,
         k=config.k, n_aug=config.n_aug, aug_seed=config.aug_seed,
         base_seed=int((trained_encoder.get("train_config") or {}).get("seed") or 0),
-        batch_size=config.batch_size, device=device, include_base=config.include_base,
+        batch_size=config.batch_size, device=device,
+        include_base=config.include_base and not trained_encoder.get("base_tower"),  # the challenger is the base
         include_champion=config.include_champion, cache_dir=state.path("cache", "embeddings"),
         echo=context.log.info, sparse_below=config.sparse_below, sparse_views=config.sparse_views,
         base_spec=trained_encoder.get("spec") if skipped else None,
