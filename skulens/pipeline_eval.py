@@ -116,7 +116,7 @@ class EmbeddingCache:
     index build reuses what the evaluation computed with the same weights (and a re-run skips work).
     Files are written atomically; a damaged or mismatching file is ignored."""
 
-    def __init__(self, root: str | os.PathLike, keep: int = 4):
+    def __init__(self, root: str | os.PathLike, keep: int = 8):
         self.root = Path(root)
         self.keep = keep  # newest files kept; older ones are removed (local cache only)
 
