@@ -21,9 +21,11 @@ def _settings() -> Settings:
 
 
 def _client(settings: Settings):
+    """S3 for recognition: few retries and short connect timeouts, so a store that is down is
+    reported in seconds (the pipeline's own client retries harder)."""
     from skulens.s3 import client_for
 
-    return client_for(settings)
+    return client_for(settings, max_attempts=2, connect_timeout=2.0, read_timeout=30.0)
 
 
 def _load_recognizer(settings: Settings, device: str, reload_interval_s: float = 30.0, warmup: bool = False):

@@ -89,12 +89,13 @@ def object_exists(client, bucket: str, key: str) -> bool:
         raise
 
 
-def client_for(settings) -> "object":
-    """The S3 client for a skulens ``Settings`` (endpoint, region) with keys from the environment."""
+def client_for(settings, **kw) -> "object":
+    """The S3 client for a skulens ``Settings`` (endpoint, region) with keys from the environment;
+    ``kw`` goes to :func:`make_client` (retries, timeouts)."""
     from skulens.settings import load_local_env, s3_credentials
 
     load_local_env(settings)  # picks up keys `services up` may have just generated
-    return make_client(settings.s3_endpoint, *s3_credentials(), region=settings.region)
+    return make_client(settings.s3_endpoint, *s3_credentials(), region=settings.region, **kw)
 
 
 def client_from_env(endpoint: str | None = None, region: str | None = None):

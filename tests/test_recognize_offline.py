@@ -164,3 +164,17 @@ def test_recognize_and_serve_with_mlflow_down(stack):
         r = c.post("/recognize", files={"file": ("c.png", buf.getvalue(), "image/png")})
         assert r.status_code == 503 and "MLflow" in r.json()["detail"]
     assert time.monotonic() - t0 < 60
+
+
+def test_recognize_with_s3_down_fails_fast_with_one_line(tmp_path):
+    """No store answering on the endpoint: one line naming it, in seconds, no traceback."""
+    img = tmp_path / "c.png"
+    _product(1).save(img)
+    env = {**os.environ, "SKULENS_HOME": str(tmp_path / "home"),
+           "SKULENS_S3_ENDPOINT": f"http://127.0.0.1:{free_port()}", "SKULENS_MLFLOW_URI": f"http://127.0.0.1:{free_port()}",
+           ACCESS_KEY_VAR: "k" * 20, SECRET_KEY_VAR: "s" * 40}
+    proc, seconds = _recognize(env, img)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and "S3 store" in err[0] and "did not answer" in err[0], proc.stderr
+    assert seconds < 30, f"took {seconds:.1f}s to fail"
