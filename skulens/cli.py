@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -224,8 +225,13 @@ def data_balance(clean_dir: Path, out: Path, params_file: Path) -> None:
 @click.option("--job", default="main", show_default=True, help="Dagster job to execute.")
 @click.option("--demo/--no-demo", default=True, show_default=True,
               help="Load the demo catalog when the bucket has no catalog yet.")
-def run_cmd(job: str, demo: bool) -> None:
-    """Start the services, load the demo catalog if the bucket is empty, and run the pipeline."""
+@click.option("--verbose", is_flag=True, help="Echo every Dagster event and traceback (they are always in the log file).")
+def run_cmd(job: str, demo: bool, verbose: bool) -> None:
+    """Start the services, load the demo catalog if the bucket is empty, and run the pipeline.
+
+    The console shows the run's INFO/WARNING/ERROR lines; DEBUG events and tracebacks go only to
+    the log file (.skulens/logs/run-<job>-<time>.log) unless --verbose. A failed run ends with one
+    line naming the cause and the log."""
     from skulens import importer
     from skulens.s3 import bucket_is_empty, ensure_bucket
     from skulens.services import DEFAULT, ServiceManager, write_dagster_yaml
@@ -252,7 +258,8 @@ def run_cmd(job: str, demo: bool) -> None:
     cmd = [str(Path(sys.executable).parent / "dagster"), "job", "execute", "-m", "pipelines.definitions",
            "-d", str(root), "-j", job]
     click.echo(f"running Dagster job {job!r} (DAGSTER_HOME={s.dagster_home}) ...")
-    rc, log_path, error = _run_logged(cmd, env, root, s.log_dir / f"run-{job}-{time.strftime('%Y%m%dT%H%M%S')}.log")
+    rc, log_path, error = _run_logged(cmd, env, root, s.log_dir / f"run-{job}-{time.strftime('%Y%m%dT%H%M%S')}.log",
+                                      echo_all=verbose)
     took = time.monotonic() - t0
     if rc != 0:
         what = error or f"job {job!r} failed (exit {rc}); see the run in the UI (make ui)"
@@ -270,16 +277,49 @@ def run_cmd(job: str, demo: bool) -> None:
 ERROR_MARK = "skulens error: "  # assets raise dg.Failure("skulens error: <what happened and what to do>")
 
 
-def _run_logged(cmd: list[str], env: dict, cwd: Path, log_path: Path) -> tuple[int, Path, str | None]:
-    """Run ``cmd``, echoing its output and keeping all of it in ``log_path``: ``(exit code, log path,
-    the last one-line skulens error it printed, if any)``."""
+_EVENT = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d [+-]\d{4} - dagster - (\w+) - ")
+
+
+class _ConsoleFilter:
+    """Which lines of a `dagster job execute` run reach the console: events at INFO and above and
+    plain lines, but not DEBUG events, and not tracebacks (from a "Traceback" / error-class line up
+    to the next event). Everything goes to the log file regardless."""
+
+    def __init__(self):
+        self.in_trace = False
+
+    def __call__(self, line: str) -> bool:
+        m = _EVENT.match(line)
+        if m:
+            self.in_trace = False
+            skipped_step = "Dependencies for step" in line and "Not executing" in line  # follows the real error
+            return m.group(1) != "DEBUG" and not skipped_step
+        if self.in_trace:
+            return False
+        stripped = line.strip()
+        if (stripped.startswith(("Traceback (most recent call last)", "The above exception", "Stack Trace:",
+                                 "During handling of the above exception"))
+                or re.match(r"^[a-zA-Z_][\w.]*(Error|Exception|Failure)\b.*:", stripped)
+                or re.match(r"^\S+\.py:\d+: \w*Warning: ", stripped)):  # library warnings: log only
+            self.in_trace = True
+            return False
+        return True
+
+
+def _run_logged(cmd: list[str], env: dict, cwd: Path, log_path: Path,
+                echo_all: bool = False) -> tuple[int, Path, str | None]:
+    """Run ``cmd``, echoing its output (filtered, see :class:`_ConsoleFilter`, unless ``echo_all``) and
+    keeping all of it in ``log_path``: ``(exit code, log path, the first one-line skulens error it
+    printed, if any)``."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     error = None
+    show = _ConsoleFilter()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, env=env, cwd=str(cwd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, errors="replace")
         for line in proc.stdout:
-            sys.stdout.write(line)
+            if show(line) or echo_all:
+                sys.stdout.write(line)
             log.write(line)
             i = line.find(ERROR_MARK)
             if i >= 0 and error is None and "Failure(" not in line:  # the event, not the source line of a traceback

@@ -199,3 +199,26 @@ def test_skulens_run_reports_the_error_line_and_the_log(tmp_path):
     rc, log, error = _run_logged([sys.executable, "-c", code], {}, tmp_path, tmp_path / "logs" / "run.log")
     assert rc == 1 and error == "no usable catalog image: all 3 dropped"
     assert "lots of events" in log.read_text() and "Traceback" in log.read_text()
+
+
+def test_skulens_run_console_shows_events_not_debug_or_tracebacks():
+    from skulens.cli import _ConsoleFilter
+
+    ev = "2026-12-01 16:07:30 +0000 - dagster - {} - main - 75c2 - 16307 - cleaned_catalog - {}\n"
+    lines = [
+        ("running Dagster job 'main' ...\n", True),
+        (ev.format("DEBUG", "STEP_START - Started execution"), False),
+        (ev.format("INFO", "cleaned 2 files"), True),
+        ("/x/site-packages/dagster/sensor_definition.py:809: BetaWarning: Parameter `owners` is in beta\n", False),
+        ("  return SensorDefinition(\n", False),
+        (ev.format("ERROR", 'STEP_FAILURE - Execution of step "cleaned_catalog" failed.'), True),
+        ("dagster._core.errors.DagsterExecutionStepExecutionError: Error occurred while executing op:\n", False),
+        ("\n", False),
+        ("The above exception was caused by the following exception:\n", False),
+        ("dagster._core.definitions.events.Failure: skulens error: no usable catalog image\n", False),
+        ("  File \"/work/main/assets/quality.py\", line 53, in cleaned_catalog\n", False),
+        (ev.format("ERROR", "sku_index - Dependencies for step sku_index failed: ['x']. Not executing."), False),
+        (ev.format("ERROR", 'RUN_FAILURE - Execution of run for "main" failed.'), True),
+    ]
+    show = _ConsoleFilter()
+    assert [show(line) for line, _ in lines] == [want for _, want in lines]
