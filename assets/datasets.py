@@ -34,9 +34,8 @@ def balanced_dataset(context: dg.AssetExecutionContext, config: BalanceSettings,
     train = bal.balance(train_src, depth, seed=config.seed)
     params = {"depth": depth, "val_per_sku": config.val_per_sku, "seed": config.seed}
     datasets.write_balanced(train, val, dvc.data_dir("clean"), dvc.data_dir("balanced"), params)
-    tar, sha = bundles.pack(dvc.data_dir("balanced"), dvc.data_dir("clean"),
+    bundle = bundles.ensure(s3.client(), s3.bucket, dvc.data_dir("balanced"), dvc.data_dir("clean"),
                             state.path("bundles") / "balanced.tar")
-    bundle = bundles.publish(s3.client(), s3.bucket, tar, sha)
     per_sku = train.groupby("sku").size() if len(train) else pd.Series([0])
     context.log.info(f"balanced: {train['sku'].nunique()} training SKUs x {depth} = {len(train)} rows "
                      f"({int(train['augment'].sum())} oversampled copies); validation {len(val)} images")

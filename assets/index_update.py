@@ -49,10 +49,6 @@ def update_sku_index(context: dg.OpExecutionContext, config: IndexUpdateConfig, 
         index = SkuIndex(np.zeros((0, encoder.embed_dim), np.float32), np.array([], dtype=str),
                          np.array([], dtype=str), model_version=version, meta={SOURCES_META: {}})
     index.meta.update(model_meta)
-    if "sparse" not in index.meta:  # the full build's rule (assets/index.py IndexSettings defaults)
-        from skulens.pipeline_eval import SPARSE_BELOW, SPARSE_VIEWS
-
-        index.meta["sparse"] = {"below": SPARSE_BELOW, "views": SPARSE_VIEWS, "seed": 0}
     new, report = update_index(encoder, index, sync.manifest, state.path("cache", "index-normalised"), version,
                                batch_size=config.batch_size)
     if not report.changed_skus and not report.removed_skus and pointer is not None:

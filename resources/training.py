@@ -1,6 +1,7 @@
 """Where training runs: in the run's own process (`local`) or in another process through Dagster Pipes (`pipes`)."""
 
 import sys
+from pathlib import Path
 from typing import Literal
 
 import dagster as dg
@@ -25,7 +26,7 @@ class TrainingResource(dg.ConfigurableResource):
                                         description="k8s mode: node selector of the GPU node pool")
     k8s_gpus: int = Field(default=1, description="k8s mode: nvidia.com/gpu limit of the pod")
     work_dir: str | None = Field(default=None, description="pipes mode: working directory of the training "
-                                 "process (checkpoints, fetched dataset); default: a folder in the state home")
+                                 "process (checkpoints, fetched dataset); default: <state home>/training/pipes")
 
     def train(self, context: dg.AssetExecutionContext, request: dict) -> dict:
         """Run the training request. Outside the run's own process the request carries no local
@@ -39,12 +40,17 @@ class TrainingResource(dg.ConfigurableResource):
         if not remote.get("dataset"):
             raise dg.Failure(f"training mode {self.mode!r} needs the dataset bundle in S3 (balanced_dataset's "
                              "'bundle'); re-materialize balanced_dataset")
-        return self._pipes(context, remote)
+        cwd = self.work_dir
+        if cwd is None and self.mode == "pipes":  # not the Dagster process's cwd (the repository)
+            cwd = str(Path(request["out_dir"]).parent / "pipes")
+            Path(cwd).mkdir(parents=True, exist_ok=True)
+        return self._pipes(context, remote, cwd)
 
-    def pipes_client_and_kwargs(self) -> tuple:
+    def pipes_client_and_kwargs(self, cwd: str | None = None) -> tuple:
         """The Pipes client for this mode and the extra run() arguments it needs."""
         if self.mode == "pipes":
-            return dg.PipesSubprocessClient(cwd=self.work_dir), {"command": [self.python, "-m", "resources.pipes_train"]}
+            return dg.PipesSubprocessClient(cwd=cwd or self.work_dir), {"command": [self.python, "-m",
+                                                                                 "resources.pipes_train"]}
         try:
             from dagster_k8s import PipesK8sClient
         except ImportError as exc:
@@ -66,8 +72,8 @@ class TrainingResource(dg.ConfigurableResource):
                                 "slow for ViT towers; run on a GPU node with mode=pipes, see README)")
         return run_training({**request, "device": device}, echo=context.log.info)
 
-    def _pipes(self, context, request: dict) -> dict:
-        client, kwargs = self.pipes_client_and_kwargs()
+    def _pipes(self, context, request: dict, cwd: str | None = None) -> dict:
+        client, kwargs = self.pipes_client_and_kwargs(cwd)
         invocation = client.run(context=context, extras={"request": request}, **kwargs)
         results = invocation.get_results()
         if not results:

@@ -100,14 +100,15 @@ def update_index(encoder, index, manifest: pd.DataFrame, work_dir: Path, model_v
     checked with the cleaning rules first (a corrupt upload is dropped and reported, never indexed);
     a single good image is enough for a SKU to be recognizable (RetailKLIP: one image per product).
     Sparse SKUs get the same shelf-like views as in the full build: the rule is read from the index
-    meta (``sparse``: below, views, seed), written by :func:`skulens.pipeline_eval.catalog_index`.
+    meta (``sparse``: below, views, seed), written by :func:`skulens.pipeline_eval.catalog_index`
+    (an index that records none gets ``DEFAULT_SPARSE_RULE``, which the update then records).
     Returns (new index, UpdateReport).
     """
     import numpy as np
 
     from skulens.clean import CleanConfig, clean_catalog
     from skulens.embed import embed_images
-    from skulens.pipeline_eval import sparse_rows, view_vectors
+    from skulens.pipeline_eval import DEFAULT_SPARSE_RULE, sparse_rows, view_labels, view_vectors
 
     t0 = time.perf_counter()
     indexed = dict(index.meta.get(SOURCES_META, {}))
@@ -120,11 +121,12 @@ def update_index(encoder, index, manifest: pd.DataFrame, work_dir: Path, model_v
     kept = cleaned.kept
     vectors = embed_images(encoder, kept["clean_path"].tolist(), batch_size=batch_size) if len(kept) else None
     skus, keys = kept["sku"].tolist(), kept["key"].astype(str).tolist()
-    rule = dict(index.meta.get("sparse") or {})
+    rule = dict(index.meta.get("sparse") or DEFAULT_SPARSE_RULE)
     views = int(rule.get("views", 0))
     sparse = sparse_rows(kept, int(rule.get("below", 0))) if views > 0 and len(kept) else kept.iloc[:0]
     if len(sparse):
-        v, vs, vk = view_vectors(encoder, sparse, views, int(rule.get("seed", 0)), batch_size)
+        vs, vk = view_labels(sparse, views)
+        v = view_vectors(encoder, sparse, views, int(rule.get("seed", 0)), batch_size)
         vectors, skus, keys = np.concatenate([vectors, v]), skus + vs, keys + vk
     t3 = time.perf_counter()
     gone = sorted(set(delta.removed_skus) | (set(delta.changed_skus) - set(kept["sku"])))
@@ -136,6 +138,7 @@ def update_index(encoder, index, manifest: pd.DataFrame, work_dir: Path, model_v
     # every file looked at counts as seen (dropped ones too), so a bad upload is not retried until it changes
     sources.update(dict(zip(rows["key"], rows["etag"])))
     new.meta[SOURCES_META] = sources
+    new.meta.setdefault("sparse", rule)
     report = UpdateReport(changed_skus=delta.changed_skus, removed_skus=gone, embedded_images=len(kept),
                           dropped_files=cleaned.dropped_files,
                           seconds={"delta": round(t1 - t0, 3), "check": round(t2 - t1, 3),

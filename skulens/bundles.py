@@ -8,14 +8,14 @@ training set references into one deterministic tar::
     balanced/train.parquet, balanced/val.parquet, balanced/params.json
     clean/images/<sku>/<file>            only the images the two frames reference
 
-uploads it once to ``s3://<bucket>/artifacts/datasets/<sha256>.tar`` (a second run with the same data
-finds it and uploads nothing) and passes ``{uri, sha256}`` on. :func:`fetch` downloads, verifies the
+uploads it once to ``s3://<bucket>/artifacts/datasets/<content key>.tar`` and passes ``{uri, sha256}``
+on (:func:`ensure`). The content key hashes the balanced folder's files, whose rows carry every
+image's sha256: a run with the same data finds the object and neither packs nor uploads again. :func:`fetch` downloads, verifies the
 sha256 and unpacks it (refusing any member that would land outside the target folder).
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import shutil
@@ -25,7 +25,9 @@ from pathlib import Path
 
 import pandas as pd
 
-__all__ = ["PREFIX", "fetch", "pack", "publish"]
+from skulens.model_store import file_sha256
+
+__all__ = ["PREFIX", "content_key", "ensure", "fetch", "pack", "publish"]
 
 PREFIX = "artifacts/datasets"
 
@@ -56,25 +58,52 @@ def pack(balanced_dir: str | os.PathLike, clean_dir: str | os.PathLike, out: str
             _add(tar, f"balanced/{f}", path=balanced_dir / f)
         for p in sorted(rel):
             _add(tar, f"clean/{p}", path=clean_dir / p)
-    h = hashlib.sha256()
-    with open(tmp, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
+    sha = file_sha256(tmp)
     os.replace(tmp, out)
-    return out, h.hexdigest()
+    return out, sha
 
 
-def publish(client, bucket: str, tar_path: str | os.PathLike, sha256: str, prefix: str = PREFIX) -> dict:
-    """Upload the tar under its sha256 unless an object of that name and size is there: ``{uri, sha256, bytes, uploaded}``."""
-    from skulens.s3 import object_exists
+def content_key(balanced_dir: str | os.PathLike) -> str:
+    """sha256 over the balanced folder's files (rows name each image by its sha256)."""
+    import hashlib
 
-    key = f"{prefix.strip('/')}/{sha256}.tar"
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(balanced_dir).iterdir() if p.is_file()):
+        h.update(f.name.encode() + b"\0" + file_sha256(f).encode() + b"\n")
+    return h.hexdigest()
+
+
+def publish(client, bucket: str, tar_path: str | os.PathLike, sha256: str, key: str | None = None,
+            prefix: str = PREFIX) -> dict:
+    """Upload the tar as ``<prefix>/<key or sha256>.tar`` with its sha256 in the object metadata:
+    ``{uri, sha256, bytes, uploaded}``."""
+    obj = f"{prefix.strip('/')}/{key or sha256}.tar"
     size = Path(tar_path).stat().st_size
-    uploaded = False
-    if not object_exists(client, bucket, key) or int(client.head_object(Bucket=bucket, Key=key)["ContentLength"]) != size:
-        client.upload_file(str(tar_path), bucket, key, ExtraArgs={"Metadata": {"sha256": sha256}})
-        uploaded = True
-    return {"uri": f"s3://{bucket}/{key}", "sha256": sha256, "bytes": size, "uploaded": uploaded}
+    client.upload_file(str(tar_path), bucket, obj, ExtraArgs={"Metadata": {"sha256": sha256}})
+    return {"uri": f"s3://{bucket}/{obj}", "sha256": sha256, "bytes": size, "uploaded": True}
+
+
+def ensure(client, bucket: str, balanced_dir: str | os.PathLike, clean_dir: str | os.PathLike,
+           work_tar: str | os.PathLike, prefix: str = PREFIX) -> dict:
+    """The bundle of this balanced folder in S3, packed and uploaded only when it is not there yet."""
+    from botocore.exceptions import ClientError
+
+    key = content_key(balanced_dir)
+    obj = f"{prefix.strip('/')}/{key}.tar"
+    try:
+        head = client.head_object(Bucket=bucket, Key=obj)
+        sha = (head.get("Metadata") or {}).get("sha256")
+        if sha:
+            return {"uri": f"s3://{bucket}/{obj}", "sha256": sha, "bytes": int(head["ContentLength"]),
+                    "uploaded": False}
+    except ClientError as e:
+        if str(e.response.get("Error", {}).get("Code")) not in ("404", "NoSuchKey", "NotFound"):
+            raise
+    tar, sha = pack(balanced_dir, clean_dir, work_tar)
+    try:
+        return publish(client, bucket, tar, sha, key=key, prefix=prefix)
+    finally:
+        Path(tar).unlink(missing_ok=True)
 
 
 def fetch(client, uri: str, sha256: str, dst: str | os.PathLike) -> tuple[Path, Path]:
@@ -90,12 +119,9 @@ def fetch(client, uri: str, sha256: str, dst: str | os.PathLike) -> tuple[Path, 
     with tempfile.TemporaryDirectory(dir=root.parent, prefix=".fetch-") as td:
         tar_path = Path(td) / "bundle.tar"
         client.download_file(bucket, key, str(tar_path))
-        h = hashlib.sha256()
-        with open(tar_path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        if h.hexdigest() != sha256:
-            raise ValueError(f"{uri}: sha256 {h.hexdigest()[:12]} does not match the expected {sha256[:12]}")
+        got = file_sha256(tar_path)
+        if got != sha256:
+            raise ValueError(f"{uri}: sha256 {got[:12]} does not match the expected {sha256[:12]}")
         out = Path(td) / "x"
         out.mkdir()
         with tarfile.open(tar_path) as tar:

@@ -159,11 +159,22 @@ def sparse_rows(catalog: pd.DataFrame, below: int) -> pd.DataFrame:
     return catalog[counts < below]
 
 
+#: the sparse-SKU rule of an index that records none (the IndexSettings defaults)
+DEFAULT_SPARSE_RULE = {"below": SPARSE_BELOW, "views": SPARSE_VIEWS, "seed": 0}
+
+
+def view_labels(rows: pd.DataFrame, views: int) -> tuple[list[str], list[str]]:
+    """``(skus, keys)`` of the view rows of ``rows``, in :func:`view_vectors` order (keys ``<key>#aug<i>``)."""
+    skus = [s for s in rows["sku"].astype(str) for _ in range(views)]
+    keys = [f"{k}#aug{i}" for k in rows["key"].astype(str) for i in range(1, views + 1)]
+    return skus, keys
+
+
 def view_vectors(encoder, rows: pd.DataFrame, views: int, seed: int = 0, batch_size: int = 64,
                  chunk: int = 16):
     """``views`` shelf-like augmentations (:func:`skulens.augment.shelf_augment`) of each row's image,
-    embedded: ``(vectors, skus, keys)`` with keys ``<key>#aug<i>``. Seeded per (seed, key), so a SKU's
-    views do not depend on the rest of the catalog (the full build and ``index_update`` agree)."""
+    embedded, in :func:`view_labels` order. Seeded per (seed, key), so a SKU's views do not depend on
+    the rest of the catalog (the full build and ``index_update`` agree)."""
     import zlib
 
     import numpy as np
@@ -172,19 +183,17 @@ def view_vectors(encoder, rows: pd.DataFrame, views: int, seed: int = 0, batch_s
     from skulens.embed import embed_images
     from skulens.images import load_rgb
 
-    vecs, skus, keys = [], [], []
-    items = list(zip(rows["sku"].astype(str), rows["key"].astype(str), rows["clean_path"].astype(str)))
+    vecs = []
+    items = list(zip(rows["key"].astype(str), rows["clean_path"].astype(str)))
     for start in range(0, len(items), chunk):  # a few images at a time: packshots can be large
         imgs = []
-        for sku, key, path in items[start:start + chunk]:
+        for key, path in items[start:start + chunk]:
             base = load_rgb(path)
             rng = np.random.default_rng([int(seed), zlib.crc32(key.encode())])
             imgs += [shelf_augment(base, rng) for _ in range(views)]
-            skus += [sku] * views
-            keys += [f"{key}#aug{i}" for i in range(1, views + 1)]
         vecs.append(embed_images(encoder, imgs, batch_size=batch_size))
     dim = int(getattr(encoder, "embed_dim", 0) or (vecs[0].shape[1] if vecs else 0))
-    return (np.concatenate(vecs) if vecs else np.zeros((0, dim), np.float32)), skus, keys
+    return np.concatenate(vecs) if vecs else np.zeros((0, dim), np.float32)
 
 
 def catalog_index(encoder, catalog: pd.DataFrame, model_version: str | None = None, batch_size: int = 64,
@@ -213,11 +222,10 @@ def catalog_index(encoder, catalog: pd.DataFrame, model_version: str | None = No
         n_views = len(rows) * sparse_views
         v = cache.get(encoder_sha, vfp, n_views) if vfp else None
         if v is None:
-            v, _, _ = view_vectors(encoder, rows, sparse_views, aug_seed, batch_size)
+            v = view_vectors(encoder, rows, sparse_views, aug_seed, batch_size)
             if vfp:
                 cache.put(encoder_sha, vfp, v)
-        vskus = [s for s in rows["sku"].astype(str) for _ in range(sparse_views)]
-        vkeys = [f"{k}#aug{i}" for k in rows["key"].astype(str) for i in range(1, sparse_views + 1)]
+        vskus, vkeys = view_labels(rows, sparse_views)
         vecs, skus, keys = np.concatenate([vecs, v]), skus + vskus, keys + vkeys
     m = dict(meta or {})
     m["sparse"] = {"below": int(sparse_below), "views": int(sparse_views), "seed": int(aug_seed),

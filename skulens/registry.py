@@ -137,10 +137,7 @@ def log_and_register(
         if encoder_path.is_dir():
             client.log_artifacts(run_id, str(encoder_path), ARTIFACT_DIR)
         else:
-            client.log_artifact(run_id, str(encoder_path), ARTIFACT_DIR)
-            sidecar = encoder_path.with_name(encoder_path.name + ".json")  # spec written by save_encoder
-            if sidecar.is_file():
-                client.log_artifact(run_id, str(sidecar), ARTIFACT_DIR)
+            log_encoder(client, run_id, encoder_path)
         with tempfile.TemporaryDirectory() as td:
             lp = Path(td) / "lineage.json"
             lp.write_text(json.dumps(safe_lineage, indent=2, sort_keys=True))
@@ -162,6 +159,17 @@ def log_and_register(
     mv = client.create_model_version(model_name, source=source, run_id=run_id, tags=version_tags)
     client.set_registered_model_alias(model_name, CHALLENGER, mv.version)
     return str(mv.version)
+
+
+def log_encoder(client, run_id: str, encoder_path: str | os.PathLike) -> str:
+    """Log an encoder file and its spec sidecar (``<file>.json``, written by save_encoder) to the run
+    under ``encoder/``; returns its ``runs:/`` URI."""
+    encoder_path = Path(encoder_path)
+    client.log_artifact(run_id, str(encoder_path), ARTIFACT_DIR)
+    sidecar = encoder_path.with_name(encoder_path.name + ".json")
+    if sidecar.is_file():
+        client.log_artifact(run_id, str(sidecar), ARTIFACT_DIR)
+    return f"runs:/{run_id}/{ARTIFACT_DIR}/{encoder_path.name}"
 
 
 def _version_by_alias(client, model_name: str, alias: str):

@@ -133,16 +133,12 @@ def _dataset_dirs(request: dict, out_dir: Path) -> tuple[Path, Path]:
 
 
 def upload_encoder(tracking_uri: str, run_id: str, encoder_path) -> str:
-    """Log the encoder file and its spec sidecar to the run under ``encoder/``: its ``runs:/`` URI."""
+    """Log the encoder (and its spec sidecar) to the run: its ``runs:/`` URI (skulens.registry.log_encoder)."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri)
-    encoder_path = Path(encoder_path)
-    client.log_artifact(run_id, str(encoder_path), "encoder")
-    side = encoder_path.with_name(encoder_path.name + ".json")
-    if side.is_file():
-        client.log_artifact(run_id, str(side), "encoder")
-    return f"runs:/{run_id}/encoder/{encoder_path.name}"
+    from skulens.registry import log_encoder
+
+    return log_encoder(MlflowClient(tracking_uri), run_id, encoder_path)
 
 
 def should_train(train_df, min_skus: int, min_images: int) -> tuple[bool, str]:
