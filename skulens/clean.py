@@ -56,7 +56,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from skulens.images import to_rgb  # noqa: F401 - the one RGB conversion, re-exported for cleaning
+from skulens.images import to_rgb  # the one RGB conversion (also used by every embedding path)
 
 # --------------------------------------------------------------------------------------------------
 # Reason codes (stable strings: they end up in CSV reports, Dagster metadata and GX docs)

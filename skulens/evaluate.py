@@ -176,7 +176,8 @@ def retailklip_gallery(
     """
     import zlib
 
-    from skulens.embed import embed_images, load_rgb
+    from skulens.embed import embed_images
+    from skulens.images import load_rgb
 
     if n_aug < 0:
         raise ValueError("n_aug must be >= 0")
@@ -242,7 +243,7 @@ def plot_confusions(
 
     ``thumbnails`` maps sku -> image path (or PIL image); missing thumbnails show as grey boxes.
     """
-    from skulens.embed import load_rgb
+    from skulens.images import load_rgb
 
     plt = _plt()
     conf = report.confusions.head(top)

@@ -690,8 +690,7 @@ def build_champion_index(
     ref = store.champion()
     if ref is None:
         raise LookupError(f"registered model {store.model_name!r} has no 'champion' alias")
-    path = store.path(ref)
-    sha = file_sha256(path)
+    sha = store.complete(ref).sha256  # the cache names the file by its checked sha256: no re-hash
     encoder = store.encoder(ref, device=device)
     version = ref.version
     cache = EmbeddingCache(cache_dir) if cache_dir is not None else None

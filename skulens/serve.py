@@ -38,7 +38,7 @@ class _Reject(Exception):
 
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     """Decode upload bytes to an RGB image, refusing decompression bombs before decoding pixels."""
-    from skulens.embed import load_rgb
+    from skulens.images import load_rgb
 
     if not data:
         raise _Reject(400, "empty file: send an image (JPEG, PNG, WebP, ...) in the 'file' form field")
