@@ -40,6 +40,19 @@ class ImportReport:
             f"{len(self.unchanged)} unchanged, {len(self.rejected)} rejected, {len(self.failed)} failed"
         )
 
+    def raise_for_failures(self) -> "ImportReport":
+        """Raise ImportFailed when any upload failed (rejected files are a recorded drop, not a failure)."""
+        if self.failed:
+            shown = "; ".join(f"{key}: {err}" for key, err in self.failed[:3])
+            more = f" (and {len(self.failed) - 3} more)" if len(self.failed) > 3 else ""
+            raise ImportFailed(f"{len(self.failed)} of {len(self.failed) + len(self.uploaded) + len(self.unchanged)} "
+                               f"uploads failed: {shown}{more}")
+        return self
+
+
+class ImportFailed(RuntimeError):
+    """Some files could not be written to S3 (the store refused or was unreachable)."""
+
 
 def md5_file(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.md5(usedforsecurity=False)

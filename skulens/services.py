@@ -147,7 +147,7 @@ class ServiceManager:
             cmd = [
                 _bin("weed"), "mini", f"-dir={data}", f"-ip={s.host}", f"-ip.bind={s.host}",
                 "-master.telemetry=false", "-admin.ui=false", "-webdav=false",
-                f"-bucket={s.bucket}",
+                f"-bucket={s.bucket}", f"-volume.max={s.s3_max_volumes}",
             ] + [f"-{flag}={port}" for flag, port in ports.items()]
             return cmd, env, ports
         if name == "mlflow":

@@ -39,7 +39,7 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(raw)
     except ValueError as exc:  # a clear error beats a traceback deep in a service start
-        raise ValueError(f"{name} must be an integer port, got {raw!r}") from exc
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from exc
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,10 @@ class Settings:
     bucket: str = "skulens"
     region: str = "us-east-1"
     model_name: str = "skulens-encoder"
+    # SeaweedFS volume slots. Each bucket takes at least one volume (1 GiB each, grown on demand, never
+    # preallocated); SeaweedFS's own default is free disk / 1 GiB, which on a small disk runs out after a few
+    # buckets and then fails every write to a new bucket ("no free volumes").
+    s3_max_volumes: int = 256
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -65,6 +69,7 @@ class Settings:
             bucket=os.environ.get("SKULENS_BUCKET", "skulens"),
             region=os.environ.get("SKULENS_S3_REGION", "us-east-1"),
             model_name=os.environ.get("SKULENS_MODEL_NAME", "skulens-encoder"),
+            s3_max_volumes=_env_int("SKULENS_S3_MAX_VOLUMES", 256),
         )
 
     # --- derived locations -------------------------------------------------

@@ -33,7 +33,7 @@ def test_index_delta_per_sku():
 
 def test_catalog_sensor_one_run_per_batch_and_cursor_survives_restart(s3, demo_dir):
     bucket = s3.new_bucket("sens")
-    importer.import_catalog(s3.client(), bucket, demo_dir / "catalog", progress=False)
+    importer.import_catalog(s3.client(), bucket, demo_dir / "catalog", progress=False).raise_for_failures()
     sensor = automation.catalog_sensor(index_update)
     resources = {"s3": _s3(s3, bucket)}
 
@@ -82,7 +82,7 @@ def test_new_sku_recognizable_and_deleted_sku_gone_without_training(s3, mlflow_s
     src = tmp_path / "cat"
     shutil.copytree(demo_dir / "catalog", src)
     new_dir = src / "images" / "brand-new"
-    importer.import_catalog(s3.client(), bucket, src, progress=False)
+    importer.import_catalog(s3.client(), bucket, src, progress=False).raise_for_failures()
     resources = {"s3": _s3(s3, bucket), "state": LocalStateResource(home=str(tmp_path / "state")),
                  "mlflow": MlflowResource(tracking_uri=mlflow_server.uri, model_name=model_name)}
 
@@ -99,7 +99,7 @@ def test_new_sku_recognizable_and_deleted_sku_gone_without_training(s3, mlflow_s
                 primary=(10, 200, 120), secondary=(250, 20, 200), pattern="dots", logo="star", size="1 l")
     for v in range(2):
         (new_dir / f"{v}.jpg").write_bytes(_jpeg_bytes(render_packshot(p, view=v), 92))
-    importer.import_catalog(s3.client(), bucket, src, progress=False)
+    importer.import_catalog(s3.client(), bucket, src, progress=False).raise_for_failures()
     second = index_update.execute_in_process(resources=resources)
     out2 = second.output_for_node("update_sku_index")
     assert out2["changed_skus"] == ["brand-new"] and out2["removed_skus"] == []
@@ -149,7 +149,7 @@ def test_nightly_skips_when_nothing_changed(s3, mlflow_server, demo_dir, tmp_pat
 
     bucket = s3.new_bucket("night")
     model_name = f"n-{bucket}"
-    importer.import_catalog(s3.client(), bucket, demo_dir / "catalog", progress=False)
+    importer.import_catalog(s3.client(), bucket, demo_dir / "catalog", progress=False).raise_for_failures()
     version = _register_champion(mlflow_server.uri, model_name, tmp_path)
     client = MlflowClient(mlflow_server.uri)
     run_id = client.get_model_version(model_name, version).run_id

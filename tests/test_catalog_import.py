@@ -98,7 +98,7 @@ def test_import_refuses_broken_products_csv(s3, tmp_path):
 
 def test_import_shelf_crops_and_photos(s3, demo_dir):
     bucket = s3.new_bucket("shelf")
-    report = importer.import_shelf(s3.client(), bucket, demo_dir / "shelf", progress=False)
+    report = importer.import_shelf(s3.client(), bucket, demo_dir / "shelf", progress=False).raise_for_failures()
     keys = {o.key for o in list_objects(s3.client(), bucket, "shelf/")}
     assert catalog.SHELF_BOXES_KEY in keys
     assert any(k.startswith(catalog.SHELF_PHOTOS_PREFIX) for k in keys)

@@ -33,7 +33,7 @@ def _wait(pred, timeout=90.0, step=1.0):
 
 def test_daemon_restart_does_not_repeat_a_batch(s3, demo_dir, tmp_path):
     bucket = s3.new_bucket("daemon")
-    importer.import_catalog(s3.client(), bucket, demo_dir / "catalog", progress=False)
+    importer.import_catalog(s3.client(), bucket, demo_dir / "catalog", progress=False).raise_for_failures()
     settings = Settings(home=tmp_path / "home", s3_port=int(s3.endpoint.rsplit(":", 1)[1]), mlflow_port=free_port(),
                         dagster_port=free_port(), bucket=bucket)
     mgr = ServiceManager(settings, extra_env={"SKULENS_SENSOR_INTERVAL": "3"})

@@ -45,7 +45,7 @@ def _checks(result) -> dict[str, bool]:
 
 def test_demo_catalog_is_cleaned_checked_balanced_and_versioned(s3, demo_dir, dvc_repo, tmp_path, instance):
     repo, bucket = dvc_repo
-    importer.import_catalog(s3.client(), bucket, demo_dir / "catalog", progress=False)
+    importer.import_catalog(s3.client(), bucket, demo_dir / "catalog", progress=False).raise_for_failures()
     result = dg.materialize(ASSETS + CHECKS, resources=_resources(s3, bucket, repo, tmp_path / "state"),
                             instance=instance)
     assert result.success
@@ -104,7 +104,7 @@ def test_blocking_check_stops_training_data_on_a_bad_catalog(s3, tmp_path, dvc_r
     for i, d in enumerate(sorted((src / "catalog" / "images").iterdir())):
         for j in range(2):
             (d / f"broken{j}.jpg").write_bytes(b"\xff\xd8\xff" + os.urandom(3000))  # corrupt JPEGs: 40% of files
-    importer.import_catalog(s3.client(), bucket, src / "catalog", progress=False)
+    importer.import_catalog(s3.client(), bucket, src / "catalog", progress=False).raise_for_failures()
     result = dg.materialize(ASSETS + CHECKS, resources=_resources(s3, bucket, repo, tmp_path / "state"),
                             instance=instance, raise_on_error=False)
     checks = _checks(result)

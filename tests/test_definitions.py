@@ -90,7 +90,7 @@ def test_dagster_cli_asset_selection_works(s3, demo_dir, tmp_path):
     from skulens import importer
 
     bucket = s3.new_bucket("cli")
-    importer.import_catalog(s3.client(), bucket, demo_dir / "catalog", progress=False)
+    importer.import_catalog(s3.client(), bucket, demo_dir / "catalog", progress=False).raise_for_failures()
     home = tmp_path / "dh"
     home.mkdir()
     env = dict(os.environ, DAGSTER_HOME=str(home), SKULENS_HOME=str(tmp_path), SKULENS_S3_ENDPOINT=s3.endpoint,

@@ -34,7 +34,7 @@ def instance(tmp_path):
 def test_ingest_downloads_only_the_delta(s3, demo_dir, tmp_path, instance):
     bucket = s3.new_bucket("ing")
     client = s3.client()
-    importer.import_catalog(client, bucket, demo_dir / "catalog", progress=False)
+    importer.import_catalog(client, bucket, demo_dir / "catalog", progress=False).raise_for_failures()
     n_images = sum(1 for p in (demo_dir / "catalog" / "images").rglob("*") if p.is_file())
 
     r1 = _materialize([ingest_assets.catalog_images], s3, bucket, tmp_path, instance)
@@ -75,8 +75,8 @@ def test_ingest_downloads_only_the_delta(s3, demo_dir, tmp_path, instance):
 def test_products_and_shelf_assets(s3, demo_dir, tmp_path, instance):
     bucket = s3.new_bucket("shelf")
     client = s3.client()
-    importer.import_catalog(client, bucket, demo_dir / "catalog", progress=False)
-    importer.import_shelf(client, bucket, demo_dir / "shelf", progress=False)
+    importer.import_catalog(client, bucket, demo_dir / "catalog", progress=False).raise_for_failures()
+    importer.import_shelf(client, bucket, demo_dir / "shelf", progress=False).raise_for_failures()
     result = _materialize([ingest_assets.catalog_products, ingest_assets.shelf_crops], s3, bucket, tmp_path, instance)
     products = result.output_for_node("catalog_products")
     assert {"sku", "name", "category", "brand"} <= set(products.columns)

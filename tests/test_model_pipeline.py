@@ -66,8 +66,8 @@ def test_model_pipeline_promotes_first_keeps_champion_over_worse_and_serves(
 
     repo, bucket = dvc_repo
     client = s3.client()
-    importer.import_catalog(client, bucket, shelf_demo / "catalog", progress=False)
-    importer.import_shelf(client, bucket, shelf_demo / "shelf", progress=False)
+    importer.import_catalog(client, bucket, shelf_demo / "catalog", progress=False).raise_for_failures()
+    importer.import_shelf(client, bucket, shelf_demo / "shelf", progress=False).raise_for_failures()
     res = pipeline_resources(s3, bucket, repo, tmp_path / "state", mlflow_server.uri)
     name = res["mlflow"].model_name
     ml = MlflowClient(tracking_uri=mlflow_server.uri, registry_uri=mlflow_server.uri)

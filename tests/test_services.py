@@ -86,3 +86,32 @@ def test_ui_services_show_schedule_and_sensors(tmp_path):
     finally:
         mgr.down()
     assert not _group_alive(web.pgid) and not _group_alive(daemon.pgid)
+
+
+def test_store_volume_slots_are_set_and_a_full_store_fails_the_import_loudly(tmp_path, demo_dir):
+    """SeaweedFS gives each bucket its own volume. Its default slot count is free disk / 1 GiB, which on a small CI
+    disk ran out mid-suite and every write to a new bucket failed; we set the count (SKULENS_S3_MAX_VOLUMES).
+    A store that is full must make the import fail with the store's refusal, not leave a catalog half-written."""
+    import pytest
+
+    from skulens import importer
+    from skulens.s3 import make_client
+    from skulens.services import ServiceManager
+    from skulens.settings import ACCESS_KEY_VAR, SECRET_KEY_VAR, Settings, ensure_local_credentials
+
+    settings = Settings(home=tmp_path / "home", s3_port=free_port(), bucket="slots-default", s3_max_volumes=2)
+    mgr = ServiceManager(settings)
+    mgr.start("s3")
+    try:
+        creds = ensure_local_credentials(settings)
+        client = make_client(settings.s3_endpoint, creds[ACCESS_KEY_VAR], creds[SECRET_KEY_VAR], max_attempts=1)
+        for name in ("slots-a", "slots-b", "slots-c"):
+            client.create_bucket(Bucket=name)
+        importer.import_catalog(client, "slots-a", demo_dir / "catalog", progress=False).raise_for_failures()
+        importer.import_catalog(client, "slots-b", demo_dir / "catalog", progress=False).raise_for_failures()
+        report = importer.import_catalog(client, "slots-c", demo_dir / "catalog", progress=False, workers=2)
+        assert report.failed and report.bytes_uploaded == 0  # only empty files (no volume needed) went in
+        with pytest.raises(importer.ImportFailed, match=r"uploads failed: .*InternalError"):
+            report.raise_for_failures()
+    finally:
+        mgr.stop("s3")

@@ -50,8 +50,8 @@ def test_packshot_only_catalog_is_indexed_and_recognized(s3, mlflow_server, dvc_
     write_demo(demo, n_skus=8, images_per_sku=1, crops_per_sku=2, photos=0, bad_files=False)
     repo, bucket = dvc_repo
     client = s3.client()
-    importer.import_catalog(client, bucket, demo / "catalog", progress=False)
-    importer.import_shelf(client, bucket, demo / "shelf", progress=False)
+    importer.import_catalog(client, bucket, demo / "catalog", progress=False).raise_for_failures()
+    importer.import_shelf(client, bucket, demo / "shelf", progress=False).raise_for_failures()
     res = pipeline_resources(s3, bucket, repo, tmp_path / "state", mlflow_server.uri)
     r = _run(res, dagster_instance)
 
@@ -97,8 +97,8 @@ def test_mixed_catalog_trains_on_rich_skus_and_indexes_all(s3, mlflow_server, dv
             f.unlink()
     repo, bucket = dvc_repo
     client = s3.client()
-    importer.import_catalog(client, bucket, demo / "catalog", progress=False)
-    importer.import_shelf(client, bucket, demo / "shelf", progress=False)
+    importer.import_catalog(client, bucket, demo / "catalog", progress=False).raise_for_failures()
+    importer.import_shelf(client, bucket, demo / "shelf", progress=False).raise_for_failures()
     res = pipeline_resources(s3, bucket, repo, tmp_path / "state", mlflow_server.uri)
     r = _run(res, dagster_instance, {"trained_encoder": training.TrainSettings(**TINY, min_train_images=12)})
 
@@ -120,7 +120,7 @@ def test_mixed_catalog_trains_on_rich_skus_and_indexes_all(s3, mlflow_server, dv
                                       + "NEW-001,New Launch 100 g,snacks,Acme,100 g\n")
     (new / "images" / "NEW-001" / "00.jpg").write_bytes(
         _other_image((demo / "catalog" / "images" / sparse[0] / "00.jpg")))
-    importer.import_catalog(client, bucket, new, progress=False)
+    importer.import_catalog(client, bucket, new, progress=False).raise_for_failures()
     from assets import index_update
 
     result = index_update.index_update.execute_in_process(resources=res, instance=dagster_instance)
@@ -155,7 +155,7 @@ def test_a_catalog_with_no_usable_image_fails_with_one_clear_line(s3, dvc_repo, 
     (cat / "images" / "SKU-1" / "b.jpg").write_bytes(b"")
     (cat / "products.csv").write_text("sku,name\nSKU-1,Broken Product\n")
     repo, bucket = dvc_repo
-    importer.import_catalog(s3.client(), bucket, cat, progress=False)
+    importer.import_catalog(s3.client(), bucket, cat, progress=False).raise_for_failures()
     res = pipeline_resources(s3, bucket, repo, tmp_path / "state")
     result = dg.materialize([ingest_assets.catalog_products, ingest_assets.catalog_images, quality.cleaned_catalog],
                             resources=res, instance=dagster_instance, raise_on_error=False)
@@ -175,8 +175,8 @@ def test_shelf_crops_of_unknown_skus_fail_with_one_clear_line(s3, mlflow_server,
         (shelf / f"OTHER-{i}").mkdir(parents=True)
         (shelf / f"OTHER-{i}" / "c.jpg").write_bytes(crop.read_bytes())
     repo, bucket = dvc_repo
-    importer.import_catalog(s3.client(), bucket, demo / "catalog", progress=False)
-    importer.import_shelf(s3.client(), bucket, shelf, progress=False)
+    importer.import_catalog(s3.client(), bucket, demo / "catalog", progress=False).raise_for_failures()
+    importer.import_shelf(s3.client(), bucket, shelf, progress=False).raise_for_failures()
     res = pipeline_resources(s3, bucket, repo, tmp_path / "state", mlflow_server.uri)
     cfg = {"trained_encoder": training.TrainSettings(**TINY)}
     result = dg.materialize(ASSETS[:8], resources=res, instance=dagster_instance, raise_on_error=False,

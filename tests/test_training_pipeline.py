@@ -20,7 +20,7 @@ TINY = {"model": "tiny-test", "epochs": 2, "batch_size": 16, "base_lr": 2e-3, "a
 @pytest.mark.parametrize("mode", ["local", "pipes"])
 def test_trained_encoder_logs_to_mlflow(mode, s3, mlflow_server, demo_dir, dvc_repo, tmp_path, dagster_instance):
     repo, bucket = dvc_repo
-    importer.import_catalog(s3.client(), bucket, demo_dir / "catalog", progress=False)
+    importer.import_catalog(s3.client(), bucket, demo_dir / "catalog", progress=False).raise_for_failures()
     res = pipeline_resources(s3, bucket, repo, tmp_path / "state", mlflow_server.uri, training_mode=mode)
     remote = tmp_path / "elsewhere"  # pipes: the training process's own working directory
     if mode == "pipes":
