@@ -35,8 +35,8 @@ down:  ## stop every service skulens started
 status: install
 	$(BIN)/skulens services status
 
-snapshot: install  ## regenerate tests/snapshots/asset_graph.json after an intended change to the asset graph
-	$(BIN)/python -m tests.test_definitions
+snapshot: install  ## regenerate tests/pipelines/snapshots/asset_graph.json after an intended change to the asset graph
+	$(BIN)/python -m tests.pipelines.test_definitions
 
 lint: install
 	$(BIN)/ruff check skulens assets resources pipelines tests bench

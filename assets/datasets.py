@@ -7,11 +7,11 @@ import pandas as pd
 from pydantic import Field
 
 from resources import DvcResource, LocalStateResource, S3Resource
-from skulens import balance as bal
-from skulens import bundles, datasets
+from skulens.data import balance as bal
+from skulens.data import bundles, layout
 
 GROUP = "data_quality"
-_P = datasets.read_params(Path(__file__).resolve().parent.parent, "balance")
+_P = layout.read_params(Path(__file__).resolve().parent.parent, "balance")
 
 
 class BalanceSettings(dg.Config):
@@ -33,7 +33,7 @@ def balanced_dataset(context: dg.AssetExecutionContext, config: BalanceSettings,
     depth = config.depth or bal.suggest_depth(train_src)
     train = bal.balance(train_src, depth, seed=config.seed)
     params = {"depth": depth, "val_per_sku": config.val_per_sku, "seed": config.seed}
-    datasets.write_balanced(train, val, dvc.data_dir("clean"), dvc.data_dir("balanced"), params)
+    layout.write_balanced(train, val, dvc.data_dir("clean"), dvc.data_dir("balanced"), params)
     bundle = bundles.ensure(s3.client(), s3.bucket, dvc.data_dir("balanced"), dvc.data_dir("clean"),
                             state.path("bundles") / "balanced.tar")
     per_sku = train.groupby("sku").size() if len(train) else pd.Series([0])

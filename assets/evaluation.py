@@ -11,7 +11,10 @@ from pydantic import Field
 from resources import LocalStateResource
 from resources.mlflow import MlflowResource
 from resources.training import TrainingResource
-from skulens import pipeline_eval as pe
+from skulens.evaluation import compare, reports
+from skulens.index import build
+from skulens.model import embed, export
+from skulens.registry import promotion
 
 GROUP = "evaluation"
 
@@ -37,9 +40,9 @@ class EvalSettings(dg.Config):
     include_champion: bool = Field(default=True, description="also score the current champion (if any)")
     batch_size: int = 64
     top_confusions: int = Field(default=8, description="confused pairs shown in the plot")
-    sparse_below: int = Field(default=pe.SPARSE_BELOW, description="catalog gallery: SKUs with fewer images get "
+    sparse_below: int = Field(default=build.SPARSE_BELOW, description="catalog gallery: SKUs with fewer images get "
                                                                    "shelf-like views, as in the published index")
-    sparse_views: int = Field(default=pe.SPARSE_VIEWS, description="shelf-like views per image of a sparse SKU")
+    sparse_views: int = Field(default=build.SPARSE_VIEWS, description="shelf-like views per image of a sparse SKU")
 
 
 @dg.asset(group_name=GROUP, pool="gpu", kinds={"pytorch", "mlflow"})
@@ -49,9 +52,9 @@ def model_evaluation(context: dg.AssetExecutionContext, config: EvalSettings, tr
                      state: LocalStateResource) -> dg.MaterializeResult:
     """Challenger vs champion vs base tower on the same shelf crops: 1-NN against every cleaned catalog
     image and against the RetailKLIP gallery; top-1/top-5, per-SKU and category accuracy, confusions."""
-    crops = pe.select_crops(shelf_crops, config.sources)
-    catalog = pe.catalog_frame(cleaned_catalog.kept)
-    device = pe.resolve_device(training.device)
+    crops = compare.select_crops(shelf_crops, config.sources)
+    catalog = build.catalog_frame(cleaned_catalog.kept)
+    device = embed.resolve_device(training.device)
     store = mlflow.store(state.cache_path("models"))
     if len(crops) and not set(crops["sku"]) & set(catalog["sku"]):
         raise dg.Failure(f"skulens error: none of the {crops['sku'].nunique()} SKUs of the shelf crops is in the cleaned "
@@ -61,7 +64,7 @@ def model_evaluation(context: dg.AssetExecutionContext, config: EvalSettings, tr
     if trained_encoder.get("skipped"):
         context.log.warning(trained_encoder["reason"])
     challenger = None if skipped else store.fetch(trained_encoder["encoder_uri"], trained_encoder["encoder_sha256"])
-    ev = pe.evaluate_all(
+    ev = compare.evaluate_all(
         str(challenger) if challenger else None, crops, catalog, catalog_products, store,
         k=config.k, n_aug=config.n_aug, aug_seed=config.aug_seed,
         base_seed=int((trained_encoder.get("train_config") or {}).get("seed") or 0),
@@ -77,11 +80,11 @@ def model_evaluation(context: dg.AssetExecutionContext, config: EvalSettings, tr
                             f"(counted as errors): {', '.join(unknown[:10])}")
     if ev["champion_error"]:
         context.log.warning(f"champion not evaluated: {ev['champion_error']} (it will not be replaced)")
-    files = pe.write_reports(ev, catalog, state.path("evaluation", context.run.run_id[:8]),
+    files = reports.write_reports(ev, catalog, state.path("evaluation", context.run.run_id[:8]),
                              top_confusions=config.top_confusions)
     run_id = trained_encoder.get("mlflow_run_id")
     if run_id:
-        pe.log_to_run(mlflow.tracking_uri, run_id, pe.flat_metrics(ev), files,
+        promotion.log_to_run(mlflow.tracking_uri, run_id, compare.flat_metrics(ev), files,
                       tags={"eval_set": ev["eval_set"], "eval.champion_version": ev["champion_version"] or "none"})
 
     m = ev["models"]
@@ -89,18 +92,18 @@ def model_evaluation(context: dg.AssetExecutionContext, config: EvalSettings, tr
         "eval_set": ev["eval_set"], "crops": ev["n_crops"], "crop_skus": ev["n_crop_skus"],
         "crop_sources": ev["sources"], "device": device,
         "champion_version": ev["champion_version"] or "none",
-        "comparison": _md(pe.comparison_table(ev)),
-        "top_confused_pairs": _md(pe.confusions_table(ev, top=5)),
-        "per_sku_accuracy": _md(pe.per_sku_table(ev), limit=60),
-        "per_sku_plot": dg.MetadataValue.md(pe.png_markdown(files["per_sku_png"], "Challenger per-SKU top-1")),
-        "confusions_plot": dg.MetadataValue.md(pe.png_markdown(files["confusions_png"], "Challenger confused pairs")),
+        "comparison": _md(reports.comparison_table(ev)),
+        "top_confused_pairs": _md(reports.confusions_table(ev, top=5)),
+        "per_sku_accuracy": _md(reports.per_sku_table(ev), limit=60),
+        "per_sku_plot": dg.MetadataValue.md(reports.png_markdown(files["per_sku_png"], "Challenger per-SKU top-1")),
+        "confusions_plot": dg.MetadataValue.md(reports.png_markdown(files["confusions_png"], "Challenger confused pairs")),
         "plots_dir": dg.MetadataValue.path(str(Path(files["per_sku_png"]).parent)),
         "training": trained_encoder.get("reason") or "fine-tuned",
         "shelf_crop_skus_not_in_catalog": len(unknown),
     }
     if run_id:
         meta["mlflow_run"] = _run_url(mlflow, run_id)
-    for role in pe.MODEL_ROLES:
+    for role in compare.MODEL_ROLES:
         if role in m:
             for g, met in m[role]["metrics"].items():
                 for key in ("top1", "top5", "top1_sparse", "top1_rich"):
@@ -168,7 +171,7 @@ def registered_model(context: dg.AssetExecutionContext, config: PromotionSetting
                       "champion_version": str(champ)})
     local = mlflow.store(state.cache_path("models")).fetch(trained_encoder["encoder_uri"],
                                                            trained_encoder["encoder_sha256"])
-    res = pe.register_and_decide(
+    res = promotion.register_and_decide(
         mlflow.tracking_uri, mlflow.model_name, {**trained_encoder, "encoder_path": str(local)}, model_evaluation,
         metric=config.metric, gallery=config.gallery, margin=config.margin, checks_passed=checks_passed,
         experiment=mlflow.experiment, extra_lineage={"dagster_run_id": context.run.run_id},
@@ -203,7 +206,7 @@ class OnnxSettings(dg.Config):
 def onnx_export(context: dg.AssetExecutionContext, config: OnnxSettings, mlflow: MlflowResource,
                 state: LocalStateResource) -> dg.MaterializeResult:
     """The champion encoder as ONNX (dynamic batch), parity-checked with onnxruntime, logged to its MLflow run."""
-    info = pe.export_champion_onnx(mlflow.store(state.cache_path("models")), state.path("export"),
+    info = export.export_champion_onnx(mlflow.store(state.cache_path("models")), state.path("export"),
                                    opset=config.opset, atol=config.atol)
     context.log.info(f"champion v{info['version']} -> {info['path']} (max |diff| {info['max_abs_diff']:.2e})")
     return dg.MaterializeResult(

@@ -6,7 +6,8 @@ from pydantic import Field
 from resources import LocalStateResource, S3Resource
 from resources.mlflow import MlflowResource
 from resources.training import TrainingResource
-from skulens import pipeline_eval as pe
+from skulens.index import build
+from skulens.model import embed
 
 GROUP = "index"
 
@@ -14,9 +15,9 @@ GROUP = "index"
 class IndexSettings(dg.Config):
     prefix: str = Field(default="index", description="S3 prefix: <prefix>/versions/<version>.npz + <prefix>/CURRENT.json")
     batch_size: int = 64
-    sparse_below: int = Field(default=pe.SPARSE_BELOW, description="SKUs with fewer catalog images than this get "
+    sparse_below: int = Field(default=build.SPARSE_BELOW, description="SKUs with fewer catalog images than this get "
                               "shelf-like views in the index (RetailKLIP 4.2); index_update applies the same rule")
-    sparse_views: int = Field(default=pe.SPARSE_VIEWS, description="shelf-like views per image of a sparse SKU (0 = none)")
+    sparse_views: int = Field(default=build.SPARSE_VIEWS, description="shelf-like views per image of a sparse SKU (0 = none)")
     aug_seed: int = Field(default=0, description="seed of the views")
 
 
@@ -25,16 +26,16 @@ def sku_index(context: dg.AssetExecutionContext, config: IndexSettings, cleaned_
               s3: S3Resource, training: TrainingResource, state: LocalStateResource) -> dg.MaterializeResult:
     """Nearest-neighbour index of the cleaned catalog built with the champion (after this run's promotion
     decision); a new immutable version is uploaded and verified before `CURRENT.json` moves to it."""
-    catalog = pe.catalog_frame(cleaned_catalog.kept)
-    index, version = pe.build_champion_index(
+    catalog = build.catalog_frame(cleaned_catalog.kept)
+    index, version = build.build_champion_index(
         mlflow.store(state.cache_path("models")), catalog,
-        device=pe.resolve_device(training.device), batch_size=config.batch_size,
+        device=embed.resolve_device(training.device), batch_size=config.batch_size,
         meta={"dagster_run_id": context.run.run_id},
         cache_dir=state.path("cache", "embeddings"),
         sparse_below=config.sparse_below, sparse_views=config.sparse_views, aug_seed=config.aug_seed,
         sources=dict(zip(cleaned_catalog.images["key"].astype(str), cleaned_catalog.images["etag"].astype(str))),
     )
-    pointer = pe.publish_if_changed(s3.client(), s3.bucket, index, prefix=config.prefix)
+    pointer = build.publish_if_changed(s3.client(), s3.bucket, index, prefix=config.prefix)
     context.log.info(f"index {pointer['version']} ({'published' if pointer['published'] else 'unchanged'}): "
                      f"{len(index)} images, {index.meta['n_skus']} SKUs, model v{version}")
     pointer_url = f"s3://{s3.bucket}/{config.prefix.strip('/')}/CURRENT.json"

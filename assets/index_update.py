@@ -9,8 +9,8 @@ from pydantic import Field
 
 from resources import LocalStateResource, S3Resource
 from resources.mlflow import MlflowResource
-from skulens import catalog, ingest
-from skulens.automation import SOURCES_META, update_index
+from skulens.catalog import contract, ingest
+from skulens.index.update import SOURCES_META, update_index
 
 
 class IndexUpdateConfig(dg.Config):
@@ -19,7 +19,7 @@ class IndexUpdateConfig(dg.Config):
 
 
 def champion_encoder(mlflow: MlflowResource, state: LocalStateResource):
-    """``(encoder, ref)`` of the champion, through the one model cache (skulens.model_store)."""
+    """``(encoder, ref)`` of the champion, through the one model cache (skulens.registry.store)."""
     store = mlflow.store(state.cache_path("models"))
     ref = store.champion()
     if ref is None:
@@ -31,11 +31,12 @@ def champion_encoder(mlflow: MlflowResource, state: LocalStateResource):
 def update_sku_index(context: dg.OpExecutionContext, config: IndexUpdateConfig, s3: S3Resource,
                      mlflow: MlflowResource, state: LocalStateResource) -> dict:
     """Ingest the catalog delta, embed only new/changed SKUs with the champion, drop deleted SKUs, publish."""
-    from skulens.index import NoIndexPublished, SkuIndex, load_current, publish_index
+    from skulens.index.publish import NoIndexPublished, load_current, publish_index
+    from skulens.index.sku_index import SkuIndex
 
     t0 = time.perf_counter()
     client = s3.client()
-    sync = ingest.sync_images(client, s3.bucket, catalog.CATALOG_IMAGES_PREFIX, state.path("cache", "catalog"))
+    sync = ingest.sync_images(client, s3.bucket, contract.CATALOG_IMAGES_PREFIX, state.path("cache", "catalog"))
     t_ingest = time.perf_counter() - t0
     encoder, ref = champion_encoder(mlflow, state)
     version = ref.version

@@ -4,7 +4,7 @@ import dagster as dg
 import pandas as pd
 
 from resources import LocalStateResource, S3Resource
-from skulens import catalog, ingest
+from skulens.catalog import contract, ingest
 
 GROUP = "ingest"
 
@@ -17,7 +17,7 @@ def _table(rows: list[tuple], columns: list[str], limit: int = 50) -> dg.Metadat
 def catalog_products(s3: S3Resource) -> dg.MaterializeResult:
     """`catalog/products.csv`: one row per SKU (sku, name, category, attributes)."""
     df = ingest.fetch_products(s3.client(), s3.bucket)
-    problems = catalog.check_products(df)
+    problems = contract.check_products(df)
     return dg.MaterializeResult(
         value=df,
         metadata={
@@ -33,7 +33,7 @@ def catalog_products(s3: S3Resource) -> dg.MaterializeResult:
 @dg.asset(group_name=GROUP, kinds={"s3"})
 def catalog_images(context: dg.AssetExecutionContext, s3: S3Resource, state: LocalStateResource) -> dg.MaterializeResult:
     """Product DB images (`catalog/images/<sku>/<file>`) mirrored locally; only the delta is downloaded."""
-    res = ingest.sync_images(s3.client(), s3.bucket, catalog.CATALOG_IMAGES_PREFIX, state.path("cache", "catalog"))
+    res = ingest.sync_images(s3.client(), s3.bucket, contract.CATALOG_IMAGES_PREFIX, state.path("cache", "catalog"))
     for key, why in res.rejected[:20]:
         context.log.warning(f"skipped {key}: {why}")
     for key, err in res.failed:
@@ -45,7 +45,7 @@ def catalog_images(context: dg.AssetExecutionContext, s3: S3Resource, state: Loc
 def shelf_crops(context: dg.AssetExecutionContext, s3: S3Resource, state: LocalStateResource) -> dg.MaterializeResult:
     """Labelled shelf crops for evaluation: `shelf/crops/<sku>/` plus crops cut from `shelf/photos/` by `boxes.csv`."""
     root = state.path("cache", "shelf")
-    res = ingest.sync_images(s3.client(), s3.bucket, catalog.SHELF_CROPS_PREFIX, root / "crops")
+    res = ingest.sync_images(s3.client(), s3.bucket, contract.SHELF_CROPS_PREFIX, root / "crops")
     cut, cut_rejected = ingest.sync_shelf_photos(s3.client(), s3.bucket, root)
     manifest = pd.concat([res.manifest.assign(source="crop"), cut.assign(source="photo")], ignore_index=True)
     for key, why in (res.rejected + cut_rejected)[:20]:

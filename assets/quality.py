@@ -7,12 +7,12 @@ import pandas as pd
 from pydantic import Field
 
 from resources import DvcResource, LocalStateResource
-from skulens import checks, datasets
-from skulens.clean import CleanConfig, clean_catalog
-from skulens.dvc import git_revision
+from skulens.data import checks, layout
+from skulens.data.clean import CleanConfig, clean_catalog
+from skulens.data.dvc import git_revision
 
 GROUP = "data_quality"
-_P = datasets.read_params(Path(__file__).resolve().parent.parent, "clean")
+_P = layout.read_params(Path(__file__).resolve().parent.parent, "clean")
 
 
 class CleanSettings(dg.Config):
@@ -49,11 +49,11 @@ def cleaned_catalog(context: dg.AssetExecutionContext, config: CleanSettings, ca
     if len(catalog_images) == 0:
         raise dg.Failure("skulens error: the catalog has no images (nothing under catalog/images/ in the bucket); "
                          "upload one with `skulens import catalog DIR` (layout: DIR/products.csv, DIR/images/<sku>/)")
-    datasets.write_raw(catalog_images, catalog_products, dvc.data_dir("raw"))
+    layout.write_raw(catalog_images, catalog_products, dvc.data_dir("raw"))
     result = clean_catalog(catalog_images, catalog_products, state.path("cache", "normalised"), cfg, progress=True)
-    params = {**datasets.params_dict(cfg), "max_dropped_share": config.max_dropped_share}
+    params = {**layout.params_dict(cfg), "max_dropped_share": config.max_dropped_share}
     params.pop("workers", None)
-    result.kept = datasets.write_clean(result, dvc.data_dir("clean"), params)
+    result.kept = layout.write_clean(result, dvc.data_dir("clean"), params)
     s = result.stats
     if s["files_kept"] == 0:
         raise dg.Failure(f"skulens error: no usable catalog image: all {s['files_in']} file(s) were dropped "
@@ -112,7 +112,7 @@ def products_sku_unique(catalog_products: pd.DataFrame) -> dg.AssetCheckResult:
                 description="Great Expectations suite over products.csv and the per-image table; Data Docs rendered.")
 def great_expectations_suite(context: dg.AssetCheckExecutionContext, config: CleanSettings, cleaned_catalog,
                              catalog_products: pd.DataFrame, state: LocalStateResource) -> dg.AssetCheckResult:
-    from skulens.quality import validate_catalog
+    from skulens.data.expectations import validate_catalog
 
     report = validate_catalog(cleaned_catalog.images, catalog_products, cleaned_catalog.config,
                               docs_dir=state.path("gx"), max_dropped_share=config.max_dropped_share,

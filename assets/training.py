@@ -43,7 +43,7 @@ class TrainSettings(dg.Config):
     seed: int = 0
 
     def spec(self) -> dict:
-        from skulens.models.factory import ModelSpec
+        from skulens.model.factory import ModelSpec
 
         return ModelSpec(name=self.model, pretrained=self.pretrained, image_size=self.image_size).to_dict()
 
@@ -66,8 +66,8 @@ def trained_encoder(context: dg.AssetExecutionContext, config: TrainSettings, ba
     Fine-tuning is skipped when too few SKUs qualify as training classes (a packshot-only catalog):
     the champion then stays (nothing new is registered), or, with no champion yet, the un-fine-tuned
     base tower goes on as the candidate, so every SKU is still evaluated and indexed."""
-    from skulens.automation import config_hash, manifest_fingerprint
-    from skulens.training import save_base_tower, should_train
+    from skulens.catalog.state import config_hash, manifest_fingerprint
+    from skulens.model.training_run import save_base_tower, should_train
 
     spec, cfg = config.spec(), config.train_config()
     products_etag = s3.client().head_object(Bucket=s3.bucket, Key="catalog/products.csv")["ETag"].strip('"')
@@ -93,8 +93,8 @@ def trained_encoder(context: dg.AssetExecutionContext, config: TrainSettings, ba
     from mlflow.entities import Metric, Param
 
     if not train_it:
-        from skulens.model_store import file_sha256
-        from skulens.training import upload_encoder
+        from skulens.model.training_run import upload_encoder
+        from skulens.registry.store import file_sha256
 
         reason = f"{why}; no champion yet: the un-fine-tuned base tower is evaluated, registered and indexed"
         context.log.warning(reason)

@@ -1,4 +1,4 @@
-"""Benchmark of the data-quality stage (skulens.clean.clean_catalog): full-decode throughput.
+"""Benchmark of the data-quality stage (skulens.data.clean.clean_catalog): full-decode throughput.
 
     python bench/bench_clean.py --n 10000 [--workers 2] [--backends serial,process,thread] [--rounds 2] [--dir DIR]
 
@@ -28,7 +28,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import imagegen as g
 
-from skulens import clean as C
+from skulens.data import clean as C
 
 BAD_KINDS = ("truncated", "corrupt", "html", "empty", "tiny", "dup")
 

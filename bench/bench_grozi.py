@@ -77,8 +77,8 @@ def split(df: pd.DataFrame, holdout_frac: float, seed: int, query_stride: int = 
 
 def evaluate(encoder, df, queries, held, ks, image_size, batch_size=16, num_workers=0):
     """{k: {"seen": top1, "held_out": top1, "all": top1}} with one embedding pass over all images."""
-    from skulens.embed import embed_images
-    from skulens.models.factory import _eval_transform_for
+    from skulens.model.embed import embed_images
+    from skulens.model.factory import _eval_transform_for
 
     if image_size and image_size != encoder.spec.image_size:
         encoder.spec = dataclasses.replace(encoder.spec, image_size=int(image_size))
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
     ap.add_argument("--job-path", action="store_true",
                     help="train through the main job's own path: split_validation + balance (the balanced_dataset "
-                         "asset), write/read the balanced folder, skulens.training.run_training (the trained_encoder "
+                         "asset), write/read the balanced folder, skulens.model.training_run.run_training (the trained_encoder "
                          "asset) with the launchpad defaults of TrainSettings/BalanceSettings; --epochs, --image-size "
                          "and --depth are then taken from those defaults unless given explicitly")
     args = ap.parse_args(argv)
@@ -145,8 +145,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from skulens.models import ModelSpec, create_encoder, load_encoder
-    from skulens.train import TrainConfig, train
+    from skulens.model import ModelSpec, create_encoder, load_encoder
+    from skulens.model.train import TrainConfig, train
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -259,10 +259,10 @@ def job_path(args) -> int:
 
     from assets.datasets import BalanceSettings
     from assets.training import TrainSettings
-    from skulens import balance as bal
-    from skulens import datasets
-    from skulens.models import ModelSpec, create_encoder, load_encoder
-    from skulens.training import run_training
+    from skulens.data import balance as bal
+    from skulens.data import layout
+    from skulens.model import ModelSpec, create_encoder, load_encoder
+    from skulens.model.training_run import run_training
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -280,7 +280,7 @@ def job_path(args) -> int:
     depth = depth or bal.suggest_depth(train_src)
     balanced = bal.balance(train_src, depth, seed=args.seed)
     out = Path(args.out) / "job"
-    datasets.write_balanced(balanced, val, root, out / "balanced", {"depth": depth})
+    layout.write_balanced(balanced, val, root, out / "balanced", {"depth": depth})
     print(f"GroZi-120 through the job path: {balanced['sku'].nunique()} SKUs x {depth} = {len(balanced)} rows "
           f"({int(balanced['augment'].sum())} oversampled copies), {len(val)} validation images; "
           f"{len(held)} products held out; {len(queries)} queries", flush=True)

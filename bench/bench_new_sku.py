@@ -51,8 +51,8 @@ def main() -> None:
     args = ap.parse_args()
 
     home = args.home or Path(tempfile.mkdtemp(prefix="skulens-bench-"))
-    from skulens.services import ServiceManager, free_port, write_dagster_yaml
-    from skulens.settings import Settings, load_local_env
+    from skulens.ops.services import ServiceManager, free_port, write_dagster_yaml
+    from skulens.ops.settings import Settings, load_local_env
 
     os.environ.update({"SKULENS_HOME": str(home), "SKULENS_S3_PORT": str(free_port()),
                        "SKULENS_MLFLOW_PORT": str(free_port()), "SKULENS_BUCKET": "bench",
@@ -73,13 +73,13 @@ def main() -> None:
 def run_bench(args, settings, mgr) -> None:
     import dagster as dg
 
-    from skulens import importer
-    from skulens.models.factory import ModelSpec, create_encoder
-    from skulens.models.io import save_encoder
-    from skulens.recognize import Recognizer
-    from skulens.registry import log_and_register, promote
-    from skulens.s3 import ensure_bucket, make_client
-    from skulens.settings import s3_credentials
+    from skulens.catalog import importer
+    from skulens.catalog.s3 import ensure_bucket, make_client
+    from skulens.model.factory import ModelSpec, create_encoder
+    from skulens.model.io import save_encoder
+    from skulens.ops.settings import s3_credentials
+    from skulens.registry.model_registry import log_and_register, promote
+    from skulens.serving.recognize import Recognizer
 
     client = make_client(settings.s3_endpoint, *s3_credentials())
     ensure_bucket(client, settings.bucket)
@@ -132,7 +132,7 @@ def run_bench(args, settings, mgr) -> None:
         time.sleep(1)
     print("sensor on; first tick's run finished")
 
-    from skulens.model_store import ModelStore
+    from skulens.registry.store import ModelStore
 
     rec = Recognizer.from_services(settings.mlflow_uri, settings.model_name, client, settings.bucket,
                                    cache_dir=settings.home / "rec-cache", reload_interval_s=1.0,

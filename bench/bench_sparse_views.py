@@ -26,9 +26,9 @@ def main(argv=None) -> int:
 
     import numpy as np
 
-    from skulens.embed import embed_images
-    from skulens.index import SkuIndex
-    from skulens.models.io import load_encoder
+    from skulens.index.sku_index import SkuIndex
+    from skulens.model.embed import embed_images
+    from skulens.model.io import load_encoder
 
     found = sorted((args.home / "cache" / "recognize" / "index").glob("*.npz"), key=lambda p: p.stat().st_mtime)
     if not found:

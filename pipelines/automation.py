@@ -7,7 +7,7 @@ import dagster as dg
 
 from resources import S3Resource
 from resources.mlflow import MlflowResource
-from skulens.automation import catalog_state, config_hash
+from skulens.catalog.state import catalog_state, config_hash
 
 NIGHTLY_CRON = os.environ.get("SKULENS_NIGHTLY_CRON", "0 2 * * *")
 TIMEZONE = os.environ.get("SKULENS_TIMEZONE", "UTC")
@@ -27,7 +27,7 @@ def nightly_schedule(job) -> dg.ScheduleDefinition:
                  description="Nightly retrain; skipped when neither the catalog nor the training config changed "
                              "since the champion was trained (SKULENS_SKIP_UNCHANGED=0 to always retrain).")
     def nightly_retrain(context: dg.ScheduleEvaluationContext, s3: S3Resource, mlflow: MlflowResource):
-        from skulens.registry import get_champion
+        from skulens.registry.model_registry import get_champion
 
         state = catalog_state(s3.client(), s3.bucket)
         cfg = training_config_hash()
@@ -76,7 +76,7 @@ def champion_sensor(job) -> dg.SensorDefinition:
     @dg.sensor(job=job, minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.STOPPED,
                description="When the `champion` alias moves (here or in the MLflow UI), rebuild the index in full.")
     def champion_change_sensor(context: dg.SensorEvaluationContext, mlflow: MlflowResource):
-        from skulens.registry import get_champion
+        from skulens.registry.model_registry import get_champion
 
         champ = get_champion(mlflow.tracking_uri, mlflow.model_name)
         if champ is None:

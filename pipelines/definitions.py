@@ -10,7 +10,7 @@ from pipelines import automation
 from resources import DvcResource, LocalStateResource, S3Resource
 from resources.mlflow import MlflowResource
 from resources.training import TrainingResource
-from skulens.settings import ACCESS_KEY_VAR, SECRET_KEY_VAR, Settings, load_local_env
+from skulens.ops.settings import ACCESS_KEY_VAR, SECRET_KEY_VAR, Settings, load_local_env
 
 settings = load_local_env(Settings.from_env())
 

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from skulens.dvc import DvcRepo
+from skulens.data.dvc import DvcRepo
 
 
 class DvcResource(dg.ConfigurableResource):

@@ -22,7 +22,7 @@ class MlflowResource(dg.ConfigurableResource):
         return MlflowClient(self.tracking_uri)
 
     def store(self, cache_dir) -> "ModelStore":  # noqa: F821 - lazily imported
-        """The one model loader/cache (skulens.model_store) for this registry, caching under ``cache_dir``."""
-        from skulens.model_store import ModelStore
+        """The one model loader/cache (skulens.registry.store) for this registry, caching under ``cache_dir``."""
+        from skulens.registry.store import ModelStore
 
         return ModelStore(cache_dir, self.tracking_uri, self.model_name)

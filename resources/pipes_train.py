@@ -8,7 +8,7 @@ import os
 
 from dagster_pipes import open_dagster_pipes
 
-from skulens.training import run_training
+from skulens.model.training_run import run_training
 
 
 def main() -> None:

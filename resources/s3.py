@@ -1,7 +1,7 @@
 import dagster as dg
 from pydantic import PrivateAttr
 
-from skulens.s3 import make_client
+from skulens.catalog.s3 import make_client
 
 
 class S3Resource(dg.ConfigurableResource):

@@ -9,7 +9,7 @@ from pydantic import Field
 
 
 class TrainingResource(dg.ConfigurableResource):
-    """Runs `skulens.training.run_training` where the GPU is.
+    """Runs `skulens.model.training_run.run_training` where the GPU is.
 
     - ``local``: in the Dagster run's process; CUDA when present, otherwise CPU with a warning.
     - ``pipes``: a separate process through Dagster Pipes (``PipesSubprocessClient``).
@@ -64,7 +64,7 @@ class TrainingResource(dg.ConfigurableResource):
     def _local(self, context, request: dict) -> dict:
         import torch
 
-        from skulens.training import run_training
+        from skulens.model.training_run import run_training
 
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device.startswith("cpu"):

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads (see skulens.settings.QUIET_ENV)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads (see skulens.ops.settings.QUIET_ENV)
 
-from skulens.services import ServiceManager, free_port
-from skulens.settings import ACCESS_KEY_VAR, QUIET_ENV, SECRET_KEY_VAR, Settings, read_env_file
+from skulens.ops.services import ServiceManager, free_port
+from skulens.ops.settings import ACCESS_KEY_VAR, QUIET_ENV, SECRET_KEY_VAR, Settings, read_env_file
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,7 +31,7 @@ class S3Server:
     settings: Settings
 
     def client(self):
-        from skulens.s3 import make_client
+        from skulens.catalog.s3 import make_client
 
         return make_client(self.endpoint, self.access_key, self.secret_key, max_attempts=3)
 
@@ -79,7 +79,7 @@ def mlflow_server(s3, services, service_settings) -> MlflowServer:
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory) -> Path:
     """A small demo catalog + shelf set shared by the session (read-only for tests)."""
-    from skulens.demo import write_demo
+    from skulens.catalog.demo import write_demo
 
     out = tmp_path_factory.mktemp("demo")
     write_demo(out, n_skus=8, images_per_sku=4, crops_per_sku=2, photos=1)

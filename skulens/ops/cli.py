@@ -1,0 +1,375 @@
+"""The `skulens` command line. Heavy libraries load only inside the commands that need them."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from skulens.ops.cli_serving import recognize_cmd, serve_cmd
+from skulens.ops.settings import Settings, load_local_env
+
+
+def _settings() -> Settings:
+    return load_local_env(Settings.from_env())
+
+
+def _client(settings: Settings):
+    from skulens.catalog.s3 import client_for
+
+    return client_for(settings)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="skulens")
+def main() -> None:
+    """skulens: keep a retail product (SKU) recognizer current.
+
+    State lives in $SKULENS_HOME (default ./.skulens); ports and bucket come from
+    SKULENS_S3_PORT, SKULENS_MLFLOW_PORT, SKULENS_DAGSTER_PORT, SKULENS_BUCKET.
+    """
+
+
+# --- services ---------------------------------------------------------------------------
+@main.group()
+def services() -> None:
+    """Start, stop and inspect the local S3 (SeaweedFS), MLflow and Dagster services."""
+
+
+@services.command("up")
+@click.option("--ui", is_flag=True, help="Also start the Dagster webserver and daemon.")
+def services_up(ui: bool) -> None:
+    """Start the services (idempotent) and wait until each one answers."""
+    from skulens.ops.services import DEFAULT, ServiceError, ServiceManager
+
+    names = list(DEFAULT) + (["dagster-webserver", "dagster-daemon"] if ui else [])
+    mgr = ServiceManager(_settings())
+    try:
+        for name in names:
+            t0 = time.monotonic()
+            was_running = mgr.is_running(name)
+            st = mgr.start(name)
+            how = "already running" if was_running else f"ready in {time.monotonic() - t0:.1f}s"
+            click.echo(f"{name:<18} pid {st.pid:<8} {how:<18} {st.url or ''}")
+    except ServiceError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@services.command("down")
+def services_down() -> None:
+    """Stop every service skulens started (by PID); nothing is left running."""
+    from skulens.ops.services import ServiceManager
+
+    stopped = ServiceManager(_settings()).down()
+    click.echo("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+
+
+@services.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def services_status(as_json: bool) -> None:
+    """Show each service's state, PID and URL."""
+    from skulens.ops.services import ServiceManager
+
+    rows = ServiceManager(_settings()).status()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        click.echo(f"{r['service']:<18} {r['state']:<8} pid {str(r['pid'] or '-'):<8} "
+                   f"{'answering' if r['answering'] else '-':<10} {r['url'] or ''}")
+
+
+@main.command("env")
+def env_cmd() -> None:
+    """Print `export` lines for the local services (use: eval "$(skulens env)")."""
+    s = _settings()
+    for key, value in {
+        "SKULENS_HOME": str(s.home), "DAGSTER_HOME": str(s.dagster_home), "SKULENS_BUCKET": s.bucket,
+        "SKULENS_S3_ENDPOINT": s.s3_endpoint, "MLFLOW_TRACKING_URI": s.mlflow_uri,
+    }.items():
+        click.echo(f"export {key}={value}")
+    click.echo("# S3 keys for the embedded store are in " + str(s.credentials_path))
+
+
+# --- import -----------------------------------------------------------------------------------
+@main.group("import")
+def import_group() -> None:
+    """Upload a local folder to the bucket (only what changed, by size + MD5)."""
+
+
+def _run_import(kind: str, src: Path, workers: int) -> None:
+    from skulens.catalog import importer
+    from skulens.catalog.contract import CatalogError
+    from skulens.catalog.s3 import ensure_bucket
+
+    s = _settings()
+    client = _client(s)
+    ensure_bucket(client, s.bucket)
+    fn = importer.import_catalog if kind == "catalog" else importer.import_shelf
+    try:
+        report = fn(client, s.bucket, src, workers=workers, progress=True)
+    except CatalogError as exc:
+        raise click.ClickException(str(exc)) from exc
+    for path, why in report.rejected:
+        click.echo(f"rejected {path}: {why}", err=True)
+    for key, err in report.failed:
+        click.echo(f"failed {key}: {err}", err=True)
+    click.echo(f"{kind} -> s3://{s.bucket}: {report.summary()}")
+    if report.failed:
+        raise click.ClickException(f"{len(report.failed)} upload(s) failed; run the import again to retry them")
+
+
+@import_group.command("catalog")
+@click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--workers", default=16, show_default=True, help="Parallel uploads.")
+def import_catalog_cmd(src: Path, workers: int) -> None:
+    """Upload SRC/products.csv and SRC/images/<sku>/<file> to catalog/."""
+    _run_import("catalog", src, workers)
+
+
+@import_group.command("shelf")
+@click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--workers", default=16, show_default=True, help="Parallel uploads.")
+def import_shelf_cmd(src: Path, workers: int) -> None:
+    """Upload labelled shelf crops SRC/<sku>/<file>, and/or SRC/photos/ + SRC/boxes.csv, to shelf/."""
+    _run_import("shelf", src, workers)
+
+
+@main.command("demo-catalog")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--skus", default=30, show_default=True, help="Number of synthetic products.")
+@click.option("--images", default=6, show_default=True, help="Catalog images per SKU.")
+@click.option("--crops", default=4, show_default=True, help="Shelf crops per SKU.")
+@click.option("--seed", default=7, show_default=True)
+@click.option("--no-bad-files", is_flag=True, help="Leave out the deliberately broken files.")
+def demo_catalog(out: Path, skus: int, images: int, crops: int, seed: int, no_bad_files: bool) -> None:
+    """Write a deterministic synthetic catalog (OUT/catalog) and shelf set (OUT/shelf)."""
+    from skulens.catalog.demo import write_demo
+
+    counts = write_demo(out, n_skus=skus, images_per_sku=images, crops_per_sku=crops, seed=seed,
+                        bad_files=not no_bad_files)
+    click.echo(f"wrote {out}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+    click.echo(f"next: skulens import catalog {out}/catalog && skulens import shelf {out}/shelf")
+
+
+# --- data (the dvc.yaml stages) ---------------------------------------------------------------------
+@main.group("data")
+def data_group() -> None:
+    """Dataset stages run by `dvc repro` (the same code the Dagster assets call)."""
+
+
+@data_group.command("ingest")
+@click.option("--out", "out", default="data/raw", show_default=True, type=click.Path(file_okay=False, path_type=Path))
+def data_ingest(out: Path) -> None:
+    """Mirror catalog images from S3 into OUT/images and write OUT/manifest.parquet + OUT/products.csv."""
+    from skulens.catalog import contract, ingest
+    from skulens.data import layout
+
+    s = _settings()
+    client = _client(s)
+    res = ingest.sync_images(client, s.bucket, contract.CATALOG_IMAGES_PREFIX, out / "images", progress=True)
+    products = ingest.fetch_products(client, s.bucket)
+    layout.write_raw(res.manifest, products, out)
+    click.echo(f"ingest: {res.stats()}")
+
+
+@data_group.command("clean")
+@click.option("--raw", default="data/raw", show_default=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", default="data/clean", show_default=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--params", "params_file", default="params.yaml", show_default=True, type=click.Path(path_type=Path))
+def data_clean(raw: Path, out: Path, params_file: Path) -> None:
+    """Drop tiny, corrupt, duplicate files and SKUs with too few images; write the cleaned dataset OUT."""
+    from skulens.data import layout
+    from skulens.data.clean import CleanConfig, clean_catalog
+
+    p = dict(layout.read_params(params_file.parent, "clean"))
+    max_share = p.pop("max_dropped_share", 0.2)
+    cfg = CleanConfig(**p)
+    manifest, products = layout.read_raw(raw)
+    result = clean_catalog(manifest, products, out.parent / ".normalised", cfg, progress=True)
+    params = {**layout.params_dict(cfg), "max_dropped_share": max_share}
+    params.pop("workers", None)
+    layout.write_clean(result, out, params)
+    st = result.stats
+    click.echo(f"clean: kept {st['files_kept']}/{st['files_in']} files, {st['skus_kept']} SKUs; "
+               f"dropped {st['dropped_by_reason']} ({st['images_per_s']} images/s)")
+    if st["share_dropped"] > max_share:
+        raise click.ClickException(f"{st['share_dropped']:.1%} of files dropped > max_dropped_share {max_share:.0%}; "
+                                   f"see {out}/dropped_files.csv")
+
+
+@data_group.command("balance")
+@click.option("--clean", "clean_dir", default="data/clean", show_default=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", default="data/balanced", show_default=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--params", "params_file", default="params.yaml", show_default=True, type=click.Path(path_type=Path))
+def data_balance(clean_dir: Path, out: Path, params_file: Path) -> None:
+    """Hold out a validation split and balance the rest to depth D per SKU (RetailKLIP)."""
+    from skulens.data import balance as bal
+    from skulens.data import layout
+
+    p = layout.read_params(params_file.parent, "balance")
+    kept = bal.training_classes(layout.read_clean(clean_dir))
+    train_src, val = bal.split_validation(kept, per_sku=int(p.get("val_per_sku", 1)), seed=int(p.get("seed", 0)))
+    depth = int(p.get("depth", 0)) or bal.suggest_depth(train_src)
+    train = bal.balance(train_src, depth, seed=int(p.get("seed", 0)))
+    layout.write_balanced(train, val, clean_dir, out, {"depth": depth, "val_per_sku": int(p.get("val_per_sku", 1)),
+                                                          "seed": int(p.get("seed", 0))})
+    click.echo(f"balance: {train['sku'].nunique()} SKUs x {depth} = {len(train)} rows, validation {len(val)}")
+
+
+# --- run ----------------------------------------------------------------------------------------
+@main.command("run")
+@click.option("--job", default="main", show_default=True, help="Dagster job to execute.")
+@click.option("--demo/--no-demo", default=True, show_default=True,
+              help="Load the demo catalog when the bucket has no catalog yet.")
+@click.option("--verbose", is_flag=True, help="Echo every Dagster event and traceback (they are always in the log file).")
+def run_cmd(job: str, demo: bool, verbose: bool) -> None:
+    """Start the services, load the demo catalog if the bucket is empty, and run the pipeline.
+
+    The console shows the run's INFO/WARNING/ERROR lines; DEBUG events and tracebacks go only to
+    the log file (.skulens/logs/run-<job>-<time>.log) unless --verbose. A failed run ends with one
+    line naming the cause and the log."""
+    from skulens.catalog import importer
+    from skulens.catalog.s3 import bucket_is_empty, ensure_bucket
+    from skulens.ops.services import DEFAULT, ServiceManager, write_dagster_yaml
+
+    s = _settings()
+    mgr = ServiceManager(s)
+    write_dagster_yaml(s.dagster_home)
+    t0 = time.monotonic()
+    for name in DEFAULT:
+        st = mgr.start(name)
+        click.echo(f"{name:<8} {st.url}")
+    client = _client(s)
+    ensure_bucket(client, s.bucket)
+    if demo and bucket_is_empty(client, s.bucket, "catalog/"):
+        from skulens.catalog.demo import write_demo
+
+        demo_dir = s.home / "demo"
+        counts = write_demo(demo_dir)
+        click.echo("loading the demo catalog: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+        click.echo("  catalog: " + importer.import_catalog(client, s.bucket, demo_dir / "catalog", progress=False).summary())
+        click.echo("  shelf:   " + importer.import_shelf(client, s.bucket, demo_dir / "shelf", progress=False).summary())
+    env = mgr.base_env()
+    root = Path(__file__).resolve().parents[2]
+    cmd = [str(Path(sys.executable).parent / "dagster"), "job", "execute", "-m", "pipelines.definitions",
+           "-d", str(root), "-j", job]
+    click.echo(f"running Dagster job {job!r} (DAGSTER_HOME={s.dagster_home}) ...")
+    rc, log_path, error = _run_logged(cmd, env, root, s.log_dir / f"run-{job}-{time.strftime('%Y%m%dT%H%M%S')}.log",
+                                      echo_all=verbose)
+    took = time.monotonic() - t0
+    if rc != 0:
+        what = error or f"job {job!r} failed (exit {rc}); see the run in the UI (make ui)"
+        raise click.ClickException(f"{what}  [log: {log_path}]")
+    click.echo(f"\njob {job!r} succeeded in {took:.0f}s.")
+    _print_summary(s, root)
+    _print_recognize_example(s, env)
+    click.echo("Where to look:")
+    click.echo(f"  Dagster UI : make ui   (then open {s.dagster_url})")
+    click.echo(f"  MLflow     : {s.mlflow_uri}")
+    click.echo(f"  S3 endpoint: {s.s3_endpoint}  bucket {s.bucket}  (keys in {s.credentials_path})")
+    click.echo("  stop all   : make down")
+
+
+ERROR_MARK = "skulens error: "  # assets raise dg.Failure("skulens error: <what happened and what to do>")
+
+
+_EVENT = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d [+-]\d{4} - dagster - (\w+) - ")
+
+
+class _ConsoleFilter:
+    """Which lines of a `dagster job execute` run reach the console: events at INFO and above and
+    plain lines, but not DEBUG events, and not tracebacks (from a "Traceback" / error-class line up
+    to the next event). Everything goes to the log file regardless."""
+
+    def __init__(self):
+        self.in_trace = False
+
+    def __call__(self, line: str) -> bool:
+        m = _EVENT.match(line)
+        if m:
+            self.in_trace = False
+            skipped_step = "Dependencies for step" in line and "Not executing" in line  # follows the real error
+            return m.group(1) != "DEBUG" and not skipped_step
+        if self.in_trace:
+            return False
+        stripped = line.strip()
+        if (stripped.startswith(("Traceback (most recent call last)", "The above exception", "Stack Trace:",
+                                 "During handling of the above exception"))
+                or re.match(r"^[a-zA-Z_][\w.]*(Error|Exception|Failure)\b.*:", stripped)
+                or re.match(r"^\S+\.py:\d+: \w*Warning: ", stripped)):  # library warnings: log only
+            self.in_trace = True
+            return False
+        return True
+
+
+def _run_logged(cmd: list[str], env: dict, cwd: Path, log_path: Path,
+                echo_all: bool = False) -> tuple[int, Path, str | None]:
+    """Run ``cmd``, echoing its output (filtered, see :class:`_ConsoleFilter`, unless ``echo_all``) and
+    keeping all of it in ``log_path``: ``(exit code, log path, the first one-line skulens error it
+    printed, if any)``."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    error = None
+    show = _ConsoleFilter()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, cwd=str(cwd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, errors="replace")
+        for line in proc.stdout:
+            if show(line) or echo_all:
+                sys.stdout.write(line)
+            log.write(line)
+            i = line.find(ERROR_MARK)
+            if i >= 0 and error is None and "Failure(" not in line:  # the event, not the source line of a traceback
+                error = line[i + len(ERROR_MARK):].strip().rstrip('"\'').strip()
+        rc = proc.wait()
+    return rc, log_path, error
+
+
+def _print_recognize_example(s: Settings, env: dict) -> None:
+    """Recognize one held-out demo shelf crop with the published index, as a user would."""
+    crops = sorted((s.home / "demo" / "shelf").glob("*/crop00.jpg")) or sorted(
+        (s.home / "cache" / "shelf" / "crops").glob("*/*.jpg"))
+    if not crops:
+        return
+    crop = crops[len(crops) // 2]
+    cmd = [str(Path(sys.executable).parent / "skulens"), "recognize", str(crop), "--k", "3"]
+    click.echo(f"\nexample: skulens recognize {crop} --k 3   (true SKU: {crop.parent.name})")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    click.echo(proc.stdout.rstrip() or proc.stderr.rstrip()[-2000:])
+
+
+def _print_summary(s: Settings, root: Path) -> None:
+    """What the run produced, read from the files it wrote (no Dagster import here)."""
+    import yaml
+
+    stats_path = root / "data" / "clean" / "stats.json"
+    if stats_path.exists():
+        st = json.loads(stats_path.read_text())
+        click.echo(f"  cleaning   : kept {st['files_kept']}/{st['files_in']} files and {st['skus_kept']}/{st['skus_in']} SKUs; "
+                   f"dropped {st['dropped_by_reason']}")
+        click.echo(f"               list: {root / 'data' / 'clean' / 'dropped_files.csv'}")
+    docs = s.home / "gx" / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html"
+    if docs.exists():
+        click.echo(f"  data docs  : {docs.as_uri()}")
+    lock = root / "dvc.lock"
+    if lock.exists():
+        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+        for stage in ("clean", "balance"):
+            md5 = next((o.get("md5") for o in stages.get(stage, {}).get("outs", [])), None)
+            if md5:
+                click.echo(f"  dvc {stage:<7}: {md5}  (remote s3://{s.bucket}/dvc)")
+
+
+# --- recognition (skulens/ops/cli_serving.py) ------------------------------------------------------
+
+main.add_command(recognize_cmd)
+main.add_command(serve_cmd)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

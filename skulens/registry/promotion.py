@@ -1,0 +1,223 @@
+"""Register a challenger with its lineage and decide whether it replaces the champion.
+
+A challenger is promoted only when it beats the champion on the same evaluation set; the decision and
+its reason are recorded on the registered version."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+from skulens.registry.store import file_sha256
+
+
+def log_to_run(tracking_uri: str, run_id: str, metrics: dict | None = None, files: dict | None = None,
+               artifact_path: str = "evaluation", tags: dict | None = None) -> None:
+    """Log metrics (step 0), tags and files (artifacts under ``artifact_path``) to an existing MLflow run."""
+    from mlflow.entities import Metric, RunTag
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    ts = int(time.time() * 1000)
+    ms = [Metric(k, float(v), ts, 0) for k, v in (metrics or {}).items()
+          if v is not None and math.isfinite(float(v))]
+    ts_tags = [RunTag(k, str(v)[:5000]) for k, v in (tags or {}).items()]
+    for i in range(0, max(len(ms), 1), 900):
+        client.log_batch(run_id, metrics=ms[i:i + 900], tags=ts_tags if i == 0 else [])
+    for p in (files or {}).values():
+        client.log_artifact(run_id, str(p), artifact_path)
+
+
+# ====================================================================== registry
+def lineage(trained: dict, evaluation: dict, extra: dict | None = None) -> dict:
+    """What the registered version was made from and measured on."""
+    dv = trained.get("dataset_version") or {}
+    out = {
+        "dataset_clean_md5": dv.get("clean_md5"), "dataset_balanced_md5": dv.get("balanced_md5"),
+        "git_rev": dv.get("git_rev"), "git_dirty": dv.get("git_dirty"),
+        "eval_set": evaluation["eval_set"], "eval_crops": evaluation["n_crops"],
+        "training_run_id": trained.get("mlflow_run_id"), "device": trained.get("device"),
+        "evaluated_champion": evaluation.get("champion_version"),
+    }
+    out.update(extra or {})
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def registration_metrics(trained: dict, evaluation: dict, gallery: str = "catalog") -> dict:
+    """Metrics stored on the registered version's run: the primary gallery's metrics under their
+    plain names (``top1``, ``top5``, ...; what :func:`skulens.registry.get_champion` returns), the
+    other galleries as ``<gallery>/<metric>``, and the training summary as ``train/<metric>``."""
+    ch = evaluation["models"]["challenger"]["metrics"]
+    out = dict(ch[gallery])
+    for g, m in ch.items():
+        for k, v in m.items():
+            out[f"{g}/{k}"] = v
+    for k, v in (trained.get("metrics") or {}).items():
+        out[f"train/{k}"] = v
+    return out
+
+
+def saved_spec(encoder_path: str | os.PathLike) -> dict | None:
+    """The resolved spec stored next to an encoder file (``<file>.json``, written by save_encoder):
+    what evaluation and serving use (training may have run at another input size)."""
+    side = Path(str(encoder_path) + ".json")
+    try:
+        return dict(json.loads(side.read_text())["spec"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+#: tags of the training run copied to the registered version's run (the nightly schedule compares
+#: ``catalog.fingerprint`` and ``train.config_hash`` of the champion's run with the current ones)
+CARRIED_TAG_PREFIXES = ("catalog.", "train.", "dataset.", "git.")
+
+
+def training_run_tags(tracking_uri: str, run_id: str | None) -> dict:
+    """The training run's ``catalog.*``, ``train.*``, ``dataset.*`` and ``git.*`` tags."""
+    if not run_id:
+        return {}
+    from mlflow.tracking import MlflowClient
+
+    tags = MlflowClient(tracking_uri).get_run(run_id).data.tags
+    return {k: v for k, v in tags.items() if k.startswith(CARRIED_TAG_PREFIXES)}
+
+
+def register_and_decide(
+    tracking_uri: str,
+    model_name: str,
+    trained: dict,
+    evaluation: dict,
+    metric: str = "top1",
+    gallery: str = "catalog",
+    margin: float = 0.0,
+    checks_passed: bool = True,
+    experiment: str | None = None,
+    extra_lineage: dict | None = None,
+    tags: dict | None = None,
+) -> dict:
+    """Register the challenger (alias ``challenger``) with lineage, then promote it to ``champion``
+    only if it beats the champion evaluated in the same run on the same crops.
+
+    Never promotes when: data checks failed, the challenger metric is missing, the champion could
+    not be evaluated on these crops, the champion alias moved since the evaluation (another run
+    promoted meanwhile), or the challenger is not better by ``margin``. A tie is not promoted.
+    """
+    from skulens.registry.model_registry import get_champion, log_and_register, promote
+    from skulens.registry.promotion import decide_promotion
+
+    encoder_path = trained["encoder_path"]  # the verified local copy (ModelStore.fetch of encoder_uri)
+    sha = evaluation.get("challenger_sha256")
+    if sha and file_sha256(encoder_path) != sha:
+        raise RuntimeError(f"{encoder_path} changed since it was evaluated (another training run?): "
+                           "re-run model_evaluation before registering")
+    if gallery not in evaluation["models"]["challenger"]["metrics"]:
+        raise ValueError(f"gallery {gallery!r} was not evaluated; one of {list(evaluation['models']['challenger']['metrics'])}")
+    eval_set = evaluation["eval_set"]
+    challenger = {**evaluation["models"]["challenger"]["metrics"][gallery], "eval_set": eval_set}
+    spec, cfg = saved_spec(encoder_path) or trained.get("spec") or {}, trained.get("train_config") or {}
+    params = {**{f"model.{k}": v for k, v in spec.items()}, **{f"train.{k}": v for k, v in cfg.items()},
+              "eval.gallery": gallery, "eval.metric": metric, "eval.k": evaluation.get("k")}
+    version = log_and_register(
+        tracking_uri, model_name, encoder_path,
+        metrics=registration_metrics(trained, evaluation, gallery), params=params,
+        tags={**training_run_tags(tracking_uri, trained.get("mlflow_run_id")),
+              "run_name": f"register-{spec.get('name', 'encoder')}", "skulens.stage": "register", **(tags or {})},
+        lineage=lineage(trained, evaluation, extra_lineage), experiment=experiment,
+    )
+
+    evaluated = evaluation.get("champion_version")
+    current = get_champion(tracking_uri, model_name)
+    current_version = current[0] if current else None
+    champion_metric = None
+    if current_version != evaluated and evaluated is None and not evaluation.get("champion_checked", True):
+        promote_it, reason = False, (f"champion v{current_version} was not evaluated in this run (include_champion="
+                                     "False): not comparable, keeping the champion")
+    elif current_version != evaluated:
+        promote_it, reason = False, (f"champion changed during the run (evaluated v{evaluated}, now v{current_version}): "
+                                     "not comparable, keeping the champion; run again to compare on the same crops")
+    elif current is None:
+        promote_it, reason = decide_promotion(challenger, None, metric=metric, margin=margin,
+                                              checks_passed=checks_passed)
+    else:
+        champ_eval = evaluation["models"].get("champion")
+        champion = {"eval_set": eval_set}
+        if champ_eval:
+            champion.update(champ_eval["metrics"].get(gallery, {}))
+            champion_metric = champion.get(metric)
+        promote_it, reason = decide_promotion(challenger, champion, metric=metric, margin=margin,
+                                              checks_passed=checks_passed)
+        if not champ_eval and evaluation.get("champion_error"):
+            reason += f" (champion v{evaluated} could not be evaluated: {evaluation['champion_error']})"
+
+    previous = None
+    if promote_it:
+        previous = promote(tracking_uri, model_name, version, reason=reason)
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    client.set_model_version_tag(model_name, version, "promotion_decision", "promoted" if promote_it else "kept-champion")
+    client.set_model_version_tag(model_name, version, "promotion_decision_reason", reason[:5000])
+    after = get_champion(tracking_uri, model_name)
+    return {
+        "version": version, "promoted": bool(promote_it), "reason": reason,
+        "champion_version": after[0] if after else None,
+        "previous_champion": previous if promote_it else current_version,
+        "metric": metric, "gallery": gallery, "margin": float(margin), "eval_set": eval_set,
+        "challenger_metric": challenger.get(metric), "champion_metric": champion_metric,
+        "checks_passed": bool(checks_passed), "model_name": model_name,
+        "clean_md5": (trained.get("dataset_version") or {}).get("clean_md5"),
+    }
+
+
+
+
+
+
+def decide_promotion(
+    challenger: dict,
+    champion: dict | None,
+    metric: str = "top1",
+    margin: float = 0.0,
+    checks_passed: bool = True,
+) -> tuple[bool, str]:
+    """Should the challenger replace the champion? Returns ``(promote, reason)``.
+
+    * data checks failed -> never promote;
+    * the challenger metric missing or not finite -> no;
+    * no champion yet -> promote (first model);
+    * metrics must come from the same crops: if either dict carries an ``eval_set`` fingerprint,
+      both must carry the same one (re-evaluate the champion on the current crops otherwise);
+    * promote only if ``challenger - champion >= margin`` and the challenger is strictly better
+      (``margin=0`` means "any improvement"; a tie is not promoted). Never promotes a regression.
+    """
+    if not checks_passed:
+        return False, "data checks failed: not promoting"
+    c = _num(challenger.get(metric) if challenger else None)
+    if c is None:
+        return False, f"challenger has no finite '{metric}' metric"
+    if champion is None:
+        return True, f"no champion yet: first model becomes champion ({metric}={c:.4f})"
+    ce, he = (challenger or {}).get("eval_set"), champion.get("eval_set")
+    if (ce or he) and ce != he:
+        return False, (f"metrics not comparable: challenger eval_set={ce!r}, champion eval_set={he!r}; "
+                       "evaluate both on the same crops")
+    h = _num(champion.get(metric))
+    if h is None:
+        return False, f"champion has no finite '{metric}' metric; evaluate it on the same crops first"
+    delta = c - h
+    if delta > 0 and delta >= margin - 1e-12:
+        return True, f"{metric} {c:.4f} beats champion {h:.4f} by {delta:+.4f} (margin {margin})"
+    if delta < 0:
+        return False, f"regression: {metric} {c:.4f} < champion {h:.4f} ({delta:+.4f})"
+    return False, f"{metric} {c:.4f} vs champion {h:.4f} ({delta:+.4f}) does not beat margin {margin}"
+
+
+def _num(v) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None

@@ -1,0 +1,1 @@
+"""Recognition of shelf crops with the published index and its model, and the HTTP API."""

@@ -1,0 +1,191 @@
+"""HTTP API for recognition (FastAPI).
+
+``create_app(recognizer_factory)`` builds the app; the recognizer is created once, lazily, on the
+first request that needs it (or at startup via the lifespan), so importing this module is cheap.
+
+* ``POST /recognize?k=5`` - multipart form with one image file (field ``file``) -> top-k JSON.
+* ``GET /health`` - model/index versions and index size; 503 until the recognizer is loaded.
+
+Errors: 413 upload larger than ``max_upload_bytes`` or image over ``max_pixels``; 415 not a
+decodable image; 400 missing file or corrupt image data; 422 bad ``k``.
+
+Run: ``uvicorn --factory skulens.serving.http:app_from_env`` (reads ``SKULENS_*`` settings).
+
+(No ``from __future__ import annotations`` here: FastAPI must resolve the endpoint annotations.)
+"""
+
+
+import io
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from PIL import Image, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+DEFAULT_MAX_PIXELS = 40_000_000  # ~ a 7700x5200 photo; shelf crops are far smaller
+MAX_K = 50
+
+
+class _Reject(Exception):
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Decode upload bytes to an RGB image, refusing decompression bombs before decoding pixels."""
+    from skulens.data.images import load_rgb
+
+    if not data:
+        raise _Reject(400, "empty file: send an image (JPEG, PNG, WebP, ...) in the 'file' form field")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise _Reject(413, f"image too large: {e}")
+    except UnidentifiedImageError:
+        raise _Reject(415, "unsupported or unreadable image: send a JPEG, PNG, WebP, BMP, TIFF or GIF file")
+    except Exception as e:  # noqa: BLE001
+        raise _Reject(400, f"could not read image: {type(e).__name__}")
+    w, h = img.size
+    if w * h > max_pixels:
+        raise _Reject(413, f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels} pixels")
+    if w < 1 or h < 1:
+        raise _Reject(400, "image has no pixels")
+    try:
+        img.load()
+        return load_rgb(img)
+    except Exception as e:  # noqa: BLE001 - truncated / corrupt data after a valid header
+        raise _Reject(400, f"corrupt or truncated image data ({type(e).__name__})")
+
+
+def create_app(
+    recognizer_factory: Callable[[], object],
+    max_upload_bytes: int = 10 * MiB,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    load_on_startup: bool = True,
+):
+    """FastAPI app serving ``recognizer_factory()`` (a :class:`skulens.serving.recognize.Recognizer`)."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI, HTTPException, Query, Request
+    from fastapi.concurrency import run_in_threadpool
+    from fastapi.responses import JSONResponse
+
+    holder: dict = {}
+    lock = threading.Lock()
+
+    def get_recognizer():
+        rec = holder.get("rec")
+        if rec is None:
+            with lock:
+                rec = holder.get("rec")
+                if rec is None:
+                    rec = recognizer_factory()
+                    holder["rec"] = rec
+        return rec
+
+    @asynccontextmanager
+    async def lifespan(app):
+        if load_on_startup:
+            try:
+                await run_in_threadpool(get_recognizer)
+            except Exception as e:  # noqa: BLE001 - serve /health as 503 and retry on the next request
+                log.error("recognizer failed to load at startup: %s", e)
+        yield
+
+    app = FastAPI(title="skulens", version="1", lifespan=lifespan)
+    app.state.get_recognizer = get_recognizer
+
+    def _loaded():
+        rec = holder.get("rec")
+        if rec is None:
+            try:
+                rec = get_recognizer()
+            except Exception as e:  # noqa: BLE001
+                raise HTTPException(503, f"recognizer not available: {type(e).__name__}: {e}")
+        return rec
+
+    @app.get("/health")
+    def health():
+        rec = holder.get("rec")
+        if rec is None:
+            try:
+                rec = get_recognizer()
+            except Exception as e:  # noqa: BLE001
+                return JSONResponse({"status": "unavailable", "error": f"{type(e).__name__}",
+                                     "detail": str(e)[:500]}, status_code=503)
+        rec.maybe_reload()
+        return {"status": "ok", "model_version": rec.model_version, "index_version": rec.index_version,
+                "index_count": len(rec.index), "n_skus": len(rec.index.sku_list)}
+
+    @app.post("/recognize")
+    async def recognize(request: Request, k: int = Query(5, ge=1, le=MAX_K)):
+        # reject early on the declared size, before the body is parsed and spooled
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > max_upload_bytes + 64 * 1024:
+            raise HTTPException(413, f"upload is {int(declared)} bytes; the limit is {max_upload_bytes} bytes")
+        ctype = request.headers.get("content-type", "")
+        if not ctype.startswith("multipart/form-data"):
+            raise HTTPException(415, "send the image as multipart/form-data with a 'file' field")
+        try:
+            form = await request.form(max_files=1, max_fields=10)
+        except HTTPException:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise HTTPException(400, f"malformed multipart body: {type(e).__name__}")
+        try:
+            upload = form.get("file")
+            if upload is None or not hasattr(upload, "read"):
+                raise HTTPException(400, "no file: send the image in the multipart field 'file'")
+            data = await upload.read(max_upload_bytes + 1)
+            if len(data) > max_upload_bytes:
+                raise HTTPException(413, f"upload larger than the limit of {max_upload_bytes} bytes")
+        finally:
+            await form.close()
+        rec = _loaded()
+
+        def work():
+            img = decode_image(data, max_pixels)
+            rec.maybe_reload()
+            t0 = time.perf_counter()
+            res = rec.recognize([img], k=k)[0]
+            res["latency_ms"] = round((time.perf_counter() - t0) * 1000, 2)
+            return res
+
+        try:
+            res = await run_in_threadpool(work)
+        except _Reject as r:
+            raise HTTPException(r.status, r.detail)
+        return {
+            "sku": res["sku"], "name": res["name"], "score": res["score"],
+            "results": res["topk"], "k": k,
+            "model_version": res["model_version"], "index_version": res["index_version"],
+            "latency_ms": res["latency_ms"],
+        }
+
+    return app
+
+
+def app_from_env():
+    """App factory for uvicorn (``--factory``): recognizer from the configured services."""
+    from skulens.catalog.s3 import make_client
+    from skulens.ops.settings import load_local_env, s3_credentials
+    from skulens.serving.recognize import Recognizer
+
+    settings = load_local_env()
+
+    def factory():
+        ak, sk = s3_credentials()
+        client = make_client(settings.s3_endpoint, ak, sk, settings.region)
+        from skulens.registry.store import ModelStore
+
+        return Recognizer.from_services(settings.mlflow_uri, settings.model_name, client, settings.bucket,
+                                        settings.cache_dir / "serve",
+                                        store=ModelStore(settings.cache_dir / "models", settings.mlflow_uri,
+                                                         settings.model_name))
+
+    return create_app(factory)

@@ -1,0 +1,168 @@
+"""Catalog sensor, champion sensor, nightly skip logic and the incremental index update, on real S3 + MLflow."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import dagster as dg
+import pytest
+
+from assets.index_update import index_update
+from pipelines import automation
+from resources import LocalStateResource, S3Resource
+from resources.mlflow import MlflowResource
+from skulens.catalog import importer
+from skulens.index.update import index_delta
+
+KEY = dg.EnvVar("SKULENS_S3_ACCESS_KEY_ID")
+SECRET = dg.EnvVar("SKULENS_S3_SECRET_ACCESS_KEY")
+
+
+def _s3(s3, bucket):
+    return S3Resource(endpoint_url=s3.endpoint, bucket=bucket, access_key_id=KEY, secret_access_key=SECRET)
+
+
+def test_index_delta_per_sku():
+    indexed = {"catalog/images/a/1.jpg": "e1", "catalog/images/b/1.jpg": "e2", "catalog/images/c/1.jpg": "e3"}
+    current = {"catalog/images/a/1.jpg": "e1", "catalog/images/b/1.jpg": "CHANGED", "catalog/images/d/1.jpg": "e4"}
+    d = index_delta(current, indexed)
+    assert d.changed_skus == ["b", "d"] and d.removed_skus == ["c"]
+    assert index_delta(indexed, indexed).empty
+
+
+def test_catalog_sensor_one_run_per_batch_and_cursor_survives_restart(s3, demo_dir):
+    bucket = s3.new_bucket("sens")
+    importer.import_catalog(s3.client(), bucket, demo_dir / "catalog", progress=False).raise_for_failures()
+    sensor = automation.catalog_sensor(index_update)
+    resources = {"s3": _s3(s3, bucket)}
+
+    ctx = dg.build_sensor_context(resources=resources)
+    first = sensor(ctx)
+    assert isinstance(first, dg.RunRequest) and first.run_key.startswith("catalog-")
+    cursor = ctx.cursor
+    assert json.loads(cursor)["images"] > 0
+
+    # nothing changed: no run
+    ctx2 = dg.build_sensor_context(cursor=cursor, resources=resources)
+    assert isinstance(sensor(ctx2), dg.SkipReason)
+
+    # a batch of uploads (a new SKU with 2 images) -> exactly one run request
+    c = s3.client()
+    img = next((demo_dir / "catalog" / "images").rglob("00.jpg")).read_bytes()
+    c.put_object(Bucket=bucket, Key="catalog/images/new-sku/a.jpg", Body=img)
+    c.put_object(Bucket=bucket, Key="catalog/images/new-sku/b.jpg", Body=img + b"\0")
+    ctx3 = dg.build_sensor_context(cursor=cursor, resources=resources)
+    batch = sensor(ctx3)
+    assert isinstance(batch, dg.RunRequest) and batch.run_key != first.run_key
+
+    # "daemon restart": a fresh evaluation with the persisted cursor does not repeat the batch
+    ctx4 = dg.build_sensor_context(cursor=ctx3.cursor, resources=resources)
+    assert isinstance(sensor(ctx4), dg.SkipReason)
+
+
+def _register_champion(mlflow_uri, model_name, tmp_path):
+    """Put a (tiny, untrained) encoder in the registry as champion: the index path needs no training."""
+    from skulens.model.factory import ModelSpec, create_encoder
+    from skulens.model.io import save_encoder
+    from skulens.registry.model_registry import log_and_register, promote
+
+    enc = create_encoder(ModelSpec(name="tiny-test"))
+    path = save_encoder(enc, tmp_path / "enc" / "encoder.pt")
+    version = log_and_register(mlflow_uri, model_name, str(path), metrics={"top1": 0.5}, params={}, tags={},
+                               lineage={"eval_set": "t"})
+    promote(mlflow_uri, model_name, version)
+    return str(version)
+
+
+def test_new_sku_recognizable_and_deleted_sku_gone_without_training(s3, mlflow_server, demo_dir, tmp_path):
+    bucket = s3.new_bucket("upd")
+    model_name = f"m-{bucket}"
+    version = _register_champion(mlflow_server.uri, model_name, tmp_path)
+    src = tmp_path / "cat"
+    shutil.copytree(demo_dir / "catalog", src)
+    new_dir = src / "images" / "brand-new"
+    importer.import_catalog(s3.client(), bucket, src, progress=False).raise_for_failures()
+    resources = {"s3": _s3(s3, bucket), "state": LocalStateResource(home=str(tmp_path / "state")),
+                 "mlflow": MlflowResource(tracking_uri=mlflow_server.uri, model_name=model_name)}
+
+    first = index_update.execute_in_process(resources=resources)
+    assert first.success
+    out1 = first.output_for_node("update_sku_index")
+    assert out1["published"] and len(out1["changed_skus"]) >= 8  # full build: the model had no index
+
+    # a new product arrives: only it is embedded
+    from skulens.catalog.demo import Product, _jpeg_bytes, render_packshot
+
+    new_dir.mkdir()
+    p = Product(sku="brand-new", name="New", category="snacks", shape="can", brand="NEWBRAND",
+                primary=(10, 200, 120), secondary=(250, 20, 200), pattern="dots", logo="star", size="1 l")
+    for v in range(2):
+        (new_dir / f"{v}.jpg").write_bytes(_jpeg_bytes(render_packshot(p, view=v), 92))
+    importer.import_catalog(s3.client(), bucket, src, progress=False).raise_for_failures()
+    second = index_update.execute_in_process(resources=resources)
+    out2 = second.output_for_node("update_sku_index")
+    assert out2["changed_skus"] == ["brand-new"] and out2["removed_skus"] == []
+    mats = second.asset_materializations_for_node("update_sku_index")
+    assert mats and mats[0].asset_key == dg.AssetKey("sku_index")
+
+    from skulens.serving.recognize import Recognizer
+
+    rec = Recognizer.from_services(mlflow_server.uri, model_name, s3.client(), bucket, cache_dir=tmp_path / "rc")
+    assert rec.index_version == out2["published"] and str(rec.model_version) == version
+    hit = rec.recognize([str(new_dir / "0.jpg")], k=3)[0]
+    assert hit["sku"] == "brand-new"
+
+    # the user deletes a SKU from the catalog: it leaves the index
+    gone = "demo-002"
+    for obj in list(s3.client().list_objects_v2(Bucket=bucket, Prefix=f"catalog/images/{gone}/")["Contents"]):
+        s3.client().delete_object(Bucket=bucket, Key=obj["Key"])
+    third = index_update.execute_in_process(resources=resources)
+    out3 = third.output_for_node("update_sku_index")
+    assert out3["removed_skus"] == [gone] and out3["changed_skus"] == []
+    rec.maybe_reload(force=True)
+    assert gone not in rec.index.sku_list
+    probe = rec.recognize([str(src / "images" / gone / "01.jpg")], k=5)[0]
+    assert all(s != gone for s, _ in [(t["sku"], t["score"]) for t in probe["topk"]])
+
+
+def test_champion_sensor_fires_once_per_new_champion(s3, mlflow_server, tmp_path):
+    model_name = f"champ-{tmp_path.name[-8:]}"
+    sensor = automation.champion_sensor(index_update)
+    res = {"mlflow": MlflowResource(tracking_uri=mlflow_server.uri, model_name=model_name)}
+    assert isinstance(sensor(dg.build_sensor_context(resources=res)), dg.SkipReason)  # no champion yet
+    v1 = _register_champion(mlflow_server.uri, model_name, tmp_path / "a")
+    ctx = dg.build_sensor_context(resources=res)
+    req = sensor(ctx)
+    assert isinstance(req, dg.RunRequest) and req.run_key == f"champion-v{v1}"
+    assert isinstance(sensor(dg.build_sensor_context(cursor=ctx.cursor, resources=res)), dg.SkipReason)
+    v2 = _register_champion(mlflow_server.uri, model_name, tmp_path / "b")
+    req2 = sensor(dg.build_sensor_context(cursor=ctx.cursor, resources=res))
+    assert isinstance(req2, dg.RunRequest) and req2.run_key == f"champion-v{v2}"
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_nightly_skips_when_nothing_changed(s3, mlflow_server, demo_dir, tmp_path, same):
+    from mlflow.tracking import MlflowClient
+
+    from skulens.catalog.state import catalog_state
+
+    bucket = s3.new_bucket("night")
+    model_name = f"n-{bucket}"
+    importer.import_catalog(s3.client(), bucket, demo_dir / "catalog", progress=False).raise_for_failures()
+    version = _register_champion(mlflow_server.uri, model_name, tmp_path)
+    client = MlflowClient(mlflow_server.uri)
+    run_id = client.get_model_version(model_name, version).run_id
+    fp = catalog_state(s3.client(), bucket).fingerprint
+    client.set_tag(run_id, "catalog.fingerprint", fp if same else "something-else")
+    client.set_tag(run_id, "train.config_hash", automation.training_config_hash())
+    schedule = automation.nightly_schedule(dg.define_asset_job("main"))
+    ctx = dg.build_schedule_context(resources={"s3": _s3(s3, bucket),
+                                               "mlflow": MlflowResource(tracking_uri=mlflow_server.uri,
+                                                                        model_name=model_name)},
+                                    scheduled_execution_time=__import__("datetime").datetime(2026, 11, 22, 2))
+    result = schedule.evaluate_tick(ctx)
+    if same:
+        assert result.skip_message and "unchanged" in result.skip_message
+    else:
+        assert len(result.run_requests) == 1

@@ -1,0 +1,120 @@
+"""Model registry on a real MLflow server: aliases challenger/champion, no promotion of a regression."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from skulens.registry.model_registry import get_champion, log_and_register, promote
+from skulens.registry.promotion import decide_promotion
+
+
+def test_decide_promotion_rules():
+    assert decide_promotion({"top1": 0.4}, None)[0] is True  # first model
+    ok, why = decide_promotion({"top1": 0.9}, None, checks_passed=False)
+    assert not ok and "checks" in why
+    assert decide_promotion({"top1": 0.7}, {"top1": 0.6})[0] is True
+    ok, why = decide_promotion({"top1": 0.5}, {"top1": 0.6})
+    assert not ok and "regression" in why
+    assert decide_promotion({"top1": 0.6}, {"top1": 0.6})[0] is False  # a tie is not an improvement
+    assert decide_promotion({"top1": 0.605}, {"top1": 0.6}, margin=0.01)[0] is False
+    assert decide_promotion({"top1": 0.61}, {"top1": 0.6}, margin=0.01)[0] is True
+    assert decide_promotion({"top5": 0.9}, {"top1": 0.6})[0] is False  # metric missing
+    assert decide_promotion({"top1": float("nan")}, None)[0] is False
+    ok, why = decide_promotion({"top1": 0.9, "eval_set": "crops@v2"}, {"top1": 0.6, "eval_set": "crops@v1"})
+    assert not ok and "same crops" in why
+    assert decide_promotion({"top1": 0.9, "eval_set": "e1"}, {"top1": 0.6, "eval_set": "e1"})[0] is True
+    assert decide_promotion({"top1": 0.9, "eval_set": "e1"}, {"top1": 0.6})[0] is False
+    assert decide_promotion({"top5": 0.8}, {"top5": 0.7}, metric="top5")[0] is True
+
+
+@pytest.fixture(scope="module")
+def saved_encoder(tmp_path_factory):
+    import torch
+
+    from skulens.model import ModelSpec, create_encoder, save_encoder
+
+    torch.manual_seed(1)
+    enc = create_encoder(ModelSpec(name="tiny-test"), device="cpu")
+    path = save_encoder(enc, tmp_path_factory.mktemp("enc") / "encoder.pt")
+    return enc, path
+
+
+def test_champion_lifecycle_on_real_mlflow(mlflow_server, saved_encoder, tmp_path):
+    from mlflow import MlflowClient
+
+    enc, path = saved_encoder
+    uri = mlflow_server.uri
+    name = f"skulens-test-{uuid.uuid4().hex[:8]}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    assert get_champion(uri, name) is None  # not even registered yet
+
+    secret = "s3cr3t-value-XYZ"
+    v1 = log_and_register(
+        uri, name, path,
+        metrics={"top1": 0.60, "top5": 0.80, "note": "not a number"},
+        params={"lr": 1e-4, "epochs": 2, "aws_secret_access_key": secret,
+                "s3_endpoint": f"http://user:{secret}@127.0.0.1:9000"},
+        tags={"run_name": "first", "api_token": secret},
+        lineage={"catalog_version": "abc123", "eval_set": "crops@1", "password": secret},
+    )
+    assert v1 == "1"
+    assert client.get_model_version_by_alias(name, "challenger").version == "1"
+    assert get_champion(uri, name) is None
+    run = client.get_run(client.get_model_version(name, v1).run_id)
+    assert run.data.metrics == {"top1": 0.60, "top5": 0.80}
+    assert run.data.params["epochs"] == "2"
+    everything = repr(run.data.params) + repr(run.data.tags) + repr(client.get_model_version(name, v1).tags)
+    assert secret not in everything  # secrets dropped / redacted everywhere
+    assert "aws_secret_access_key" not in run.data.params and "***@" in run.data.params["s3_endpoint"]
+    assert run.data.tags["lineage.catalog_version"] == "abc123"
+
+    # first model: promoted
+    ok, why = decide_promotion({"top1": 0.60, "eval_set": "crops@1"}, None)
+    assert ok, why
+    assert promote(uri, name, v1) is None
+    champ = get_champion(uri, name)
+    assert champ[0] == "1" and champ[1]["top1"] == pytest.approx(0.60) and champ[1]["eval_set"] == "crops@1"
+
+    # a deliberately worse challenger on the same crops: registered as challenger, not promoted
+    v2 = log_and_register(uri, name, path, metrics={"top1": 0.40}, params={}, tags={},
+                          lineage={"eval_set": "crops@1"})
+    assert v2 == "2"
+    assert client.get_model_version_by_alias(name, "challenger").version == "2"
+    ok, why = decide_promotion({"top1": 0.40, "eval_set": "crops@1"}, champ[1])
+    assert not ok and "regression" in why
+    assert get_champion(uri, name)[0] == "1"  # champion alias untouched
+
+    # a better one is promoted; the old champion keeps a rollback alias
+    v3 = log_and_register(uri, name, path, metrics={"top1": 0.75}, params={}, tags={},
+                          lineage={"eval_set": "crops@1"})
+    ok, _ = decide_promotion({"top1": 0.75, "eval_set": "crops@1"}, get_champion(uri, name)[1], margin=0.01)
+    assert ok
+    assert promote(uri, name, v3, reason="beats champion") == "1"
+    assert get_champion(uri, name)[0] == v3 == "3"
+    assert client.get_model_version_by_alias(name, "previous-champion").version == "1"
+    assert client.get_model_version(name, v3).tags["promotion_reason"] == "beats champion"
+    # aliases, not deprecated stages
+    assert all(mv.current_stage in (None, "None") for mv in client.search_model_versions(f"name='{name}'"))
+
+    # download and load the champion: same weights, same embeddings
+    import torch
+
+    from skulens.model import load_encoder
+    from skulens.registry.store import ModelStore, file_sha256
+
+    store = ModelStore(tmp_path / "models", uri, name)
+    ref = store.champion()
+    assert ref.version == "3" and ref.sha256 == file_sha256(path)  # the version records its checksum
+    local = store.path(ref)
+    assert local.name == "encoder.pt" and local.parent.name == ref.sha256
+    assert Path(str(local) + ".json").is_file()  # the spec sidecar travels with the weights
+    loaded = load_encoder(local)
+    x = torch.randn(2, 3, enc.image_size, enc.image_size)
+    with torch.inference_mode():
+        np.testing.assert_allclose(loaded(x).numpy(), enc.eval()(x).numpy(), atol=1e-6)
+    assert store.path(store.version("3")) == local  # cached: the same file, no second download
+    assert ModelStore(tmp_path / "x", uri, f"{name}-none").champion() is None

@@ -1,0 +1,206 @@
+"""HTTP API (FastAPI TestClient) and the Recognizer, including hot reload from a real S3 + MLflow."""
+
+from __future__ import annotations
+
+import io
+import uuid
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from skulens.index.publish import publish_index
+from skulens.index.sku_index import SkuIndex
+
+
+def _product_image(i: int, size=(80, 120)) -> Image.Image:
+    rng = np.random.default_rng(100 + i)
+    arr = np.full((size[1], size[0], 3), 240, np.uint8)
+    arr[8:-8, 6:-6] = rng.integers(0, 255, 3)
+    for r in range(12, size[1] - 12, 9 + i % 4):
+        arr[r:r + 3, 10:-10] = rng.integers(0, 255, 3)
+    return Image.fromarray(arr, "RGB")
+
+
+def _png(img: Image.Image, fmt="PNG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    import torch
+
+    from skulens.model import ModelSpec, create_encoder
+
+    torch.manual_seed(2)
+    return create_encoder(ModelSpec(name="tiny-test"), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def gallery(tiny):
+    from skulens.model.embed import embed_images
+
+    imgs = [_product_image(i) for i in range(6)]
+    skus = [f"SKU{i}" for i in range(6)]
+    vecs = embed_images(tiny, imgs)
+    products = pd.DataFrame({"sku": skus, "name": [f"Product {i}" for i in range(6)], "category": "x"})
+    return imgs, SkuIndex(vecs, skus, [f"catalog/images/{s}/0.png" for s in skus], model_version="1"), products
+
+
+@pytest.fixture(scope="module")
+def client(tiny, gallery):
+    from fastapi.testclient import TestClient
+
+    from skulens.serving.http import create_app
+    from skulens.serving.recognize import Recognizer
+
+    _, index, products = gallery
+    app = create_app(lambda: Recognizer(tiny, index, products, index_version="v-test"),
+                     max_upload_bytes=200_000, max_pixels=1_000_000)
+    with TestClient(app) as c:
+        yield c
+
+
+def test_recognize_returns_topk_with_names_and_versions(client, gallery):
+    imgs = gallery[0]
+    r = client.post("/recognize", params={"k": 3}, files={"file": ("crop.png", _png(imgs[4]), "image/png")})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["sku"] == "SKU4" and body["name"] == "Product 4" and body["score"] == pytest.approx(1.0, abs=1e-4)
+    assert body["results"][0]["sku"] == "SKU4" and len(body["results"]) == 3
+    assert body["results"][0]["score"] >= body["results"][1]["score"] >= body["results"][2]["score"]
+    assert body["model_version"] == "1" and body["index_version"] == "v-test" and body["latency_ms"] > 0
+    # JPEG, grayscale and RGBA uploads are accepted too
+    for img, fmt in [(imgs[2], "JPEG"), (imgs[3].convert("L"), "PNG"), (imgs[1].convert("RGBA"), "PNG")]:
+        r = client.post("/recognize", files={"file": ("c", _png(img, fmt), "application/octet-stream")})
+        assert r.status_code == 200, r.text
+    assert client.post("/recognize", files={"file": ("c", _png(imgs[2], "JPEG"), "image/jpeg")}).json()["sku"] == "SKU2"
+
+
+def test_health(client):
+    r = client.get("/health")
+    assert r.status_code == 200
+    assert r.json() == {"status": "ok", "model_version": "1", "index_version": "v-test",
+                        "index_count": 6, "n_skus": 6}
+
+
+def test_rejects_bad_uploads(client, gallery):
+    imgs = gallery[0]
+    r = client.post("/recognize", files={"file": ("x.txt", b"this is not an image", "text/plain")})
+    assert r.status_code == 415 and "image" in r.json()["detail"]
+    truncated = _png(imgs[0])[:200]
+    r = client.post("/recognize", files={"file": ("x.png", truncated, "image/png")})
+    assert r.status_code == 400 and "corrupt" in r.json()["detail"]
+    r = client.post("/recognize", files={"file": ("x.png", b"", "image/png")})
+    assert r.status_code == 400
+    big = np.random.default_rng(0).integers(0, 255, (400, 400, 3), dtype=np.uint8)  # ~480 kB as PNG
+    r = client.post("/recognize", files={"file": ("big.png", _png(Image.fromarray(big)), "image/png")})
+    assert r.status_code == 413 and "limit" in r.json()["detail"]
+    bomb = _png(Image.new("RGB", (2000, 1000)))  # small file, 2 Mpx > max_pixels
+    r = client.post("/recognize", files={"file": ("bomb.png", bomb, "image/png")})
+    assert r.status_code == 413 and "pixels" in r.json()["detail"]
+    r = client.post("/recognize", files={"image": ("c.png", _png(imgs[0]), "image/png")})  # wrong field
+    assert r.status_code == 400 and "file" in r.json()["detail"]
+    r = client.post("/recognize", content=b"raw", headers={"content-type": "image/png"})
+    assert r.status_code == 415
+    r = client.post("/recognize", params={"k": 0}, files={"file": ("c.png", _png(imgs[0]), "image/png")})
+    assert r.status_code == 422
+
+
+def test_health_503_when_recognizer_cannot_load():
+    from fastapi.testclient import TestClient
+
+    from skulens.serving.http import create_app
+
+    def broken():
+        raise RuntimeError("no index published")
+
+    with TestClient(create_app(broken)) as c:
+        assert c.get("/health").status_code == 503
+        r = c.post("/recognize", files={"file": ("c.png", _png(_product_image(0)), "image/png")})
+        assert r.status_code == 503
+
+
+def test_from_services_and_hot_reload(s3, mlflow_server, tiny, gallery, tmp_path):
+    """Champion from MLflow + index from S3; publishing a new index (built by a new model version)
+    swaps both on the next request, and the API reports the new versions."""
+    from fastapi.testclient import TestClient
+
+    from skulens.model import ModelSpec, create_encoder, save_encoder
+    from skulens.model.embed import embed_images
+    from skulens.registry.model_registry import log_and_register, promote
+    from skulens.serving.http import create_app
+    from skulens.serving.recognize import Recognizer
+
+    imgs, _, products = gallery
+    s3c = s3.client()
+    prefix = f"idx-serve-{uuid.uuid4().hex[:8]}"
+    pkey = f"{prefix}-catalog/products.csv"
+    s3c.put_object(Bucket=s3.bucket, Key=pkey, Body=products.to_csv(index=False).encode())
+    name = f"serve-{uuid.uuid4().hex[:8]}"
+
+    v1 = log_and_register(mlflow_server.uri, name, save_encoder(tiny, tmp_path / "e1.pt"),
+                          {"top1": 0.5}, {}, {}, {})
+    promote(mlflow_server.uri, name, v1)
+    idx1 = SkuIndex(embed_images(tiny, imgs[:4]), [f"SKU{i}" for i in range(4)],
+                    [f"k{i}" for i in range(4)], model_version=v1)
+    ver1 = publish_index(s3c, s3.bucket, idx1, prefix=prefix)
+
+    def factory():
+        return Recognizer.from_services(mlflow_server.uri, name, s3.client(), s3.bucket, tmp_path / "cache",
+                                        prefix=prefix, products_key=pkey, reload_interval_s=0.0)
+
+    with TestClient(create_app(factory)) as c:
+        body = c.post("/recognize", files={"file": ("c.png", _png(imgs[1]), "image/png")}).json()
+        assert body["sku"] == "SKU1" and body["name"] == "Product 1"
+        assert body["model_version"] == v1 and body["index_version"] == ver1
+
+        import torch
+
+        torch.manual_seed(3)
+        other = create_encoder(ModelSpec(name="tiny-test"), device="cpu")  # "retrained" model
+        v2 = log_and_register(mlflow_server.uri, name, save_encoder(other, tmp_path / "e2.pt"),
+                              {"top1": 0.9}, {}, {}, {})
+        promote(mlflow_server.uri, name, v2)
+        idx2 = SkuIndex(embed_images(other, imgs), [f"SKU{i}" for i in range(6)],
+                        [f"k{i}" for i in range(6)], model_version=v2)
+        ver2 = publish_index(s3c, s3.bucket, idx2, prefix=prefix)
+
+        body = c.post("/recognize", files={"file": ("c.png", _png(imgs[5]), "image/png")}).json()
+        assert body["model_version"] == v2 and body["index_version"] == ver2
+        assert body["sku"] == "SKU5" and body["score"] == pytest.approx(1.0, abs=1e-4)
+        h = c.get("/health").json()
+        assert h["index_count"] == 6 and h["index_version"] == ver2
+
+
+def test_recognizer_refuses_mismatched_model_and_keeps_serving(s3, tiny, gallery, tmp_path):
+    """Without a registry, an index built by another model version is not swapped in."""
+    from skulens.model.embed import embed_images
+    from skulens.serving.recognize import Recognizer, measure_latency
+
+    imgs, index, _ = gallery
+    s3c = s3.client()
+    prefix = f"idx-rec-{uuid.uuid4().hex[:8]}"
+    ver1 = publish_index(s3c, s3.bucket, index, prefix=prefix)
+    rec = Recognizer.from_s3(tiny, s3c, s3.bucket, prefix=prefix, cache_dir=tmp_path, products_key=None,
+                             reload_interval_s=3600)
+    assert rec.index_version == ver1 and rec.model_version == "1"
+    res = rec.recognize(imgs[:2], k=2)
+    assert [r["sku"] for r in res] == ["SKU0", "SKU1"] and res[0]["index_version"] == ver1
+    # same model, new index: swapped (when forced or after the interval)
+    idx_b = index.with_updates(embed_images(tiny, imgs[:1]), ["NEW"], ["k-new"], remove_skus=["SKU0"])
+    ver2 = publish_index(s3c, s3.bucket, idx_b, prefix=prefix)
+    assert rec.maybe_reload() is False  # rate-limited: no S3 call yet
+    assert rec.maybe_reload(force=True) is True and rec.index_version == ver2
+    assert rec.recognize(imgs[0])[0]["sku"] == "NEW"
+    assert rec.maybe_reload(force=True) is False  # unchanged pointer
+    # another model's index: refused, old state kept
+    bad = SkuIndex(index.vectors, index.skus, index.keys, model_version="99")
+    publish_index(s3c, s3.bucket, bad, prefix=prefix)
+    assert rec.maybe_reload(force=True) is False
+    assert rec.index_version == ver2 and rec.model_version == "1"
+    lat = measure_latency(rec, imgs[:3], repeats=2)
+    assert lat["n"] == 6 and 0 < lat["p50_ms"] < 5000
