@@ -10,7 +10,7 @@ export GX_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: install run test ui down status lint lock clean-state snapshot
+.PHONY: install run test ui down status lint lock clean-state snapshot screenshots
 
 $(STAMP): pyproject.toml requirements-lock.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,9 @@ down:  ## stop every service skulens started
 
 status: install
 	$(BIN)/skulens services status
+
+screenshots: install  ## PNGs of the Dagster UI (needs `make ui` running and Debian's chromium) into docs/screenshots
+	$(BIN)/python bench/screenshots.py --out docs/screenshots
 
 snapshot: install  ## regenerate tests/pipelines/snapshots/asset_graph.json after an intended change to the asset graph
 	$(BIN)/python -m tests.pipelines.test_definitions

@@ -6,11 +6,13 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field
 
+from assets import OWNERS
 from resources import DvcResource, LocalStateResource, S3Resource
 from skulens.data import balance as bal
 from skulens.data import bundles, layout
 
 GROUP = "data_quality"
+TAGS = {"skulens/domain": "data"}  # the skulens package this asset calls into
 _P = layout.read_params(Path(__file__).resolve().parent.parent, "balance")
 
 
@@ -22,7 +24,7 @@ class BalanceSettings(dg.Config):
     seed: int = Field(default=_P.get("seed", 0))
 
 
-@dg.asset(group_name=GROUP, pool="dvc", kinds={"pandas"})
+@dg.asset(group_name=GROUP, pool="dvc", kinds={"pandas"}, owners=OWNERS, tags={**TAGS, "skulens/compute": "cpu"})
 def balanced_dataset(context: dg.AssetExecutionContext, config: BalanceSettings, cleaned_catalog,
                      dvc: DvcResource, s3: S3Resource, state: LocalStateResource) -> dg.MaterializeResult:
     """Held-out validation split (equal per SKU) and a training set with exactly D rows per SKU,

@@ -8,6 +8,7 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field
 
+from assets import OWNERS
 from resources import LocalStateResource
 from resources.mlflow import MlflowResource
 from resources.training import TrainingResource
@@ -17,6 +18,7 @@ from skulens.model import embed, export
 from skulens.registry import promotion
 
 GROUP = "evaluation"
+TAGS = {"skulens/domain": "evaluation"}  # the skulens package this asset calls into
 
 
 def _md(df: pd.DataFrame, limit: int = 40) -> dg.MetadataValue:
@@ -45,7 +47,7 @@ class EvalSettings(dg.Config):
     sparse_views: int = Field(default=build.SPARSE_VIEWS, description="shelf-like views per image of a sparse SKU")
 
 
-@dg.asset(group_name=GROUP, pool="gpu", kinds={"pytorch", "mlflow"})
+@dg.asset(group_name=GROUP, pool="gpu", kinds={"pytorch", "mlflow"}, owners=OWNERS, tags={**TAGS, "skulens/compute": "gpu"})
 def model_evaluation(context: dg.AssetExecutionContext, config: EvalSettings, trained_encoder: dict,
                      cleaned_catalog, shelf_crops: pd.DataFrame, catalog_products: pd.DataFrame,
                      mlflow: MlflowResource, training: TrainingResource,
@@ -150,7 +152,8 @@ def _latest_checks(context: dg.AssetExecutionContext) -> tuple[bool, dict]:
     return ok, summary
 
 
-@dg.asset(group_name=GROUP, kinds={"mlflow"})
+@dg.asset(group_name=GROUP, kinds={"mlflow"}, owners=OWNERS,
+          tags={**TAGS, "skulens/domain": "registry", "skulens/compute": "cpu"})
 def registered_model(context: dg.AssetExecutionContext, config: PromotionSettings, trained_encoder: dict,
                      model_evaluation: dict, mlflow: MlflowResource, state: LocalStateResource) -> dg.MaterializeResult:
     """The challenger registered in MLflow (alias `challenger`, lineage: DVC md5s, git rev, train config,
@@ -202,7 +205,8 @@ class OnnxSettings(dg.Config):
     atol: float = Field(default=1e-4, description="max |onnxruntime - torch| allowed on a random batch")
 
 
-@dg.asset(group_name=GROUP, deps=["registered_model"], kinds={"onnx", "mlflow"})
+@dg.asset(group_name=GROUP, deps=["registered_model"], kinds={"onnx", "mlflow"}, owners=OWNERS,
+          tags={**TAGS, "skulens/domain": "model", "skulens/compute": "cpu"})
 def onnx_export(context: dg.AssetExecutionContext, config: OnnxSettings, mlflow: MlflowResource,
                 state: LocalStateResource) -> dg.MaterializeResult:
     """The champion encoder as ONNX (dynamic batch), parity-checked with onnxruntime, logged to its MLflow run."""

@@ -3,6 +3,7 @@
 import dagster as dg
 from pydantic import Field
 
+from assets import OWNERS
 from resources import LocalStateResource, S3Resource
 from resources.mlflow import MlflowResource
 from resources.training import TrainingResource
@@ -10,6 +11,7 @@ from skulens.index import build
 from skulens.model import embed
 
 GROUP = "index"
+TAGS = {"skulens/domain": "index"}  # the skulens package this asset calls into
 
 
 class IndexSettings(dg.Config):
@@ -21,7 +23,7 @@ class IndexSettings(dg.Config):
     aug_seed: int = Field(default=0, description="seed of the views")
 
 
-@dg.asset(group_name=GROUP, pool="gpu", deps=["registered_model"], kinds={"numpy", "s3"})
+@dg.asset(group_name=GROUP, pool="gpu", deps=["registered_model"], kinds={"numpy", "s3"}, owners=OWNERS, tags={**TAGS, "skulens/compute": "gpu"})
 def sku_index(context: dg.AssetExecutionContext, config: IndexSettings, cleaned_catalog, mlflow: MlflowResource,
               s3: S3Resource, training: TrainingResource, state: LocalStateResource) -> dg.MaterializeResult:
     """Nearest-neighbour index of the cleaned catalog built with the champion (after this run's promotion

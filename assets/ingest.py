@@ -3,17 +3,19 @@
 import dagster as dg
 import pandas as pd
 
+from assets import OWNERS
 from resources import LocalStateResource, S3Resource
 from skulens.catalog import contract, ingest
 
 GROUP = "ingest"
+TAGS = {"skulens/domain": "catalog"}  # the skulens package this asset calls into
 
 
 def _table(rows: list[tuple], columns: list[str], limit: int = 50) -> dg.MetadataValue:
     return dg.MetadataValue.md(pd.DataFrame(rows[:limit], columns=columns).to_markdown(index=False) if rows else "none")
 
 
-@dg.asset(group_name=GROUP, kinds={"s3", "pandas"})
+@dg.asset(group_name=GROUP, kinds={"s3", "pandas"}, owners=OWNERS, tags={**TAGS, "skulens/compute": "cpu"})
 def catalog_products(s3: S3Resource) -> dg.MaterializeResult:
     """`catalog/products.csv`: one row per SKU (sku, name, category, attributes)."""
     df = ingest.fetch_products(s3.client(), s3.bucket)
@@ -30,7 +32,7 @@ def catalog_products(s3: S3Resource) -> dg.MaterializeResult:
     )
 
 
-@dg.asset(group_name=GROUP, kinds={"s3"})
+@dg.asset(group_name=GROUP, kinds={"s3"}, owners=OWNERS, tags={**TAGS, "skulens/compute": "cpu"})
 def catalog_images(context: dg.AssetExecutionContext, s3: S3Resource, state: LocalStateResource) -> dg.MaterializeResult:
     """Product DB images (`catalog/images/<sku>/<file>`) mirrored locally; only the delta is downloaded."""
     res = ingest.sync_images(s3.client(), s3.bucket, contract.CATALOG_IMAGES_PREFIX, state.path("cache", "catalog"))
@@ -41,7 +43,7 @@ def catalog_images(context: dg.AssetExecutionContext, s3: S3Resource, state: Loc
     return dg.MaterializeResult(value=res.manifest, metadata=_sync_metadata(res))
 
 
-@dg.asset(group_name=GROUP, kinds={"s3"})
+@dg.asset(group_name=GROUP, kinds={"s3"}, owners=OWNERS, tags={**TAGS, "skulens/compute": "cpu"})
 def shelf_crops(context: dg.AssetExecutionContext, s3: S3Resource, state: LocalStateResource) -> dg.MaterializeResult:
     """Labelled shelf crops for evaluation: `shelf/crops/<sku>/` plus crops cut from `shelf/photos/` by `boxes.csv`."""
     root = state.path("cache", "shelf")

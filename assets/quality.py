@@ -6,12 +6,14 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field
 
+from assets import OWNERS
 from resources import DvcResource, LocalStateResource
 from skulens.data import checks, layout
 from skulens.data.clean import CleanConfig, clean_catalog
 from skulens.data.dvc import git_revision
 
 GROUP = "data_quality"
+TAGS = {"skulens/domain": "data"}  # the skulens package this asset calls into
 _P = layout.read_params(Path(__file__).resolve().parent.parent, "clean")
 
 
@@ -41,7 +43,7 @@ def _md_table(df: pd.DataFrame, limit: int = 100) -> dg.MetadataValue:
     return dg.MetadataValue.md(df.head(limit).to_markdown(index=False))
 
 
-@dg.asset(group_name=GROUP, pool="dvc", kinds={"pandas"})
+@dg.asset(group_name=GROUP, pool="dvc", kinds={"pandas"}, owners=OWNERS, tags={**TAGS, "skulens/compute": "cpu"})
 def cleaned_catalog(context: dg.AssetExecutionContext, config: CleanSettings, catalog_images: pd.DataFrame,
                     catalog_products: pd.DataFrame, dvc: DvcResource, state: LocalStateResource) -> dg.MaterializeResult:
     """Every catalog image kept or dropped with a reason; kept images form `data/clean` (DVC-tracked)."""
@@ -127,7 +129,7 @@ def great_expectations_suite(context: dg.AssetCheckExecutionContext, config: Cle
     return dg.AssetCheckResult(passed=report.success, metadata=out)
 
 
-@dg.asset(group_name=GROUP, pool="dvc", deps=["cleaned_catalog", "balanced_dataset"], kinds={"dvc"})
+@dg.asset(group_name=GROUP, pool="dvc", deps=["cleaned_catalog", "balanced_dataset"], kinds={"dvc"}, owners=OWNERS, tags={**TAGS, "skulens/compute": "cpu"})
 def dataset_version(context: dg.AssetExecutionContext, dvc: DvcResource) -> dg.MaterializeResult:
     """Record data/clean and data/balanced in dvc.lock (`dvc commit`) and push them to the S3 remote."""
     repo = dvc.repo()

@@ -7,11 +7,13 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field
 
+from assets import OWNERS
 from resources import DvcResource, LocalStateResource, S3Resource
 from resources.mlflow import MlflowResource
 from resources.training import TrainingResource
 
 GROUP = "training"
+TAGS = {"skulens/domain": "model"}  # the skulens package this asset calls into
 
 
 class TrainSettings(dg.Config):
@@ -56,7 +58,7 @@ class TrainSettings(dg.Config):
         return cfg
 
 
-@dg.asset(group_name=GROUP, pool="gpu", kinds={"pytorch", "mlflow"})
+@dg.asset(group_name=GROUP, pool="gpu", kinds={"pytorch", "mlflow"}, owners=OWNERS, tags={**TAGS, "skulens/compute": "gpu"})
 def trained_encoder(context: dg.AssetExecutionContext, config: TrainSettings, balanced_dataset: dict,
                     dataset_version: dict, catalog_images: pd.DataFrame, training: TrainingResource,
                     mlflow: MlflowResource, dvc: DvcResource, state: LocalStateResource,

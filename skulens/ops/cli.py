@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import re
+import os
 import subprocess
 import sys
 import time
@@ -231,9 +231,10 @@ def data_balance(clean_dir: Path, out: Path, params_file: Path) -> None:
 def run_cmd(job: str, demo: bool, verbose: bool) -> None:
     """Start the services, load the demo catalog if the bucket is empty, and run the pipeline.
 
-    The console shows the run's INFO/WARNING/ERROR lines; DEBUG events and tracebacks go only to
-    the log file (.skulens/logs/run-<job>-<time>.log) unless --verbose. A failed run ends with one
-    line naming the cause and the log."""
+    The job runs through Dagster's in-process API on the instance in DAGSTER_HOME (it shows in the UI).
+    The console shows one line per asset as it finishes (duration and key figure) and per asset check;
+    Dagster's event log, warnings and tracebacks go to .skulens/logs/run-<job>-<time>.log (--verbose
+    echoes them too). A failed run ends with one line naming the asset, the cause and the log."""
     from skulens.catalog import importer
     from skulens.catalog.s3 import bucket_is_empty, ensure_bucket
     from skulens.ops.services import DEFAULT, ServiceManager, write_dagster_yaml
@@ -257,17 +258,17 @@ def run_cmd(job: str, demo: bool, verbose: bool) -> None:
         click.echo("  shelf:   " + importer.import_shelf(client, s.bucket, demo_dir / "shelf", progress=False).summary())
     env = mgr.base_env()
     root = Path(__file__).resolve().parents[2]
-    cmd = [str(Path(sys.executable).parent / "dagster"), "job", "execute", "-m", "pipelines.definitions",
-           "-d", str(root), "-j", job]
-    click.echo(f"running Dagster job {job!r} (DAGSTER_HOME={s.dagster_home}) ...")
+    cmd = [sys.executable, "-m", "pipelines.console", "--job", job]
+    click.echo(f"running Dagster job {job!r} (DAGSTER_HOME={s.dagster_home}) ...\n")
     rc, log_path, error = _run_logged(cmd, env, root, s.log_dir / f"run-{job}-{time.strftime('%Y%m%dT%H%M%S')}.log",
                                       echo_all=verbose)
     took = time.monotonic() - t0
     if rc != 0:
         what = error or f"job {job!r} failed (exit {rc}); see the run in the UI (make ui)"
+        click.echo("")
         raise click.ClickException(f"{what}  [log: {log_path}]")
     click.echo(f"\njob {job!r} succeeded in {took:.0f}s.")
-    _print_summary(s, root)
+    _print_summary(s, Path(os.environ.get("SKULENS_PROJECT_DIR") or root))
     _print_recognize_example(s, env)
     click.echo("Where to look:")
     click.echo(f"  Dagster UI : make ui   (then open {s.dagster_url})")
@@ -277,56 +278,51 @@ def run_cmd(job: str, demo: bool, verbose: bool) -> None:
 
 
 ERROR_MARK = "skulens error: "  # assets raise dg.Failure("skulens error: <what happened and what to do>")
-
-
-_EVENT = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d [+-]\d{4} - dagster - (\w+) - ")
-
-
-class _ConsoleFilter:
-    """Which lines of a `dagster job execute` run reach the console: events at INFO and above and
-    plain lines, but not DEBUG events, and not tracebacks (from a "Traceback" / error-class line up
-    to the next event). Everything goes to the log file regardless."""
-
-    def __init__(self):
-        self.in_trace = False
-
-    def __call__(self, line: str) -> bool:
-        m = _EVENT.match(line)
-        if m:
-            self.in_trace = False
-            skipped_step = "Dependencies for step" in line and "Not executing" in line  # follows the real error
-            return m.group(1) != "DEBUG" and not skipped_step
-        if self.in_trace:
-            return False
-        stripped = line.strip()
-        if (stripped.startswith(("Traceback (most recent call last)", "The above exception", "Stack Trace:",
-                                 "During handling of the above exception"))
-                or re.match(r"^[a-zA-Z_][\w.]*(Error|Exception|Failure)\b.*:", stripped)
-                or re.match(r"^\S+\.py:\d+: \w*Warning: ", stripped)):  # library warnings: log only
-            self.in_trace = True
-            return False
-        return True
+MARK = "::skulens:: "  # a console line of `python -m pipelines.console` (the job runner)
+PROGRESS = "::skulens-progress:: "  # a progress line: rewritten in place on a terminal
 
 
 def _run_logged(cmd: list[str], env: dict, cwd: Path, log_path: Path,
                 echo_all: bool = False) -> tuple[int, Path, str | None]:
-    """Run ``cmd``, echoing its output (filtered, see :class:`_ConsoleFilter`, unless ``echo_all``) and
-    keeping all of it in ``log_path``: ``(exit code, log path, the first one-line skulens error it
-    printed, if any)``."""
+    """Run the job runner ``cmd``: its console lines (``MARK``) and progress lines go to the console, and
+    everything it prints (Dagster's event log, warnings, tracebacks) to ``log_path`` (with ``echo_all``
+    to the console as well). Returns ``(exit code, log path, the one-line skulens error, if any)``."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     error = None
-    show = _ConsoleFilter()
+    tty = sys.stdout.isatty()
+    pending = False  # a progress line is on screen, to be overwritten
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, env=env, cwd=str(cwd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, errors="replace")
         for line in proc.stdout:
-            if show(line) or echo_all:
-                sys.stdout.write(line)
             log.write(line)
-            i = line.find(ERROR_MARK)
-            if i >= 0 and error is None and "Failure(" not in line:  # the event, not the source line of a traceback
-                error = line[i + len(ERROR_MARK):].strip().rstrip('"\'').strip()
+            text = None
+            if line.startswith(PROGRESS):
+                body = line[len(PROGRESS):].rstrip("\n")
+                if tty and not echo_all:
+                    sys.stdout.write("\r\033[K  .. " + body)
+                    sys.stdout.flush()
+                    pending = True
+                    continue
+                text = "  .. " + body + "\n"
+            elif line.startswith(MARK):
+                text = line[len(MARK):]
+                if text.startswith(ERROR_MARK) and error is None:
+                    error = text[len(ERROR_MARK):].strip()
+            elif echo_all:
+                text = line
+            if text is not None:
+                if pending:
+                    sys.stdout.write("\r\033[K")
+                    pending = False
+                sys.stdout.write(text)
+                sys.stdout.flush()
         rc = proc.wait()
+    if pending:
+        sys.stdout.write("\n")
+    if rc != 0 and error is None:  # it died before or outside a step: show the end of its output
+        tail = log_path.read_text(errors="replace").splitlines()[-15:]
+        error = next((t.strip() for t in reversed(tail) if t.strip()), f"exit {rc}")
     return rc, log_path, error
 
 

@@ -136,8 +136,11 @@ def log_and_register(
         client.log_batch(run_id, metrics=ms, params=ps, tags=[])
         if encoder_path.is_dir():
             client.log_artifacts(run_id, str(encoder_path), ARTIFACT_DIR)
-        else:
-            log_encoder(client, run_id, encoder_path)
+        else:  # an MLflow pyfunc model (MLmodel, signature, input example) holding the encoder file
+            from skulens.registry.pyfunc import save_pyfunc
+
+            with tempfile.TemporaryDirectory() as td:
+                client.log_artifacts(run_id, str(save_pyfunc(encoder_path, Path(td) / ARTIFACT_DIR)), ARTIFACT_DIR)
         with tempfile.TemporaryDirectory() as td:
             lp = Path(td) / "lineage.json"
             lp.write_text(json.dumps(safe_lineage, indent=2, sort_keys=True))
@@ -155,7 +158,7 @@ def log_and_register(
         from skulens.registry.store import SHA_TAG, URI_TAG, file_sha256
 
         version_tags[SHA_TAG] = file_sha256(encoder_path)
-        version_tags[URI_TAG] = f"{source}/{encoder_path.name}"
+        version_tags[URI_TAG] = f"{source}/artifacts/{encoder_path.name}"  # inside the pyfunc model folder
     mv = client.create_model_version(model_name, source=source, run_id=run_id, tags=version_tags)
     client.set_registered_model_alias(model_name, CHALLENGER, mv.version)
     return str(mv.version)

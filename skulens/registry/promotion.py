@@ -161,6 +161,11 @@ def register_and_decide(
     client.set_model_version_tag(model_name, version, "promotion_decision", "promoted" if promote_it else "kept-champion")
     client.set_model_version_tag(model_name, version, "promotion_decision_reason", reason[:5000])
     after = get_champion(tracking_uri, model_name)
+    client.update_model_version(model_name, version, description=version_description(
+        promote_it, reason, metric=metric, gallery=gallery, challenger=challenger.get(metric),
+        champion=champion_metric, eval_set=eval_set, spec=spec, trained=trained))
+    client.update_registered_model(model_name, description=model_description(after[0] if after else None, metric,
+                                                                                gallery))
     return {
         "version": version, "promoted": bool(promote_it), "reason": reason,
         "champion_version": after[0] if after else None,
@@ -221,3 +226,27 @@ def _num(v) -> float | None:
     except (TypeError, ValueError):
         return None
     return f if math.isfinite(f) else None
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{float(x):.4f}"
+
+
+def version_description(promoted: bool, reason: str, metric: str, gallery: str, challenger, champion, eval_set: str,
+                        spec: dict, trained: dict) -> str:
+    """The registered version's description (Markdown): the decision and its reason, then what it was measured on."""
+    ds = (trained.get("dataset_version") or {}).get("clean_md5")
+    return "\n".join([
+        f"**{'Promoted to champion' if promoted else 'Not promoted (champion kept)'}**: {reason}",
+        "",
+        f"- {gallery}/{metric}: challenger {_fmt(challenger)}, champion {_fmt(champion)}",
+        f"- evaluation set `{eval_set}`",
+        f"- tower `{spec.get('name', '?')}` at {spec.get('image_size', '?')} px; training data clean md5 `{ds}`",
+    ])[:5000]
+
+
+def model_description(champion_version, metric: str, gallery: str) -> str:
+    head = (f"Champion: **v{champion_version}** (alias `champion`)." if champion_version else "No champion yet.")
+    return (f"skulens product image encoder (open_clip image tower fine-tuned with ArcFace). {head} A new version "
+            f"becomes champion only when it beats the champion on {gallery}/{metric} over the same shelf crops; "
+            "each version's description says why it was or was not promoted.")

@@ -98,6 +98,32 @@ def test_model_pipeline_promotes_first_keeps_champion_over_worse_and_serves(
     assert reg_run.data.metrics["top1"] == pytest.approx(ch1)
     assert reg_run.data.params["train.base_lr"] == "0.0" and reg_run.data.params["model.name"] == "tiny-test"
     assert reg_run.data.tags.get("catalog.fingerprint")  # carried over for the nightly schedule
+
+    # the registered version is a real MLflow model: pyfunc loads it by alias and embeds image bytes, with the
+    # same vectors skulens computes from the verified encoder file
+    import mlflow
+    import mlflow.pyfunc
+    import numpy as np
+    import pandas as pd
+
+    from skulens.model.embed import embed_images
+    from skulens.model.io import load_encoder
+    from skulens.registry.store import ModelStore
+
+    prev = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(mlflow_server.uri)
+    try:
+        pyf = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    finally:
+        mlflow.set_tracking_uri(prev)
+    assert pyf.metadata.signature.inputs.input_names() == ["image"]
+    assert pyf.metadata.get_input_schema() is not None and pyf.metadata.saved_input_example_info
+    crop = sorted((shelf_demo / "shelf").rglob("*.jpg"))[0]
+    got = pyf.predict(pd.DataFrame({"image": [crop.read_bytes()]}))
+    store = ModelStore(tmp_path / "pyfunc-cache", mlflow_server.uri, model_name=name)
+    ref = store.champion()
+    want = embed_images(load_encoder(store.fetch(ref.uri, ref.sha256)), [crop])
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
     everything = repr(reg_run.data.params) + repr(reg_run.data.tags) + repr(mv1.tags)
     assert s3.secret_key not in everything and s3.access_key not in everything
 
@@ -141,6 +167,11 @@ def test_model_pipeline_promotes_first_keeps_champion_over_worse_and_serves(
     assert ml.get_model_version_by_alias(name, "champion").version == "1"
     assert ml.get_model_version_by_alias(name, "challenger").version == "2"
     assert ml.get_model_version(name, "2").tags["promotion_decision"] == "kept-champion"
+    # the decision and its reason are the versions' descriptions; the model's says which version serves
+    desc2 = ml.get_model_version(name, "2").description
+    assert desc2.startswith("**Not promoted (champion kept)**: ") and "regression" in desc2 and "challenger 0." in desc2
+    assert ml.get_model_version(name, "1").description.startswith("**Promoted to champion**: ")
+    assert "Champion: **v1**" in ml.get_registered_model(name).description
     meta2 = _meta(r2, "registered_model")
     assert meta2["checks"]["dropped_share_below_threshold"] == "succeeded"
     assert meta2["promoted"] is False and "regression" in meta2["decision"]

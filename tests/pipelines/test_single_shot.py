@@ -186,39 +186,71 @@ def test_shelf_crops_of_unknown_skus_fail_with_one_clear_line(s3, mlflow_server,
     assert "skulens error: none of the 4 SKUs of the shelf crops is in the cleaned catalog" in text
 
 
-def test_skulens_run_reports_the_error_line_and_the_log(tmp_path):
-    """`skulens run` echoes the job's output, keeps it in a log, and names the one-line cause."""
+def test_skulens_run_console_shows_only_runner_lines_and_keeps_all_in_the_log(tmp_path, capsys):
+    """`skulens run` shows the runner's console lines, and keeps Dagster's events, warnings and tracebacks
+    in the log; the failed asset and its cause come back as the one-line error."""
+    import sys
+
+    from skulens.ops.cli import MARK, PROGRESS, _run_logged
+
+    code = ("import sys; "
+            "print('2026-12-01 16:07:30 +0000 - dagster - DEBUG - main - STEP_START'); "
+            f"print({MARK!r} + 'cleaned_catalog       3.2s  kept 30/32 files'); "
+            f"print({PROGRESS!r} + 'trained_encoder    running 20.0s'); "
+            "print('/x/sensor_definition.py:809: BetaWarning: Parameter owners is in beta'); "
+            "print('Traceback (most recent call last): ...'); "
+            f"print({MARK!r} + 'skulens error: trained_encoder: out of memory'); sys.exit(1)")
+    rc, log, error = _run_logged([sys.executable, "-c", code], {}, tmp_path, tmp_path / "logs" / "run.log")
+    shown = capsys.readouterr().out
+    assert rc == 1 and error == "trained_encoder: out of memory"
+    assert "cleaned_catalog       3.2s  kept 30/32 files" in shown and "trained_encoder    running" in shown
+    assert "DEBUG" not in shown and "BetaWarning" not in shown and "Traceback" not in shown
+    kept = log.read_text()
+    assert "STEP_START" in kept and "BetaWarning" in kept and "Traceback" in kept
+
+
+def test_skulens_run_says_why_when_the_runner_dies_outside_a_step(tmp_path, capsys):
     import sys
 
     from skulens.ops.cli import _run_logged
 
-    code = ("import sys; print('lots of events'); "
-            "print('dagster._core.definitions.events.Failure: skulens error: no usable catalog image: all 3 dropped'); "
-            "print('Traceback (most recent call last): ...'); "
-            "print('    raise dg.Failure(f\\'skulens error: no usable catalog image: all {n} dropped\\')'); sys.exit(1)")
-    rc, log, error = _run_logged([sys.executable, "-c", code], {}, tmp_path, tmp_path / "logs" / "run.log")
-    assert rc == 1 and error == "no usable catalog image: all 3 dropped"
-    assert "lots of events" in log.read_text() and "Traceback" in log.read_text()
+    code = "import sys; print('ModuleNotFoundError: No module named pipelines'); sys.exit(1)"
+    rc, _, error = _run_logged([sys.executable, "-c", code], {}, tmp_path, tmp_path / "run.log")
+    assert rc == 1 and error == "ModuleNotFoundError: No module named pipelines"
 
 
-def test_skulens_run_console_shows_events_not_debug_or_tracebacks():
-    from skulens.ops.cli import _ConsoleFilter
+def test_job_runner_prints_one_line_per_asset_check_and_failure(tmp_path):
+    """pipelines.console executes through Dagster's in-process API on a real instance: one line per asset
+    (duration + key figure), one per check, and the failed asset with its skulens error."""
+    from pipelines.console import run_job
 
-    ev = "2026-12-01 16:07:30 +0000 - dagster - {} - main - 75c2 - 16307 - cleaned_catalog - {}\n"
-    lines = [
-        ("running Dagster job 'main' ...\n", True),
-        (ev.format("DEBUG", "STEP_START - Started execution"), False),
-        (ev.format("INFO", "cleaned 2 files"), True),
-        ("/x/site-packages/dagster/sensor_definition.py:809: BetaWarning: Parameter `owners` is in beta\n", False),
-        ("  return SensorDefinition(\n", False),
-        (ev.format("ERROR", 'STEP_FAILURE - Execution of step "cleaned_catalog" failed.'), True),
-        ("dagster._core.errors.DagsterExecutionStepExecutionError: Error occurred while executing op:\n", False),
-        ("\n", False),
-        ("The above exception was caused by the following exception:\n", False),
-        ("dagster._core.definitions.events.Failure: skulens error: no usable catalog image\n", False),
-        ("  File \"/work/main/assets/quality.py\", line 53, in cleaned_catalog\n", False),
-        (ev.format("ERROR", "sku_index - Dependencies for step sku_index failed: ['x']. Not executing."), False),
-        (ev.format("ERROR", 'RUN_FAILURE - Execution of run for "main" failed.'), True),
-    ]
-    show = _ConsoleFilter()
-    assert [show(line) for line, _ in lines] == [want for _, want in lines]
+    @dg.asset
+    def cleaned_catalog():
+        return dg.MaterializeResult(metadata={"files_in": 32, "files_kept": 30, "skus_kept": 8, "skus_train": 7,
+                                              "skus_index_only": 1})
+
+    @dg.asset_check(asset=cleaned_catalog, blocking=True)
+    def enough_images():
+        return dg.AssetCheckResult(passed=True)
+
+    @dg.asset(deps=[cleaned_catalog])
+    def trained_encoder():
+        raise dg.Failure("skulens error: no SKU has 3 images: upload more")
+
+    @dg.asset(deps=[trained_encoder])
+    def sku_index():
+        return 1
+
+    defs = dg.Definitions(assets=[cleaned_catalog, trained_encoder, sku_index], asset_checks=[enough_images],
+                          jobs=[dg.define_asset_job("main", selection=dg.AssetSelection.all())])
+    lines = []
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+        ok, run_id, failed = run_job("main", instance=instance, defs=defs, emit=lines.append)
+        assert instance.get_run_by_id(run_id).is_failure  # the run is in the instance, as in the UI
+    assert not ok and failed == [("trained_encoder", "skulens error: no SKU has 3 images: upload more")]
+    cleaned = [ln for ln in lines if ln.startswith("cleaned_catalog ")]
+    assert len(cleaned) == 1 and cleaned[0].endswith("kept 30/32 files, 8 SKUs (7 to train, 1 index-only)")
+    assert any(ln.split()[:3] == ["check", "enough_images", "passed"] for ln in lines)
+    assert not any(ln.startswith("cleaned_catalog_enough_images") for ln in lines)  # no bare step line for a check
+    assert any(ln.startswith("trained_encoder") and "FAILED  skulens error: no SKU has 3 images" in ln for ln in lines)
+    assert not any(ln.startswith("sku_index") and "s  " in ln for ln in lines)  # never ran
