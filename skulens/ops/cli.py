@@ -297,6 +297,10 @@ def _run_logged(cmd: list[str], env: dict, cwd: Path, log_path: Path,
         for line in proc.stdout:
             log.write(line)
             text = None
+            for mark in (PROGRESS, MARK):  # a library's progress bar (\r, no newline) may precede a mark
+                i = line.find(mark)
+                if i > 0:
+                    line = line[i:]
             if line.startswith(PROGRESS):
                 body = line[len(PROGRESS):].rstrip("\n")
                 if tty and not echo_all:

@@ -26,6 +26,7 @@ QUIET_ENV = {
     "DVC_NO_ANALYTICS": "1",
     "DAGSTER_DISABLE_TELEMETRY": "1",
     "DO_NOT_TRACK": "1",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # tqdm bars in a run's log, not the console
     # OpenMP threads spin while waiting by default; on a busy 2-core machine that made training 4x
     # slower (22 -> 5 images/s) and image transforms 10-50x slower. Must be set before torch loads.
     "OMP_WAIT_POLICY": "PASSIVE",

@@ -196,6 +196,7 @@ def test_skulens_run_console_shows_only_runner_lines_and_keeps_all_in_the_log(tm
     code = ("import sys; "
             "print('2026-12-01 16:07:30 +0000 - dagster - DEBUG - main - STEP_START'); "
             f"print({MARK!r} + 'cleaned_catalog       3.2s  kept 30/32 files'); "
+            f"print('Downloading artifacts: 100%|###| 1/1\\r' + {MARK!r} + 'model_evaluation  1m00s  top-1 91.9%'); "
             f"print({PROGRESS!r} + 'trained_encoder    running 20.0s'); "
             "print('/x/sensor_definition.py:809: BetaWarning: Parameter owners is in beta'); "
             "print('Traceback (most recent call last): ...'); "
@@ -204,6 +205,7 @@ def test_skulens_run_console_shows_only_runner_lines_and_keeps_all_in_the_log(tm
     shown = capsys.readouterr().out
     assert rc == 1 and error == "trained_encoder: out of memory"
     assert "cleaned_catalog       3.2s  kept 30/32 files" in shown and "trained_encoder    running" in shown
+    assert "model_evaluation  1m00s  top-1 91.9%" in shown and "Downloading" not in shown  # after a tqdm bar
     assert "DEBUG" not in shown and "BetaWarning" not in shown and "Traceback" not in shown
     kept = log.read_text()
     assert "STEP_START" in kept and "BetaWarning" in kept and "Traceback" in kept
