@@ -28,13 +28,15 @@ class CleanSettings(dg.Config):
                                                 "are index-only (indexed and recognizable, never trained on)")
     min_index_images: int = Field(default=_P.get("min_index_images", 1),
                                   description="SKUs with fewer usable images than this are dropped")
-    max_dropped_share: float = Field(default=_P.get("max_dropped_share", 0.2), description="blocking check: share of files dropped")
+    max_dropped_share: float = Field(default=_P.get("max_dropped_share", 0.2),
+                                     description="the blocking checks fail when more than this share of files is "
+                                                 "dropped (set here once; the checks read it from the cleaned catalog)")
     cross_sku_duplicates: str = Field(default="drop_all", description="drop_all | keep_first | keep_all")
 
     def core(self) -> CleanConfig:
         return CleanConfig(min_bytes=self.min_bytes, min_side=self.min_side, max_pixels=self.max_pixels,
                            min_images_per_sku=self.min_images_per_sku, min_index_images=self.min_index_images,
-                           cross_sku_duplicates=self.cross_sku_duplicates)
+                           cross_sku_duplicates=self.cross_sku_duplicates, max_dropped_share=self.max_dropped_share)
 
 
 def _md_table(df: pd.DataFrame, limit: int = 100) -> dg.MetadataValue:
@@ -53,7 +55,7 @@ def cleaned_catalog(context: dg.AssetExecutionContext, config: CleanSettings, ca
                          "upload one with `skulens import catalog DIR` (layout: DIR/products.csv, DIR/images/<sku>/)")
     layout.write_raw(catalog_images, catalog_products, dvc.data_dir("raw"))
     result = clean_catalog(catalog_images, catalog_products, state.path("cache", "normalised"), cfg, progress=True)
-    params = {**layout.params_dict(cfg), "max_dropped_share": config.max_dropped_share}
+    params = layout.params_dict(cfg)
     params.pop("workers", None)
     result.kept = layout.write_clean(result, dvc.data_dir("clean"), params)
     s = result.stats
@@ -87,8 +89,8 @@ def _check(passed: bool, meta: dict, severity=dg.AssetCheckSeverity.ERROR) -> dg
 
 
 @dg.asset_check(asset=cleaned_catalog, blocking=True, description="At most max_dropped_share of the files were dropped.")
-def dropped_share_below_threshold(config: CleanSettings, cleaned_catalog) -> dg.AssetCheckResult:
-    return _check(*checks.check_dropped_share(cleaned_catalog, config.max_dropped_share))
+def dropped_share_below_threshold(cleaned_catalog) -> dg.AssetCheckResult:
+    return _check(*checks.check_dropped_share(cleaned_catalog))  # the threshold cleaned_catalog was configured with
 
 
 @dg.asset_check(asset=cleaned_catalog, blocking=True,
@@ -112,12 +114,12 @@ def products_sku_unique(catalog_products: pd.DataFrame) -> dg.AssetCheckResult:
 
 @dg.asset_check(asset=cleaned_catalog, blocking=True, additional_ins={"catalog_products": dg.AssetIn()},
                 description="Great Expectations suite over products.csv and the per-image table; Data Docs rendered.")
-def great_expectations_suite(context: dg.AssetCheckExecutionContext, config: CleanSettings, cleaned_catalog,
+def great_expectations_suite(context: dg.AssetCheckExecutionContext, cleaned_catalog,
                              catalog_products: pd.DataFrame, state: LocalStateResource) -> dg.AssetCheckResult:
     from skulens.data.expectations import validate_catalog
 
     report = validate_catalog(cleaned_catalog.images, catalog_products, cleaned_catalog.config,
-                              docs_dir=state.path("gx"), max_dropped_share=config.max_dropped_share,
+                              docs_dir=state.path("gx"),
                               run_name=context.run.run_id)
     meta = report.to_metadata()
     out = {"evaluated": meta["evaluated"], "failed": meta["failed"] or "none", "seconds": meta["seconds"],

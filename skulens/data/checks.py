@@ -12,8 +12,11 @@ from skulens.data.clean import FILE_REASONS, SKU_TOO_FEW_IMAGES, CleanConfig, Cl
 _LIST_CAP = 50  # keep metadata small: at most this many example ids
 
 
-def check_dropped_share(result: CleanResult, max_share: float = 0.2) -> tuple[bool, dict[str, Any]]:
-    """Fails when more than ``max_share`` of the manifest's files were dropped (any reason)."""
+def check_dropped_share(result: CleanResult, max_share: float | None = None) -> tuple[bool, dict[str, Any]]:
+    """Fails when more than ``max_share`` (default: the threshold the catalog was cleaned with,
+    ``result.config.max_dropped_share``) of the manifest's files were dropped (any reason)."""
+    if max_share is None:
+        max_share = result.config.max_dropped_share
     s = result.stats
     share = float(s.get("share_dropped", 0.0))
     return share <= max_share, {

@@ -118,6 +118,7 @@ class CleanConfig:
     min_index_images: int = 1  # usable images a SKU needs to be kept at all (role "index" below min_images_per_sku)
     allowed_formats: tuple[str, ...] = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF")
     cross_sku_duplicates: str = "drop_all"
+    max_dropped_share: float = 0.2  # the blocking check: at most this share of the files may be dropped
     verify_etag: bool = True  # compare md5(local file) with a plain (non-multipart) S3 ETag
     workers: int = field(default_factory=_default_workers)
     backend: str = "process"  # "process" (ProcessPoolExecutor) or "thread"
@@ -132,6 +133,8 @@ class CleanConfig:
             raise ValueError(f"backend must be 'process' or 'thread', got {self.backend!r}")
         if self.max_pixels <= 0 or self.min_side < 1 or self.min_images_per_sku < 1 or self.min_index_images < 1:
             raise ValueError("max_pixels, min_side, min_images_per_sku and min_index_images must be positive")
+        if not 0.0 <= self.max_dropped_share <= 1.0:
+            raise ValueError(f"max_dropped_share must be within [0, 1], got {self.max_dropped_share!r}")
         object.__setattr__(self, "allowed_formats", tuple(f.upper() for f in self.allowed_formats))
 
 

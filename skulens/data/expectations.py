@@ -177,7 +177,7 @@ def _outcome(table: str, r: Any) -> ExpectationOutcome:
 
 
 def validate_catalog(images: pd.DataFrame, products: pd.DataFrame, cfg: CleanConfig | None = None,
-                     docs_dir: str | os.PathLike | None = None, max_dropped_share: float = 0.2,
+                     docs_dir: str | os.PathLike | None = None, max_dropped_share: float | None = None,
                      run_name: str | None = None) -> QualityReport:
     """Run the suite. ``images`` is ``CleanResult.images`` (needs sku, status; kept rows need width,
     height, format, sha256). With ``docs_dir`` a file-backed GX project is kept under ``docs_dir/gx``
@@ -207,6 +207,8 @@ def validate_catalog(images: pd.DataFrame, products: pd.DataFrame, cfg: CleanCon
 
     tables = _tables(images, products)
     product_skus = sorted(tables["products"]["sku"].dropna().unique().tolist())
+    if max_dropped_share is None:  # the threshold the catalog was cleaned with
+        max_dropped_share = cfg.max_dropped_share
     suites = _suites(gx, product_skus, cfg, max_dropped_share)
     ds = context.data_sources.add_or_update_pandas(name=DATASOURCE)
 

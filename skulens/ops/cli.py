@@ -188,11 +188,11 @@ def data_clean(raw: Path, out: Path, params_file: Path) -> None:
     from skulens.data.clean import CleanConfig, clean_catalog
 
     p = dict(layout.read_params(params_file.parent, "clean"))
-    max_share = p.pop("max_dropped_share", 0.2)
     cfg = CleanConfig(**p)
     manifest, products = layout.read_raw(raw)
     result = clean_catalog(manifest, products, out.parent / ".normalised", cfg, progress=True)
-    params = {**layout.params_dict(cfg), "max_dropped_share": max_share}
+    max_share = cfg.max_dropped_share
+    params = layout.params_dict(cfg)
     params.pop("workers", None)
     layout.write_clean(result, out, params)
     st = result.stats

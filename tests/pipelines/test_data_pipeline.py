@@ -112,3 +112,20 @@ def test_blocking_check_stops_training_data_on_a_bad_catalog(s3, tmp_path, dvc_r
     materialized = {m.asset_key.to_user_string() for m in result.get_asset_materialization_events()}
     assert "cleaned_catalog" in materialized
     assert "balanced_dataset" not in materialized and "dataset_version" not in materialized
+
+
+def test_the_checks_enforce_the_threshold_set_once_on_the_asset(s3, demo_dir, dvc_repo, tmp_path, instance):
+    """max_dropped_share is set once, in cleaned_catalog's launchpad config; the blocking checks read it from the
+    cleaned catalog (no copy of the cleaning config on the checks)."""
+    repo, bucket = dvc_repo
+    importer.import_catalog(s3.client(), bucket, demo_dir / "catalog", progress=False).raise_for_failures()
+    strict = dg.RunConfig(ops={"cleaned_catalog": quality.CleanSettings(max_dropped_share=0.01)})
+    result = dg.materialize(ASSETS[:3] + [quality.dropped_share_below_threshold, quality.great_expectations_suite],
+                            resources=_resources(s3, bucket, repo, tmp_path / "state"), instance=instance,
+                            run_config=strict, raise_on_error=False)
+    evals = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    share = result.output_for_node("cleaned_catalog").stats["share_dropped"]
+    assert 0.01 < share <= 0.2  # the demo's bad files: over the strict threshold, under the default one
+    assert not evals["dropped_share_below_threshold"].passed
+    assert evals["dropped_share_below_threshold"].metadata["max_share"].value == 0.01
+    assert not evals["great_expectations_suite"].passed
