@@ -102,7 +102,10 @@ def import_group() -> None:
     """Upload a local folder to the bucket (only what changed, by size + MD5)."""
 
 
-def _run_import(kind: str, src: Path, workers: int) -> None:
+REJECTS_EXIT = 3  # `skulens import`: some files were rejected (the rest was uploaded)
+
+
+def _run_import(kind: str, src: Path, workers: int, allow_rejects: bool = False) -> None:
     from skulens.catalog import importer
     from skulens.catalog.contract import CatalogError
     from skulens.catalog.s3 import ensure_bucket
@@ -122,22 +125,29 @@ def _run_import(kind: str, src: Path, workers: int) -> None:
     click.echo(f"{kind} -> s3://{s.bucket}: {report.summary()}")
     if report.failed:
         raise click.ClickException(f"{len(report.failed)} upload(s) failed; run the import again to retry them")
+    if report.rejected and not allow_rejects:
+        err = click.ClickException(f"{len(report.rejected)} file(s) rejected and not uploaded (listed above; the "
+                                   "rest was uploaded): rename or remove them, or pass --allow-rejects to accept this")
+        err.exit_code = REJECTS_EXIT
+        raise err
 
 
 @import_group.command("catalog")
 @click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--workers", default=16, show_default=True, help="Parallel uploads.")
-def import_catalog_cmd(src: Path, workers: int) -> None:
+@click.option("--allow-rejects", is_flag=True, help="Exit 0 even when some files were rejected.")
+def import_catalog_cmd(src: Path, workers: int, allow_rejects: bool) -> None:
     """Upload SRC/products.csv and SRC/images/<sku>/<file> to catalog/."""
-    _run_import("catalog", src, workers)
+    _run_import("catalog", src, workers, allow_rejects)
 
 
 @import_group.command("shelf")
 @click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--workers", default=16, show_default=True, help="Parallel uploads.")
-def import_shelf_cmd(src: Path, workers: int) -> None:
+@click.option("--allow-rejects", is_flag=True, help="Exit 0 even when some files were rejected.")
+def import_shelf_cmd(src: Path, workers: int, allow_rejects: bool) -> None:
     """Upload labelled shelf crops SRC/<sku>/<file>, and/or SRC/photos/ + SRC/boxes.csv, to shelf/."""
-    _run_import("shelf", src, workers)
+    _run_import("shelf", src, workers, allow_rejects)
 
 
 @main.command("demo-catalog")

@@ -79,11 +79,14 @@ def test_import_rejects_unsafe_names_and_uploads_the_rest(s3, tmp_path):
     (src / "images" / "good-1" / "nested").mkdir()
     (src / "images" / "good-1" / "nested" / "deep.jpg").write_bytes(b"x")
     (src / "products.csv").write_text("sku,name\ngood-1,Good\n")
-    out = _cli(s3, bucket, "import", "catalog", str(src))
+    out = _cli(s3, bucket, "import", "catalog", str(src), check=False)
+    assert out.returncode == 3  # rejects are not a silent success
     assert "rejected" in out.stderr and "bad sku" in out.stderr and "control" in out.stderr
-    assert "3 rejected" in out.stdout
+    assert "3 rejected" in out.stdout and "3 file(s) rejected and not uploaded" in out.stderr
     keys = {o.key for o in list_objects(s3.client(), bucket, "")}
-    assert keys == {"catalog/products.csv", "catalog/images/good-1/a.jpg"}
+    assert keys == {"catalog/products.csv", "catalog/images/good-1/a.jpg"}  # the rest went in
+    again = _cli(s3, bucket, "import", "catalog", str(src), "--allow-rejects")  # accepted on purpose: exit 0
+    assert "3 rejected" in again.stdout and "0 uploaded" in again.stdout
 
 
 def test_import_refuses_broken_products_csv(s3, tmp_path):
