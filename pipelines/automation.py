@@ -27,22 +27,35 @@ def nightly_schedule(job) -> dg.ScheduleDefinition:
                  description="Nightly retrain; skipped when neither the catalog nor the training config changed "
                              "since the champion was trained (SKULENS_SKIP_UNCHANGED=0 to always retrain).")
     def nightly_retrain(context: dg.ScheduleEvaluationContext, s3: S3Resource, mlflow: MlflowResource):
-        from skulens.registry.model_registry import get_champion
-
         state = catalog_state(s3.client(), s3.bucket)
         cfg = training_config_hash()
         tick = context.scheduled_execution_time.strftime("%Y-%m-%d")
         if SKIP_UNCHANGED:
-            champ = get_champion(mlflow.tracking_uri, mlflow.model_name)
-            if champ is not None:
-                tags = _champion_tags(mlflow, champ[0])
-                if tags.get("catalog.fingerprint") == state.fingerprint and tags.get("train.config_hash") == cfg:
-                    return dg.SkipReason(f"catalog ({state.fingerprint[:12]}) and training config ({cfg}) unchanged "
-                                         f"since champion v{champ[0]}: nothing to retrain")
+            why = unchanged_since_champion(s3, mlflow, state, cfg)
+            if why:
+                return dg.SkipReason(why)
         return dg.RunRequest(run_key=f"nightly-{tick}-{state.fingerprint[:12]}-{cfg}",
                              tags={"skulens/catalog": state.fingerprint[:16], "skulens/config": cfg})
 
     return nightly_retrain
+
+
+def unchanged_since_champion(s3: S3Resource, mlflow: MlflowResource, state=None, cfg: str | None = None) -> str | None:
+    """Why retraining would repeat the champion (the catalog fingerprint and the training config hash equal the
+    ones it was trained on), or None when something changed or there is no champion. The nightly schedule and
+    `skulens run` skip on it."""
+    from skulens.registry.model_registry import get_champion
+
+    state = state or catalog_state(s3.client(), s3.bucket)
+    cfg = cfg or training_config_hash()
+    champ = get_champion(mlflow.tracking_uri, mlflow.model_name)
+    if champ is None:
+        return None
+    tags = _champion_tags(mlflow, champ[0])
+    if tags.get("catalog.fingerprint") == state.fingerprint and tags.get("train.config_hash") == cfg:
+        return (f"catalog ({state.fingerprint[:12]}) and training config ({cfg}) unchanged since champion "
+                f"v{champ[0]}: nothing to retrain")
+    return None
 
 
 def _champion_tags(mlflow: MlflowResource, version: str) -> dict:

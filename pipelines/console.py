@@ -19,9 +19,7 @@ import uuid
 import warnings
 from collections.abc import Callable
 
-MARK = "::skulens:: "  # a console line
-PROGRESS = "::skulens-progress:: "  # a progress line (rewritten in place on a terminal)
-ERROR_MARK = "skulens error: "
+from skulens.ops.cli import ERROR_MARK, MARK, PROGRESS, SKIPPED_EXIT  # the console protocol `skulens run` reads
 
 
 def _v(meta: dict, key: str, default=None):
@@ -186,6 +184,17 @@ class RunConsole:
             self.emit(f"{step:<18} skipped (an upstream step failed)")
 
 
+def _unchanged() -> str | None:
+    """The nightly rule, with the code location's own resources (EnvVars resolved)."""
+    import dagster as dg
+
+    from pipelines.automation import unchanged_since_champion
+    from pipelines.definitions import defs
+
+    with dg.build_resources({k: defs.resources[k] for k in ("s3", "mlflow")}) as res:
+        return unchanged_since_champion(res.s3, res.mlflow)
+
+
 def _print(line: str) -> None:
     sys.stdout.write(MARK + line + "\n")
     sys.stdout.flush()
@@ -215,8 +224,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.console",
                                      description="Execute a skulens job with a one-line-per-asset console.")
     parser.add_argument("--job", default="main", help="job name (default: main)")
+    parser.add_argument("--force", action="store_true",
+                        help="run `main` even when the catalog and training config equal the champion's")
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore", DeprecationWarning)
+    if args.job == "main" and not args.force:
+        why = _unchanged()
+        if why:
+            _print(f"skipped: {why} (`skulens run --force` retrains anyway)")
+            return SKIPPED_EXIT
     ok, run_id, failed = run_job(args.job)
     if ok:
         _print(f"run {run_id} succeeded")

@@ -238,7 +238,9 @@ def data_balance(clean_dir: Path, out: Path, params_file: Path) -> None:
 @click.option("--demo/--no-demo", default=True, show_default=True,
               help="Load the demo catalog when the bucket has no catalog yet.")
 @click.option("--verbose", is_flag=True, help="Echo every Dagster event and traceback (they are always in the log file).")
-def run_cmd(job: str, demo: bool, verbose: bool) -> None:
+@click.option("--force", is_flag=True,
+              help="Run `main` even when the catalog and training config equal the champion's (else it is skipped).")
+def run_cmd(job: str, demo: bool, verbose: bool, force: bool) -> None:
     """Start the services, load the demo catalog if the bucket is empty, and run the pipeline.
 
     The job runs through Dagster's in-process API on the instance in DAGSTER_HOME (it shows in the UI).
@@ -268,17 +270,21 @@ def run_cmd(job: str, demo: bool, verbose: bool) -> None:
         click.echo("  shelf:   " + importer.import_shelf(client, s.bucket, demo_dir / "shelf", progress=False).summary())
     env = mgr.base_env()
     root = Path(__file__).resolve().parents[2]
-    cmd = [sys.executable, "-m", "pipelines.console", "--job", job]
+    cmd = [sys.executable, "-m", "pipelines.console", "--job", job] + (["--force"] if force else [])
+    started = time.time()
     click.echo(f"running Dagster job {job!r} (DAGSTER_HOME={s.dagster_home}) ...\n")
     rc, log_path, error = _run_logged(cmd, env, root, s.log_dir / f"run-{job}-{time.strftime('%Y%m%dT%H%M%S')}.log",
                                       echo_all=verbose)
     took = time.monotonic() - t0
+    if rc == SKIPPED_EXIT:
+        click.echo(f"\njob {job!r} skipped: nothing changed since the champion was trained.")
+        return
     if rc != 0:
         what = error or f"job {job!r} failed (exit {rc}); see the run in the UI (make ui)"
         click.echo("")
         raise click.ClickException(f"{what}  [log: {log_path}]")
     click.echo(f"\njob {job!r} succeeded in {took:.0f}s.")
-    _print_summary(s, Path(os.environ.get("SKULENS_PROJECT_DIR") or root))
+    _print_summary(s, Path(os.environ.get("SKULENS_PROJECT_DIR") or root), since=started)
     _print_recognize_example(s, env)
     click.echo("Where to look:")
     click.echo(f"  Dagster UI : make ui   (then open {s.dagster_url})")
@@ -290,6 +296,7 @@ def run_cmd(job: str, demo: bool, verbose: bool) -> None:
 ERROR_MARK = "skulens error: "  # assets raise dg.Failure("skulens error: <what happened and what to do>")
 MARK = "::skulens:: "  # a console line of `python -m pipelines.console` (the job runner)
 PROGRESS = "::skulens-progress:: "  # a progress line: rewritten in place on a terminal
+SKIPPED_EXIT = 100  # the runner skipped the job (nothing changed since the champion)
 
 
 def _run_logged(cmd: list[str], env: dict, cwd: Path, log_path: Path,
@@ -353,21 +360,25 @@ def _print_recognize_example(s: Settings, env: dict) -> None:
     click.echo(proc.stdout.rstrip() or proc.stderr.rstrip()[-2000:])
 
 
-def _print_summary(s: Settings, root: Path) -> None:
-    """What the run produced, read from the files it wrote (no Dagster import here)."""
+def _print_summary(s: Settings, root: Path, since: float = 0.0) -> None:
+    """What this run produced, read from the files it wrote (no Dagster import here); files older than
+    ``since`` (another job's outputs) are not reported."""
     import yaml
 
+    def fresh(p: Path) -> bool:
+        return p.exists() and p.stat().st_mtime >= since - 1.0
+
     stats_path = root / "data" / "clean" / "stats.json"
-    if stats_path.exists():
+    if fresh(stats_path):
         st = json.loads(stats_path.read_text())
         click.echo(f"  cleaning   : kept {st['files_kept']}/{st['files_in']} files and {st['skus_kept']}/{st['skus_in']} SKUs; "
                    f"dropped {st['dropped_by_reason']}")
         click.echo(f"               list: {root / 'data' / 'clean' / 'dropped_files.csv'}")
     docs = s.home / "gx" / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html"
-    if docs.exists():
+    if fresh(docs):
         click.echo(f"  data docs  : {docs.as_uri()}")
     lock = root / "dvc.lock"
-    if lock.exists():
+    if fresh(lock):
         stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
         for stage in ("clean", "balance"):
             md5 = next((o.get("md5") for o in stages.get(stage, {}).get("outs", [])), None)

@@ -166,3 +166,34 @@ def test_nightly_skips_when_nothing_changed(s3, mlflow_server, demo_dir, tmp_pat
         assert result.skip_message and "unchanged" in result.skip_message
     else:
         assert len(result.run_requests) == 1
+
+
+def test_skulens_run_runner_skips_main_when_nothing_changed_since_the_champion(s3, mlflow_server, demo_dir, tmp_path):
+    """`skulens run` applies the nightly rule: the job runner exits SKIPPED_EXIT with one line, and runs nothing."""
+    import os
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    from skulens.catalog.state import catalog_state
+    from skulens.ops.cli import MARK, SKIPPED_EXIT
+
+    bucket = s3.new_bucket("runskip")
+    model_name = f"r-{bucket}"
+    importer.import_catalog(s3.client(), bucket, demo_dir / "catalog", progress=False).raise_for_failures()
+    version = _register_champion(mlflow_server.uri, model_name, tmp_path)
+    client = MlflowClient(mlflow_server.uri)
+    run_id = client.get_model_version(model_name, version).run_id
+    client.set_tag(run_id, "catalog.fingerprint", catalog_state(s3.client(), bucket).fingerprint)
+    client.set_tag(run_id, "train.config_hash", automation.training_config_hash())
+    env = dict(os.environ, SKULENS_S3_ENDPOINT=s3.endpoint, SKULENS_BUCKET=bucket, SKULENS_MLFLOW_URI=mlflow_server.uri,
+               SKULENS_MODEL_NAME=model_name, SKULENS_HOME=str(tmp_path / "home"),
+               DAGSTER_HOME=str(tmp_path / "dagster"))
+    (tmp_path / "dagster").mkdir()
+    proc = subprocess.run([sys.executable, "-m", "pipelines.console", "--job", "main"], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=str(tmp_path))
+    assert proc.returncode == SKIPPED_EXIT, proc.stdout[-2000:] + proc.stderr[-2000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith(MARK))
+    assert f"unchanged since champion v{version}" in line and "--force" in line
+    assert not list((tmp_path / "dagster").rglob("*.db"))  # no run was started
