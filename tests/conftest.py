@@ -96,15 +96,16 @@ def dvc_repo(tmp_path, s3):
 
     repo = tmp_path / "repo"
     repo.mkdir()
-    for f in ("dvc.yaml", "params.yaml"):
+    for f in ("dvc.yaml", "params.yaml", "dvc.lock", ".gitignore"):
         shutil.copy(ROOT / f, repo / f)
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
-    subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "init"],
-                   cwd=repo, check=True)
     bucket = s3.new_bucket("dvc")
     dvc = str(Path(sys.executable).parent / "dvc")
     subprocess.run([dvc, "init", "-q"], cwd=repo, check=True)
     subprocess.run([dvc, "remote", "add", "-d", "storage", f"s3://{bucket}/dvc"], cwd=repo, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)  # committed, as in a fresh clone of the project
+    subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "init"],
+                   cwd=repo, check=True)
     return repo, bucket
 
 

@@ -106,13 +106,18 @@ class DvcRepo:
         return None
 
 
+PIPELINE_OUTPUTS = ("dvc.lock",)  # tracked files the pipeline itself rewrites: not "code changes"
+
+
 def git_revision(root: Path) -> dict:
-    """The code revision that produced a dataset: commit hash and whether the tree had changes."""
+    """The code revision that produced a dataset: commit hash and whether the tree had changes other than
+    the pipeline's own outputs (``dvc.lock``, rewritten by every run that versions data)."""
     def git(*args):
         return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30)
 
     head = git("rev-parse", "HEAD")
     if head.returncode != 0:
         return {"git_rev": "unknown", "git_dirty": None}
-    dirty = git("status", "--porcelain", "--untracked-files=no")
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                *(f":(exclude){p}" for p in PIPELINE_OUTPUTS))
     return {"git_rev": head.stdout.strip(), "git_dirty": bool(dirty.stdout.strip())}

@@ -75,6 +75,8 @@ def test_demo_catalog_is_cleaned_checked_balanced_and_versioned(s3, demo_dir, dv
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert version["clean_md5"] == next(o["md5"] for o in lock["stages"]["clean"]["outs"] if o["path"] == "data/clean")
     assert version["balanced_md5"] and len(version["git_rev"]) == 40
+    # the pipeline's own outputs (data/, dvc.lock: ignored, not shipped) do not make the checkout dirty
+    assert version["git_dirty"] is False
     pushed = list(list_objects(s3.client(), bucket, "dvc/"))
     assert len(pushed) >= len(cleaned.kept)  # every kept image is in the DVC remote on S3
 
