@@ -100,9 +100,13 @@ def trained_encoder(context: dg.AssetExecutionContext, config: TrainSettings, ba
 
         reason = f"{why}; no champion yet: the un-fine-tuned base tower is evaluated, registered and indexed"
         context.log.warning(reason)
-        client.log_batch(run_id, params=[Param(k, str(v)[:500]) for k, v in
-                                         {**{f"model.{k}": v for k, v in spec.items()}, "train.skipped": True}.items()])
         path = save_base_tower(spec, cfg.get("seed") or 0, Path(state.home) / "training" / "base" / "encoder.pt")
+        from skulens.registry.promotion import saved_spec
+
+        resolved = saved_spec(path) or spec  # pretrained tag, image size, embed dim as built
+        client.log_batch(run_id, params=[Param(k, str(v)[:500]) for k, v in
+                                         {**{f"model.{k}": v for k, v in resolved.items()}, "train.skipped": True}.items()])
+        _log_datasets(client, run_id, dataset_version, s3.bucket)
         uri, sha = upload_encoder(mlflow.tracking_uri, run_id, path), file_sha256(path)
         client.set_tag(run_id, "train.skipped_reason", reason[:5000])
         client.set_terminated(run_id, "FINISHED")
@@ -113,9 +117,10 @@ def trained_encoder(context: dg.AssetExecutionContext, config: TrainSettings, ba
             metadata={"skipped": True, "reason": reason, "model": spec["name"], "encoder_uri": uri,
                       "encoder_sha256": sha})
 
-    params = {**{f"model.{k}": v for k, v in spec.items()}, **{f"train.{k}": v for k, v in cfg.items()},
+    params = {**{f"train.{k}": v for k, v in cfg.items()},
               "data.depth": balanced_dataset["depth"], "data.skus": int(balanced_dataset["train"]["sku"].nunique())}
     client.log_batch(run_id, params=[Param(k, str(v)[:500]) for k, v in params.items()])
+    _log_datasets(client, run_id, dataset_version, s3.bucket)
     lock = Path(dvc.repo_dir) / "dvc.lock"
     if lock.exists():
         client.log_artifact(run_id, str(lock), "dataset")
@@ -131,7 +136,8 @@ def trained_encoder(context: dg.AssetExecutionContext, config: TrainSettings, ba
         client.set_terminated(run_id, "FAILED")
         raise
     final = {k: summary[k] for k in ("val_acc_before", "val_acc", "images_per_s", "steps") if summary.get(k) is not None}
-    client.log_batch(run_id, metrics=[Metric(f"final/{k}", float(v), 0, 0) for k, v in final.items()])
+    client.log_batch(run_id, metrics=[Metric(f"final/{k}", float(v), 0, 0) for k, v in final.items()],
+                     params=[Param(f"model.{k}", str(v)[:500]) for k, v in summary["spec"].items()])  # as built
     client.set_terminated(run_id, "FINISHED")
     value = {"encoder_uri": summary["encoder_uri"], "encoder_sha256": summary["encoder_sha256"],
              "mlflow_run_id": run_id, "spec": summary["spec"],
@@ -147,3 +153,18 @@ def trained_encoder(context: dg.AssetExecutionContext, config: TrainSettings, ba
                   "mlflow_run": dg.MetadataValue.url(f"{mlflow.tracking_uri}/#/experiments/"
                                                      f"{client.get_run(run_id).info.experiment_id}/runs/{run_id}")},
     )
+
+
+def _log_datasets(client, run_id: str, dataset_version: dict, bucket: str) -> None:
+    """The DVC-versioned datasets as MLflow run inputs (digest = the DVC md5), shown on the run page."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    inputs = []
+    for name, key, context in (("clean", "clean_md5", "catalog"), ("balanced", "balanced_md5", "training")):
+        md5 = dataset_version.get(key)
+        if md5:
+            ds = Dataset(name=f"skulens-{name}", digest=str(md5).removesuffix(".dir")[:36], source_type="dvc",
+                         source=json.dumps({"uri": f"s3://{bucket}/dvc", "path": f"data/{name}", "md5": md5}))
+            inputs.append(DatasetInput(ds, tags=[InputTag("mlflow.data.context", context)]))
+    if inputs:
+        client.log_inputs(run_id, datasets=inputs)

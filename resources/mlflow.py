@@ -11,10 +11,11 @@ class MlflowResource(dg.ConfigurableResource):
     def start_run(self, run_name: str, tags: dict | None = None) -> str:
         from mlflow.tracking import MlflowClient
 
+        from skulens.registry.model_registry import experiment_id
+
         client = MlflowClient(self.tracking_uri)
-        exp = client.get_experiment_by_name(self.experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(self.experiment)
-        return client.create_run(exp_id, run_name=run_name, tags=tags or {}).info.run_id
+        return client.create_run(experiment_id(client, self.experiment), run_name=run_name,
+                                 tags=tags or {}).info.run_id
 
     def client(self):
         from mlflow.tracking import MlflowClient

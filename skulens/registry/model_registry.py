@@ -64,17 +64,23 @@ def _is_not_found(err) -> bool:
         or "not found" in str(err).lower()
 
 
-def _experiment_id(client, name: str) -> str:
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # the MLflow UI's ML (not GenAI) view
+
+
+def experiment_id(client, name: str) -> str:
+    """The experiment ``name`` (created if missing), tagged as a machine-learning experiment."""
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name)
-    except Exception:  # created concurrently
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+    if exp is None:
+        try:
+            return client.create_experiment(name, tags=dict([EXPERIMENT_KIND]))
+        except Exception:  # created concurrently
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if (exp.tags or {}).get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
+        client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
+    return exp.experiment_id
+
 
 
 def _ensure_registered_model(client, name: str) -> None:
@@ -101,13 +107,17 @@ def log_and_register(
     tags: dict | None = None,
     lineage: dict | None = None,
     experiment: str | None = None,
+    run_id: str | None = None,
 ) -> str:
-    """Log a run with the encoder artifact, metrics, params, tags and lineage; register a new
+    """Log the encoder as an MLflow pyfunc model with metrics, params, tags and lineage, register it as a new
     version of ``model_name`` and point the ``challenger`` alias at it. Returns the version (str).
 
-    ``encoder_path`` is a file or a directory (logged under ``encoder/``). ``lineage`` (data/catalog
-    versions, index version, eval-set fingerprint, git sha, ...) is stored as run and model-version
-    tags ``lineage.<key>`` and as ``lineage.json``. ``experiment`` defaults to ``model_name``.
+    With ``run_id`` (the training run) everything goes into that run, so the version's source run is the run
+    with the training curves; parameters it already has are kept (MLflow parameters are immutable). Without
+    it a new run is created. ``encoder_path`` is a file (logged as the pyfunc model ``model/``) or a
+    directory (logged as is). ``lineage`` (data/catalog versions, index version, eval-set fingerprint, git
+    sha, ...) is stored as run and model-version tags ``lineage.<key>`` and as ``lineage.json``.
+    ``experiment`` defaults to ``model_name``.
     """
     from mlflow.entities import Metric, Param
 
@@ -115,13 +125,22 @@ def log_and_register(
     if not encoder_path.exists():
         raise FileNotFoundError(encoder_path)
     client = _client(tracking_uri)
-    exp_id = _experiment_id(client, experiment or model_name)
     safe_tags = _safe(tags, 5000)
     safe_lineage = _safe(lineage, 5000)
     run_tags = {**safe_tags, **{f"lineage.{k}": v for k, v in safe_lineage.items()},
                 "skulens.model_name": model_name, "skulens.encoder_file": encoder_path.name}
-    run = client.create_run(exp_id, tags=run_tags, run_name=safe_tags.get("run_name"))
-    run_id = run.info.run_id
+    own_run = run_id is None
+    if own_run:
+        run = client.create_run(experiment_id(client, experiment or model_name), tags=run_tags,
+                                run_name=safe_tags.get("run_name"))
+        run_id = run.info.run_id
+    else:  # the training run: keep its name and stage, add the registration's tags and unset params
+        run = client.get_run(run_id)
+        from mlflow.entities import RunTag
+
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in run_tags.items() if k not in ("run_name", "skulens.stage")])
+        params = {k: v for k, v in (params or {}).items() if k not in run.data.params}
+    artifact_dir = "model" if encoder_path.is_file() else ARTIFACT_DIR
     try:
         now_ms = int(datetime.now(timezone.utc).timestamp() * 1000)
         ms = []
@@ -135,23 +154,25 @@ def log_and_register(
         ps = [Param(k, v) for k, v in _safe(params, 6000).items()]
         client.log_batch(run_id, metrics=ms, params=ps, tags=[])
         if encoder_path.is_dir():
-            client.log_artifacts(run_id, str(encoder_path), ARTIFACT_DIR)
+            client.log_artifacts(run_id, str(encoder_path), artifact_dir)
         else:  # an MLflow pyfunc model (MLmodel, signature, input example) holding the encoder file
             from skulens.registry.pyfunc import save_pyfunc
 
             with tempfile.TemporaryDirectory() as td:
-                client.log_artifacts(run_id, str(save_pyfunc(encoder_path, Path(td) / ARTIFACT_DIR)), ARTIFACT_DIR)
+                client.log_artifacts(run_id, str(save_pyfunc(encoder_path, Path(td) / artifact_dir)), artifact_dir)
         with tempfile.TemporaryDirectory() as td:
             lp = Path(td) / "lineage.json"
             lp.write_text(json.dumps(safe_lineage, indent=2, sort_keys=True))
             client.log_artifact(run_id, str(lp))
-        client.set_terminated(run_id, "FINISHED")
+        if own_run:
+            client.set_terminated(run_id, "FINISHED")
     except BaseException:
-        client.set_terminated(run_id, "FAILED")
+        if own_run:
+            client.set_terminated(run_id, "FAILED")
         raise
 
     _ensure_registered_model(client, model_name)
-    source = f"{run.info.artifact_uri.rstrip('/')}/{ARTIFACT_DIR}"
+    source = f"{run.info.artifact_uri.rstrip('/')}/{artifact_dir}"
     version_tags = {**{f"lineage.{k}": v for k, v in safe_lineage.items()},
                     "skulens.encoder_file": encoder_path.name if encoder_path.is_file() else ""}
     if encoder_path.is_file():  # what skulens.registry.store needs to fetch and verify it anywhere

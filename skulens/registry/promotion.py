@@ -126,6 +126,7 @@ def register_and_decide(
         tags={**training_run_tags(tracking_uri, trained.get("mlflow_run_id")),
               "run_name": f"register-{spec.get('name', 'encoder')}", "skulens.stage": "register", **(tags or {})},
         lineage=lineage(trained, evaluation, extra_lineage), experiment=experiment,
+        run_id=trained.get("mlflow_run_id"),  # the training run: the version's source run has the curves
     )
 
     evaluated = evaluation.get("champion_version")

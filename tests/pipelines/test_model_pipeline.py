@@ -94,9 +94,16 @@ def test_model_pipeline_promotes_first_keeps_champion_over_worse_and_serves(
     assert mv1.tags["lineage.eval_set"] == ev1["eval_set"]
     assert mv1.tags["lineage.dataset_clean_md5"] == trained1["dataset_version"]["clean_md5"]
     assert mv1.tags["lineage.training_run_id"] == trained1["mlflow_run_id"]
+    # one lineage: the version's source run is the training run (curves, params from the spec as built, inputs)
+    assert mv1.run_id == trained1["mlflow_run_id"]
     reg_run = ml.get_run(mv1.run_id)
     assert reg_run.data.metrics["top1"] == pytest.approx(ch1)
+    assert ml.get_metric_history(mv1.run_id, "train/loss")  # the training curves are on the version's run
     assert reg_run.data.params["train.base_lr"] == "0.0" and reg_run.data.params["model.name"] == "tiny-test"
+    assert reg_run.data.params["model.embed_dim"] == "64" and reg_run.data.params["model.image_size"] not in ("", "None")
+    digests = {d.dataset.name: d.dataset.digest for d in reg_run.inputs.dataset_inputs}
+    assert digests["skulens-clean"] == trained1["dataset_version"]["clean_md5"].removesuffix(".dir")[:36]
+    assert ml.get_experiment(reg_run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     assert reg_run.data.tags.get("catalog.fingerprint")  # carried over for the nightly schedule
 
     # the registered version is a real MLflow model: pyfunc loads it by alias and embeds image bytes, with the
