@@ -126,8 +126,13 @@ def great_expectations_suite(context: dg.AssetCheckExecutionContext, cleaned_cat
            "results": dg.MetadataValue.md(pd.DataFrame(
                [{k: r[k] for k in ("table", "expectation", "column", "success", "observed")} for r in meta["results"]]
            ).to_markdown(index=False))}
+    # the results table above is the report the UI shows; the same as one offline HTML file (no CDN), and the
+    # GX Data Docs (which need the network for their styles) as paths to open from a shell or file manager
+    html = state.path("gx", "reports") / f"{context.run.run_id}.html"
+    html.write_text(report.to_html(f"skulens data quality: run {context.run.run_id[:8]}"))
+    out["report_html"] = dg.MetadataValue.path(str(html))
     if report.docs_path:
-        out["data_docs"] = dg.MetadataValue.url(report.docs_path.resolve().as_uri())
+        out["gx_data_docs"] = dg.MetadataValue.path(str(report.docs_path.resolve()))
     return dg.AssetCheckResult(passed=report.success, metadata=out)
 
 

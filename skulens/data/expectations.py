@@ -57,6 +57,27 @@ class QualityReport:
     def failed(self) -> list[ExpectationOutcome]:
         return [r for r in self.results if not r.success]
 
+    def to_html(self, title: str = "skulens data quality") -> str:
+        """A self-contained validation report (inline CSS, no script, nothing from the network): readable
+        offline, unlike GX Data Docs, which load their styles and scripts from CDNs."""
+        from html import escape
+
+        def cell(v: Any) -> str:
+            return escape(str(v if v is not None else ""))[:300]
+
+        rows = "".join(
+            f"<tr class='{'ok' if r.success else 'bad'}'><td>{cell(r.table)}</td><td>{cell(r.name)}</td>"
+            f"<td>{cell(r.column)}</td><td>{'passed' if r.success else 'FAILED'}</td><td>{cell(r.observed)}</td>"
+            f"<td>{cell(', '.join(map(str, r.unexpected[:10])))}</td></tr>" for r in self.results)
+        verdict = "all expectations passed" if self.success else f"{len(self.failed())} expectation(s) failed"
+        return ("<!doctype html><html><head><meta charset='utf-8'><title>" + escape(title) + "</title><style>"
+                "body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse}"
+                "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;font-size:14px}"
+                "th{background:#f2f2f2}tr.bad td{background:#fde2e1}tr.ok td:nth-child(4){color:#176f2c}"
+                "</style></head><body><h1>" + escape(title) + "</h1><p><b>" + verdict + f"</b> ({len(self.results)} "
+                f"evaluated in {self.seconds:.1f}s)</p><table><tr><th>table</th><th>expectation</th><th>column</th>"
+                "<th>result</th><th>observed</th><th>unexpected (sample)</th></tr>" + rows + "</table></body></html>")
+
     def to_metadata(self) -> dict[str, Any]:
         """JSON-serialisable summary (Dagster metadata, logs)."""
         return {

@@ -374,9 +374,12 @@ def _print_summary(s: Settings, root: Path, since: float = 0.0) -> None:
         click.echo(f"  cleaning   : kept {st['files_kept']}/{st['files_in']} files and {st['skus_kept']}/{st['skus_in']} SKUs; "
                    f"dropped {st['dropped_by_reason']}")
         click.echo(f"               list: {root / 'data' / 'clean' / 'dropped_files.csv'}")
+    reports = sorted((s.home / "gx" / "reports").glob("*.html"), key=lambda p: p.stat().st_mtime)
+    if reports and fresh(reports[-1]):
+        click.echo(f"  quality    : {reports[-1]}  (Great Expectations results, opens offline)")
     docs = s.home / "gx" / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html"
     if fresh(docs):
-        click.echo(f"  data docs  : {docs.as_uri()}")
+        click.echo(f"  data docs  : {docs}  (GX Data Docs; their styles load from a CDN)")
     lock = root / "dvc.lock"
     if fresh(lock):
         stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})

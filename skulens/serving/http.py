@@ -71,7 +71,7 @@ def create_app(
     """FastAPI app serving ``recognizer_factory()`` (a :class:`skulens.serving.recognize.Recognizer`)."""
     from contextlib import asynccontextmanager
 
-    from fastapi import FastAPI, HTTPException, Query, Request
+    from fastapi import HTTPException, Query, Request
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import JSONResponse
 
@@ -97,7 +97,9 @@ def create_app(
                 log.error("recognizer failed to load at startup: %s", e)
         yield
 
-    app = FastAPI(title="skulens", version="1", lifespan=lifespan)
+    from fastapi_offline import FastAPIOffline  # Swagger UI / ReDoc served from local files: /docs works offline
+
+    app = FastAPIOffline(title="skulens", version="1", lifespan=lifespan)
     app.state.get_recognizer = get_recognizer
 
     def _loaded():

@@ -56,6 +56,19 @@ def test_good_catalog_passes_and_renders_data_docs(cleaned, tmp_path):
     assert rep2.success and rep2.import_seconds == 0.0
 
 
+def test_the_html_report_is_self_contained_and_flags_failures(cleaned):
+    """The report the data-quality check writes opens offline: inline style, no script, nothing fetched."""
+    import re
+
+    result, products = cleaned
+    bad = pd.concat([products, products.iloc[:1]], ignore_index=True)  # a duplicate SKU id
+    rep = validate_catalog(result.images, bad, CFG)
+    html = rep.to_html("t")
+    assert not re.search(r"<script|<link|@import|src=|https?://", html)
+    assert html.count("<tr class='bad'>") == len(rep.failed()) >= 1
+    assert all(r.name in html for r in rep.results) and "expectation(s) failed" in html
+
+
 def test_duplicate_or_null_sku_in_products_fails(cleaned):
     result, products = cleaned
     broken = pd.concat([products, pd.DataFrame({"sku": ["P2", None], "name": ["dup", "null"]})], ignore_index=True)

@@ -131,3 +131,5 @@ def test_the_checks_enforce_the_threshold_set_once_on_the_asset(s3, demo_dir, dv
     assert not evals["dropped_share_below_threshold"].passed
     assert evals["dropped_share_below_threshold"].metadata["max_share"].value == 0.01
     assert not evals["great_expectations_suite"].passed
+    report = Path(evals["great_expectations_suite"].metadata["report_html"].value)
+    assert report.is_file() and "FAILED" in report.read_text()  # the offline report of that check

@@ -87,6 +87,23 @@ def test_health(client):
                         "index_count": 6, "n_skus": 6}
 
 
+def test_docs_pages_load_everything_from_the_service_itself(client):
+    """/docs and /redoc work offline: every script and stylesheet they name is served by skulens, none from a CDN."""
+    import re
+
+    for page in ("/docs", "/redoc"):
+        html = client.get(page)
+        assert html.status_code == 200
+        urls = re.findall(r"""(?:src|href)=["']([^"']+\.(?:js|css))["']""", html.text) + \
+            re.findall(r"""(?:url|js_url|css_url)\s*:\s*["']([^"']+)["']""", html.text)
+        assets = [u for u in urls if u.endswith((".js", ".css"))]
+        assert assets, html.text[:500]
+        for url in assets:
+            assert not url.startswith(("http://", "https://", "//")), f"{page} loads {url} from the network"
+            got = client.get(url)
+            assert got.status_code == 200 and len(got.content) > 10_000, url
+
+
 def test_rejects_bad_uploads(client, gallery):
     imgs = gallery[0]
     r = client.post("/recognize", files={"file": ("x.txt", b"this is not an image", "text/plain")})
