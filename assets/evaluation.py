@@ -9,7 +9,7 @@ import pandas as pd
 from pydantic import Field
 
 from assets import OWNERS
-from resources import LocalStateResource
+from resources import LocalStateResource, SparseViewsResource
 from resources.mlflow import MlflowResource
 from resources.training import TrainingResource
 from skulens.evaluation import compare, reports
@@ -42,16 +42,13 @@ class EvalSettings(dg.Config):
     include_champion: bool = Field(default=True, description="also score the current champion (if any)")
     batch_size: int = 64
     top_confusions: int = Field(default=8, description="confused pairs shown in the plot")
-    sparse_below: int = Field(default=build.SPARSE_BELOW, description="catalog gallery: SKUs with fewer images get "
-                                                                   "shelf-like views, as in the published index")
-    sparse_views: int = Field(default=build.SPARSE_VIEWS, description="shelf-like views per image of a sparse SKU")
 
 
 @dg.asset(group_name=GROUP, pool="gpu", kinds={"pytorch", "mlflow"}, owners=OWNERS, tags={**TAGS, "skulens/compute": "gpu"})
 def model_evaluation(context: dg.AssetExecutionContext, config: EvalSettings, trained_encoder: dict,
                      cleaned_catalog, shelf_crops: pd.DataFrame, catalog_products: pd.DataFrame,
                      mlflow: MlflowResource, training: TrainingResource,
-                     state: LocalStateResource) -> dg.MaterializeResult:
+                     state: LocalStateResource, sparse_views: SparseViewsResource) -> dg.MaterializeResult:
     """Challenger vs champion vs base tower on the same shelf crops: 1-NN against every cleaned catalog
     image and against the RetailKLIP gallery; top-1/top-5, per-SKU and category accuracy, confusions."""
     crops = compare.select_crops(shelf_crops, config.sources)
@@ -73,7 +70,7 @@ def model_evaluation(context: dg.AssetExecutionContext, config: EvalSettings, tr
         batch_size=config.batch_size, device=device,
         include_base=config.include_base and not trained_encoder.get("base_tower"),  # the challenger is the base
         include_champion=config.include_champion, cache_dir=state.path("cache", "embeddings"),
-        echo=context.log.info, sparse_below=config.sparse_below, sparse_views=config.sparse_views,
+        echo=context.log.info, sparse_below=sparse_views.below, sparse_views=sparse_views.views,
         base_spec=trained_encoder.get("spec") if skipped else None,
     )
     unknown = sorted(set(crops["sku"]) - set(catalog["sku"]))

@@ -4,7 +4,7 @@ import dagster as dg
 from pydantic import Field
 
 from assets import OWNERS
-from resources import LocalStateResource, S3Resource
+from resources import LocalStateResource, S3Resource, SparseViewsResource
 from resources.mlflow import MlflowResource
 from resources.training import TrainingResource
 from skulens.index import build
@@ -17,15 +17,12 @@ TAGS = {"skulens/domain": "index"}  # the skulens package this asset calls into
 class IndexSettings(dg.Config):
     prefix: str = Field(default="index", description="S3 prefix: <prefix>/versions/<version>.npz + <prefix>/CURRENT.json")
     batch_size: int = 64
-    sparse_below: int = Field(default=build.SPARSE_BELOW, description="SKUs with fewer catalog images than this get "
-                              "shelf-like views in the index (RetailKLIP 4.2); index_update applies the same rule")
-    sparse_views: int = Field(default=build.SPARSE_VIEWS, description="shelf-like views per image of a sparse SKU (0 = none)")
-    aug_seed: int = Field(default=0, description="seed of the views")
 
 
 @dg.asset(group_name=GROUP, pool="gpu", deps=["registered_model"], kinds={"numpy", "s3"}, owners=OWNERS, tags={**TAGS, "skulens/compute": "gpu"})
 def sku_index(context: dg.AssetExecutionContext, config: IndexSettings, cleaned_catalog, mlflow: MlflowResource,
-              s3: S3Resource, training: TrainingResource, state: LocalStateResource) -> dg.MaterializeResult:
+              s3: S3Resource, training: TrainingResource, state: LocalStateResource,
+              sparse_views: SparseViewsResource) -> dg.MaterializeResult:
     """Nearest-neighbour index of the cleaned catalog built with the champion (after this run's promotion
     decision); a new immutable version is uploaded and verified before `CURRENT.json` moves to it."""
     catalog = build.catalog_frame(cleaned_catalog.kept)
@@ -34,7 +31,7 @@ def sku_index(context: dg.AssetExecutionContext, config: IndexSettings, cleaned_
         device=embed.resolve_device(training.device), batch_size=config.batch_size,
         meta={"dagster_run_id": context.run.run_id},
         cache_dir=state.path("cache", "embeddings"),
-        sparse_below=config.sparse_below, sparse_views=config.sparse_views, aug_seed=config.aug_seed,
+        sparse_below=sparse_views.below, sparse_views=sparse_views.views, aug_seed=sparse_views.seed,
         sources=dict(zip(cleaned_catalog.images["key"].astype(str), cleaned_catalog.images["etag"].astype(str))),
     )
     pointer = build.publish_if_changed(s3.client(), s3.bucket, index, prefix=config.prefix)
@@ -45,7 +42,7 @@ def sku_index(context: dg.AssetExecutionContext, config: IndexSettings, cleaned_
         value={k: v for k, v in pointer.items() if k != "etag"},
         metadata={"version": pointer["version"], "published": pointer["published"], "count": len(index),
                   "skus": index.meta["n_skus"], "sparse_skus": index.meta["sparse"]["skus"],
-                  "sparse_rule": f"< {config.sparse_below} images: + {config.sparse_views} views per image",
+                  "sparse_rule": f"< {sparse_views.below} images: + {sparse_views.views} views per image",
                   "sku_list": ", ".join(index.sku_list[:200]) + (" ..." if index.meta["n_skus"] > 200 else ""),
                   "embed_dim": index.embed_dim, "model_name": mlflow.model_name,
                   "model_version": version, "pointer": pointer_url,

@@ -8,7 +8,7 @@ import dagster as dg
 
 from assets import datasets, evaluation, index, index_update, ingest, quality, training
 from pipelines import automation
-from resources import DvcResource, LocalStateResource, S3Resource
+from resources import DvcResource, LocalStateResource, S3Resource, SparseViewsResource
 from resources.mlflow import MlflowResource
 from resources.training import TrainingResource
 from skulens.ops.settings import ACCESS_KEY_VAR, SECRET_KEY_VAR, Settings, load_local_env
@@ -46,6 +46,7 @@ defs = dg.Definitions(
         ),
         "state": LocalStateResource(home=str(settings.home), cache=str(settings.cache_dir)),
         "mlflow": MlflowResource(tracking_uri=settings.mlflow_uri, model_name=settings.model_name),
+        "sparse_views": SparseViewsResource(),
         "training": TrainingResource(mode=os.environ.get("SKULENS_TRAINING_MODE", "local")),
         "dvc": DvcResource(
             repo_dir=os.environ.get("SKULENS_PROJECT_DIR") or str(ROOT),  # the git + DVC checkout datasets live in

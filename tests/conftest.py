@@ -122,7 +122,7 @@ def pipeline_resources(s3, bucket, repo, home, mlflow_uri=None, training_mode="l
     """The resources of pipelines/definitions.py, pointed at the test services."""
     import dagster as dg
 
-    from resources import DvcResource, LocalStateResource, S3Resource
+    from resources import DvcResource, LocalStateResource, S3Resource, SparseViewsResource
     from resources.mlflow import MlflowResource
     from resources.training import TrainingResource
 
@@ -133,6 +133,7 @@ def pipeline_resources(s3, bucket, repo, home, mlflow_uri=None, training_mode="l
         "dvc": DvcResource(repo_dir=str(repo), endpoint_url=s3.endpoint, bucket=bucket, access_key_id=key,
                            secret_access_key=secret),
         "training": TrainingResource(mode=training_mode, device="cpu"),
+        "sparse_views": SparseViewsResource(),
     }
     if mlflow_uri:
         res["mlflow"] = MlflowResource(tracking_uri=mlflow_uri, experiment=f"exp-{bucket}",

@@ -28,8 +28,10 @@ VIEWS = 2  # shelf-like views per image of a sparse SKU (small: tests stay fast)
 def _run(res, instance, ops: dict | None = None):
     cfg = {"trained_encoder": training.TrainSettings(**TINY),
            "balanced_dataset": dataset_assets.BalanceSettings(depth=6),
-           "model_evaluation": evaluation.EvalSettings(n_aug=2, sparse_views=VIEWS, include_base=False),
-           "sku_index": index.IndexSettings(sparse_views=VIEWS), **(ops or {})}
+           "model_evaluation": evaluation.EvalSettings(n_aug=2, include_base=False), **(ops or {})}
+    from resources import SparseViewsResource
+
+    res = {**res, "sparse_views": SparseViewsResource(views=VIEWS)}  # one rule for the evaluation and the index
     result = dg.materialize(ASSETS + CHECKS, resources=res, instance=instance, run_config=dg.RunConfig(ops=cfg))
     assert result.success
     return result
