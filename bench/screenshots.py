@@ -7,7 +7,8 @@ After `make run` and `make ui`:
 It drives Chromium over the DevTools protocol (the `websockets` package, already installed with
 uvicorn): opens each page at 1600x1000, dismisses Dagster's first-visit dialog (its "Skip" button),
 waits for the page to settle, and writes PNGs: the asset graph (lineage of `registered_model`),
-the latest `main` run, and the `model_evaluation` asset with its per-SKU and confusion plots. Prints each file and its size.
+the latest `main` run, the `model_evaluation` asset with its per-SKU and confusion plots, and in MLflow
+the champion's model-version page and its training run. Prints each file and its size.
 """
 
 from __future__ import annotations
@@ -83,12 +84,33 @@ class Page:
         return out
 
 
+def _mlflow_get(base: str, path: str) -> dict:
+    return json.loads(urllib.request.urlopen(f"{base}/api/2.0/mlflow/{path}", timeout=30).read())
+
+
+def _mlflow_pages(base: str, model: str) -> list[tuple[str, str, None]]:
+    """The champion's model-version page and its source run (the training run) in the MLflow UI."""
+    from urllib.parse import quote
+
+    try:
+        mv = _mlflow_get(base, f"registered-models/alias?name={quote(model)}&alias=champion")["model_version"]
+    except OSError as exc:
+        print(f"no MLflow champion at {base} ({exc}): MLflow pages skipped")
+        return []
+    run = _mlflow_get(base, f"runs/get?run_id={mv['run_id']}")["run"]
+    exp = run["info"]["experiment_id"]
+    return [("mlflow-model-version.png", f"{base}/#/models/{quote(model)}/versions/{mv['version']}", None),
+            ("mlflow-training-run.png", f"{base}/#/experiments/{exp}/runs/{mv['run_id']}", None)]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--url", default="http://127.0.0.1:3000", help="Dagster webserver (make ui)")
     ap.add_argument("--out", type=Path, default=Path("docs/screenshots"))
     ap.add_argument("--chromium", default=shutil.which("chromium") or "/usr/bin/chromium")
     ap.add_argument("--settle", type=float, default=8.0, help="seconds to let each page render")
+    ap.add_argument("--mlflow", default="http://127.0.0.1:5000", help="MLflow server ('' to skip its pages)")
+    ap.add_argument("--model", default="skulens-encoder", help="registered model whose champion is shown")
     args = ap.parse_args(argv)
     if not Path(args.chromium).exists():
         print(f"no Chromium at {args.chromium}: install Debian's `chromium` (apt-get install -y chromium)")
@@ -129,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                      ("model-evaluation.png", f"{args.url}/assets/model_evaluation", None),
                      ("per-sku-plot.png", f"{args.url}/assets/model_evaluation", "per_sku_plot"),
                      ("confusions-plot.png", f"{args.url}/assets/model_evaluation", "confusions_plot")]
+            shots += _mlflow_pages(args.mlflow, args.model) if args.mlflow else []
             for name, url, scroll in shots:
                 out = page.shot(url, args.out / name, args.settle, scroll_to=scroll)
                 print(f"{out}  {out.stat().st_size / 1024:.0f} KiB  <- {url}{'  (at ' + scroll + ')' if scroll else ''}")
