@@ -42,6 +42,10 @@ SCROLL = """(() => { const want = %s; for (const el of document.querySelectorAll
   return false; })()"""
 
 
+CLICK = """(() => { const want = %s; for (const el of document.querySelectorAll('button, label, span, div')) {
+  if (el.children.length === 0 && el.textContent.trim() === want) { el.click(); return true; } } return false; })()"""
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -69,9 +73,13 @@ class Page:
                     raise RuntimeError(f"{method}: {msg['error']}")
                 return msg.get("result", {})
 
-    def shot(self, url: str, out: Path, settle_s: float, scroll_to: str | None = None) -> Path:
+    def shot(self, url: str, out: Path, settle_s: float, scroll_to: str | None = None,
+             click: str | None = None) -> Path:
         self.call("Page.navigate", url=url)
         time.sleep(settle_s)
+        if click:  # e.g. MLflow's "Model training" view (a fresh browser opens its GenAI view)
+            if self.call("Runtime.evaluate", expression=CLICK % json.dumps(click), returnByValue=True)["result"].get("value"):
+                time.sleep(settle_s / 2)
         for _ in range(3):  # the first-visit dialog may appear after the page renders
             if not self.call("Runtime.evaluate", expression=DISMISS, returnByValue=True)["result"].get("value"):
                 break
@@ -88,7 +96,7 @@ def _mlflow_get(base: str, path: str) -> dict:
     return json.loads(urllib.request.urlopen(f"{base}/api/2.0/mlflow/{path}", timeout=30).read())
 
 
-def _mlflow_pages(base: str, model: str) -> list[tuple[str, str, None]]:
+def _mlflow_pages(base: str, model: str) -> list[tuple[str, str, None]]:  # noqa: D401
     """The champion's model-version page and its source run (the training run) in the MLflow UI."""
     from urllib.parse import quote
 
@@ -101,6 +109,9 @@ def _mlflow_pages(base: str, model: str) -> list[tuple[str, str, None]]:
     exp = run["info"]["experiment_id"]
     return [("mlflow-model-version.png", f"{base}/#/models/{quote(model)}/versions/{mv['version']}", None),
             ("mlflow-training-run.png", f"{base}/#/experiments/{exp}/runs/{mv['run_id']}", None)]
+
+
+MLFLOW_VIEW = "Model training"  # MLflow 3's toggle between its GenAI and model-training views
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
                      ("confusions-plot.png", f"{args.url}/assets/model_evaluation", "confusions_plot")]
             shots += _mlflow_pages(args.mlflow, args.model) if args.mlflow else []
             for name, url, scroll in shots:
-                out = page.shot(url, args.out / name, args.settle, scroll_to=scroll)
+                out = page.shot(url, args.out / name, args.settle, scroll_to=scroll,
+                                click=MLFLOW_VIEW if name.startswith("mlflow-") else None)
                 print(f"{out}  {out.stat().st_size / 1024:.0f} KiB  <- {url}{'  (at ' + scroll + ')' if scroll else ''}")
     finally:
         proc.terminate()
