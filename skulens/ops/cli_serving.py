@@ -128,13 +128,21 @@ def recognize_cmd(images: tuple[Path, ...], k: int, as_json: bool, device: str) 
               help="Seconds between checks of index/CURRENT.json (a HEAD request); a new index, and the "
                    "model version that built it, are swapped in without a restart.")
 @click.option("--max-upload-mb", default=10.0, show_default=True, type=float, help="Largest accepted upload.")
-def serve_cmd(host: str, port: int, device: str, reload_interval: float, max_upload_mb: float) -> None:
+@click.option("--max-pending", default=32, show_default=True, type=int,
+              help="Recognitions queued or running at once; more are answered 429 (Retry-After: 1).")
+@click.option("--timeout", "timeout_s", default=30.0, show_default=True, type=float,
+              help="Seconds a recognition may take before the request is answered 504.")
+def serve_cmd(host: str, port: int, device: str, reload_interval: float, max_upload_mb: float, max_pending: int,
+              timeout_s: float) -> None:
     """Serve recognition over HTTP (FastAPI + uvicorn).
 
     \b
     POST /recognize?k=5   multipart form, image in the field `file` -> top-k SKUs, versions, latency
     GET  /health          model/index versions and index size (503 until loaded)
-    GET  /docs            interactive API docs
+    GET  /docs            interactive API docs (served offline)
+
+    With SKULENS_SERVE_TOKEN set, /recognize needs 'Authorization: Bearer <token>' (401 otherwise).
+    Each request is logged as one JSON line (logger skulens.access; no headers, no token).
 
     The recognizer loads the published index and its model at startup and follows
     index/CURRENT.json: when the pipeline publishes a new index (or promotes a new champion and
@@ -144,13 +152,17 @@ def serve_cmd(host: str, port: int, device: str, reload_interval: float, max_upl
     Example:
       curl -F file=@crop.jpg 'http://127.0.0.1:8000/recognize?k=3'
     """
+    import os
+
     import uvicorn
 
-    from skulens.serving.http import MiB, create_app
+    from skulens.serving.http import TOKEN_ENV, MiB, create_app
 
     settings = _settings()
+    token = os.environ.get(TOKEN_ENV) or None
     app = create_app(lambda: _load_recognizer(settings, device, reload_interval_s=reload_interval, warmup=True),
-                     max_upload_bytes=int(max_upload_mb * MiB))
+                     max_upload_bytes=int(max_upload_mb * MiB), token=token, max_pending=max_pending,
+                     timeout_s=timeout_s)
     click.echo(f"serving {settings.model_name} + s3://{settings.bucket}/index on http://{host}:{port} "
-               f"(docs: http://{host}:{port}/docs)")
+               f"(docs: http://{host}:{port}/docs; token {'required' if token else 'off'})")
     uvicorn.run(app, host=host, port=port, log_level="info")

@@ -17,6 +17,7 @@ Run: ``uvicorn --factory skulens.serving.http:app_from_env`` (reads ``SKULENS_*`
 
 import io
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -62,18 +63,37 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         raise _Reject(400, f"corrupt or truncated image data ({type(e).__name__})")
 
 
+TOKEN_ENV = "SKULENS_SERVE_TOKEN"  # optional bearer token for /recognize (read from the environment, never logged)
+
+
 def create_app(
     recognizer_factory: Callable[[], object],
     max_upload_bytes: int = 10 * MiB,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     load_on_startup: bool = True,
+    token: str | None = None,
+    max_pending: int = 32,
+    timeout_s: float = 30.0,
 ):
-    """FastAPI app serving ``recognizer_factory()`` (a :class:`skulens.serving.recognize.Recognizer`)."""
+    """FastAPI app serving ``recognizer_factory()`` (a :class:`skulens.serving.recognize.Recognizer`).
+
+    ``token``: when set, ``/recognize`` needs ``Authorization: Bearer <token>`` (401 otherwise; compared in
+    constant time). ``max_pending``: recognitions queued or running at once; more get 429 with Retry-After.
+    ``timeout_s``: a recognition that takes longer is answered 504. Every request is logged as one JSON line
+    on the ``skulens.access`` logger (method, path, status, milliseconds, client; no headers, no token)."""
+    import asyncio
+    import hmac
+    import json as _json
+    from concurrent.futures import ThreadPoolExecutor
     from contextlib import asynccontextmanager
 
     from fastapi import HTTPException, Query, Request
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import JSONResponse
+
+    access = logging.getLogger("skulens.access")
+    pending = threading.BoundedSemaphore(max_pending) if max_pending > 0 else None
+    workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="skulens-recognize")
 
     holder: dict = {}
     lock = threading.Lock()
@@ -102,6 +122,28 @@ def create_app(
     app = FastAPIOffline(title="skulens", version="1", lifespan=lifespan)
     app.state.get_recognizer = get_recognizer
 
+    @app.middleware("http")
+    async def access_log(request: Request, call_next):
+        t0 = time.perf_counter()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            access.info(_json.dumps({"method": request.method, "path": request.url.path, "status": status,
+                                     "ms": round((time.perf_counter() - t0) * 1000, 1),
+                                     "client": request.client.host if request.client else None}))
+
+    def _authorize(request: Request) -> None:
+        if not token:
+            return
+        got = request.headers.get("authorization", "")
+        scheme, _, value = got.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+            raise HTTPException(401, "missing or wrong token: send 'Authorization: Bearer <token>'",
+                                headers={"WWW-Authenticate": "Bearer"})
+
     def _loaded():
         rec = holder.get("rec")
         if rec is None:
@@ -126,6 +168,7 @@ def create_app(
 
     @app.post("/recognize")
     async def recognize(request: Request, k: int = Query(5, ge=1, le=MAX_K)):
+        _authorize(request)
         # reject early on the declared size, before the body is parsed and spooled
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > max_upload_bytes + 64 * 1024:
@@ -142,7 +185,7 @@ def create_app(
         try:
             upload = form.get("file")
             if upload is None or not hasattr(upload, "read"):
-                raise HTTPException(400, "no file: send the image in the multipart field 'file'")
+                raise HTTPException(422, "no file: send the image in the multipart field 'file'")
             data = await upload.read(max_upload_bytes + 1)
             if len(data) > max_upload_bytes:
                 raise HTTPException(413, f"upload larger than the limit of {max_upload_bytes} bytes")
@@ -158,8 +201,22 @@ def create_app(
             res["latency_ms"] = round((time.perf_counter() - t0) * 1000, 2)
             return res
 
+        if pending is not None and not pending.acquire(blocking=False):
+            raise HTTPException(429, f"busy: {max_pending} recognitions already queued; retry shortly",
+                                headers={"Retry-After": "1"})
+
+        def bounded():
+            try:
+                return work()
+            finally:
+                if pending is not None:
+                    pending.release()  # when the work ends, also after a timeout answered the client
+
         try:
-            res = await run_in_threadpool(work)
+            # a plain executor future: on timeout the client is answered while the thread finishes its work
+            res = await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(workers, bounded), timeout_s)
+        except asyncio.TimeoutError:
+            raise HTTPException(504, f"recognition took longer than {timeout_s:g}s")
         except _Reject as r:
             raise HTTPException(r.status, r.detail)
         return {
@@ -190,4 +247,4 @@ def app_from_env():
                                         store=ModelStore(settings.cache_dir / "models", settings.mlflow_uri,
                                                          settings.model_name))
 
-    return create_app(factory)
+    return create_app(factory, token=os.environ.get(TOKEN_ENV) or None)

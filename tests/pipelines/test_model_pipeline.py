@@ -223,6 +223,10 @@ def test_eval_set_fingerprint_tracks_keys_etags_and_labels():
     assert eval_set_fingerprint(df.iloc[:1]) != fp
 
 
+    # ---------------------------------------------------------------- the S3 secret is nowhere it could leak
+    _assert_secret_nowhere(s3.secret_key, ml, name, [tmp_path, s3.settings.home / "logs", repo / ".dvc"])
+
+
 def test_register_and_decide_never_promotes_without_a_fair_comparison(mlflow_server, tmp_path):
     import uuid
 
@@ -268,3 +272,22 @@ def test_register_and_decide_never_promotes_without_a_fair_comparison(mlflow_ser
     with pytest.raises(RuntimeError, match="changed since it was evaluated"):
         register_and_decide(uri, name, trained, {**_evaluation("E1", {"challenger": 0.9}, champion_version="8"),
                                                  "challenger_sha256": "0" * 64})
+
+
+def _assert_secret_nowhere(secret: str, ml, model_name: str, roots) -> None:
+    """Every log and state file under ``roots`` (Dagster instance and event log, state folder, service logs,
+    DVC config), and every MLflow param and tag of the model's runs and versions, is free of ``secret``."""
+    assert secret and len(secret) >= 16
+    scanned = 0
+    for root in roots:
+        for path in Path(root).rglob("*"):
+            if not path.is_file() or path.stat().st_size > 20_000_000 or path.suffix in (".pt", ".npy", ".npz"):
+                continue
+            data = path.read_bytes()
+            scanned += 1
+            assert secret.encode() not in data, f"the S3 secret is in {path}"
+    assert scanned > 20  # the sweep really read the run's files (event log db, logs, configs)
+    for mv in ml.search_model_versions(f"name='{model_name}'"):
+        run = ml.get_run(mv.run_id)
+        texts = [str(run.data.params), str(run.data.tags), str(mv.tags), mv.description or ""]
+        assert not any(secret in t for t in texts), f"the S3 secret is in MLflow run {mv.run_id} or v{mv.version}"

@@ -120,11 +120,75 @@ def test_rejects_bad_uploads(client, gallery):
     r = client.post("/recognize", files={"file": ("bomb.png", bomb, "image/png")})
     assert r.status_code == 413 and "pixels" in r.json()["detail"]
     r = client.post("/recognize", files={"image": ("c.png", _png(imgs[0]), "image/png")})  # wrong field
-    assert r.status_code == 400 and "file" in r.json()["detail"]
+    assert r.status_code == 422 and "file" in r.json()["detail"]  # a missing field: 422, the convention
     r = client.post("/recognize", content=b"raw", headers={"content-type": "image/png"})
     assert r.status_code == 415
     r = client.post("/recognize", params={"k": 0}, files={"file": ("c.png", _png(imgs[0]), "image/png")})
     assert r.status_code == 422
+
+
+class _Gated:
+    """A Recognizer that waits for ``gate`` before answering (to hold a request in flight)."""
+
+    def __init__(self, inner, gate, wait_s: float = 30.0):
+        self.inner, self.gate, self.wait_s = inner, gate, wait_s
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def recognize(self, images, k=5):
+        self.gate.wait(self.wait_s)
+        return self.inner.recognize(images, k=k)
+
+
+def test_token_queue_timeout_and_access_log(tiny, gallery, caplog):
+    """Safe to expose: a bearer token (never logged), a bounded queue (429), a request timeout (504), and one
+    JSON access-log line per request."""
+    import json
+    import logging
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from skulens.serving.http import create_app
+    from skulens.serving.recognize import Recognizer
+
+    imgs, index, products = gallery
+    gate = threading.Event()
+    rec = _Gated(Recognizer(tiny, index, products, index_version="v-test"), gate, wait_s=3.0)
+    secret = "tok-" + uuid.uuid4().hex
+    app = create_app(lambda: rec, token=secret, max_pending=1, timeout_s=1.0)
+    body = {"file": ("c.png", _png(imgs[0]), "image/png")}
+    auth = {"Authorization": f"Bearer {secret}"}
+    with TestClient(app) as c, caplog.at_level(logging.INFO, logger="skulens.access"):
+        assert c.post("/recognize", files=body).status_code == 401
+        bad = c.post("/recognize", files=body, headers={"Authorization": "Bearer nope"})
+        assert bad.status_code == 401 and bad.headers["www-authenticate"] == "Bearer"
+        assert c.get("/health").status_code == 200  # liveness stays open
+
+        first = {}
+        t = threading.Thread(target=lambda: first.update(r=c.post("/recognize", files=body, headers=auth)))
+        t.start()
+        deadline = __import__("time").monotonic() + 5
+        busy = None
+        while __import__("time").monotonic() < deadline:  # the first request holds the only slot
+            busy = c.post("/recognize", files=body, headers=auth)
+            if busy.status_code == 429:
+                break
+        assert busy is not None and busy.status_code == 429 and busy.headers["retry-after"] == "1"
+        t.join(10)
+        assert first["r"].status_code == 504 and "longer than 1s" in first["r"].json()["detail"]
+        gate.set()  # the slot frees when the abandoned work ends; then requests are answered again
+        for _ in range(50):
+            ok = c.post("/recognize", files=body, headers=auth)
+            if ok.status_code != 429:
+                break
+            __import__("time").sleep(0.1)
+        assert ok.status_code == 200 and ok.json()["sku"] == "SKU0"
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "skulens.access"]
+    assert {ln["status"] for ln in lines} >= {401, 429, 504, 200}
+    assert all(set(ln) == {"method", "path", "status", "ms", "client"} for ln in lines)
+    assert secret not in caplog.text
 
 
 def test_health_503_when_recognizer_cannot_load():
