@@ -200,6 +200,9 @@ def test_model_pipeline_promotes_first_keeps_champion_over_worse_and_serves(
     assert -1.0 <= hit["topk"][-1]["score"] <= hit["score"] <= 1.0 + 1e-5
     assert hit["latency_ms"] > 0 and hit["index_version"] == idx1["version"]
 
+    # ---------------------------------------------------------------- the S3 secret is nowhere it could leak
+    _assert_secret_nowhere(s3.secret_key, ml, name, [tmp_path, s3.settings.home / "logs", repo / ".dvc"])
+
 
 # ------------------------------------------------------------------------------- promotion guards (no training)
 def _evaluation(eval_set: str, top1: dict, champion_version=None, champion_error=None, checked=True) -> dict:
@@ -208,6 +211,7 @@ def _evaluation(eval_set: str, top1: dict, champion_version=None, champion_error
               for role, v in top1.items()}
     return {"eval_set": eval_set, "n_crops": 10, "k": 5, "models": models, "champion_version": champion_version,
             "champion_error": champion_error, "champion_checked": checked}
+
 
 
 def test_eval_set_fingerprint_tracks_keys_etags_and_labels():
@@ -222,9 +226,6 @@ def test_eval_set_fingerprint_tracks_keys_etags_and_labels():
     assert eval_set_fingerprint(df.assign(sku=["a", "a"])) != fp  # a relabelled crop
     assert eval_set_fingerprint(df.iloc[:1]) != fp
 
-
-    # ---------------------------------------------------------------- the S3 secret is nowhere it could leak
-    _assert_secret_nowhere(s3.secret_key, ml, name, [tmp_path, s3.settings.home / "logs", repo / ".dvc"])
 
 
 def test_register_and_decide_never_promotes_without_a_fair_comparison(mlflow_server, tmp_path):
