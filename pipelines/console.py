@@ -97,8 +97,9 @@ class RunConsole:
     """Follows one run's event log (polling the instance) and emits console lines."""
 
     def __init__(self, instance, run_id: str, emit: Callable[[str], None], progress_every_s: float = 20.0,
-                 poll_s: float = 0.5):
+                 poll_s: float = 0.5, progress: Callable[[str], None] | None = None):
         self.instance, self.run_id, self.emit = instance, run_id, emit
+        self.progress = progress or _print_progress
         self.progress_every_s, self.poll_s = progress_every_s, poll_s
         self.seen = 0
         self.started: dict[str, float] = {}
@@ -134,9 +135,7 @@ class RunConsole:
         self.last_progress = now
         for step, t0 in self.started.items():
             note = self.last_log.get(step, "")
-            sys.stdout.write(f"{PROGRESS}{step:<18} running {_duration(time.time() - t0)}"
-                             f"{'  ' + note[:90] if note else ''}\n")
-            sys.stdout.flush()
+            self.progress(f"{step:<18} running {_duration(time.time() - t0)}{'  ' + note[:90] if note else ''}")
 
     def poll(self) -> None:
         from dagster import DagsterEventType
@@ -197,6 +196,11 @@ def _unchanged() -> str | None:
 
 def _print(line: str) -> None:
     sys.stdout.write(MARK + line + "\n")
+    sys.stdout.flush()
+
+
+def _print_progress(line: str) -> None:
+    sys.stdout.write(PROGRESS + line + "\n")
     sys.stdout.flush()
 
 

@@ -138,6 +138,7 @@ def resolve_device(preferred: str | None = None) -> str:
 
     return "cuda" if torch.cuda.is_available() else "cpu"
 
+
 class EmbeddingCache:
     """Catalog embeddings per (encoder file sha256, catalog fingerprint) as ``.npy`` files, so that the
     index build reuses what the evaluation computed with the same weights (and a re-run skips work).

@@ -156,9 +156,9 @@ def register_and_decide(
     previous = None
     if promote_it:
         previous = promote(tracking_uri, model_name, version, reason=reason)
-    from mlflow import MlflowClient
+    from skulens.registry.model_registry import _client
 
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    client = _client(tracking_uri)
     client.set_model_version_tag(model_name, version, "promotion_decision", "promoted" if promote_it else "kept-champion")
     client.set_model_version_tag(model_name, version, "promotion_decision_reason", reason[:5000])
     after = get_champion(tracking_uri, model_name)

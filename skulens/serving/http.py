@@ -116,6 +116,7 @@ def create_app(
             except Exception as e:  # noqa: BLE001 - serve /health as 503 and retry on the next request
                 log.error("recognizer failed to load at startup: %s", e)
         yield
+        workers.shutdown(wait=False, cancel_futures=True)  # the recognition threads go with the app
 
     from fastapi_offline import FastAPIOffline  # Swagger UI / ReDoc served from local files: /docs works offline
 

@@ -147,6 +147,7 @@ def test_token_queue_timeout_and_access_log(tiny, gallery, caplog):
     import json
     import logging
     import threading
+    import time
 
     from fastapi.testclient import TestClient
 
@@ -169,9 +170,9 @@ def test_token_queue_timeout_and_access_log(tiny, gallery, caplog):
         first = {}
         t = threading.Thread(target=lambda: first.update(r=c.post("/recognize", files=body, headers=auth)))
         t.start()
-        deadline = __import__("time").monotonic() + 5
+        deadline = time.monotonic() + 5
         busy = None
-        while __import__("time").monotonic() < deadline:  # the first request holds the only slot
+        while time.monotonic() < deadline:  # the first request holds the only slot
             busy = c.post("/recognize", files=body, headers=auth)
             if busy.status_code == 429:
                 break
@@ -183,7 +184,7 @@ def test_token_queue_timeout_and_access_log(tiny, gallery, caplog):
             ok = c.post("/recognize", files=body, headers=auth)
             if ok.status_code != 429:
                 break
-            __import__("time").sleep(0.1)
+            time.sleep(0.1)
         assert ok.status_code == 200 and ok.json()["sku"] == "SKU0"
     lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "skulens.access"]
     assert {ln["status"] for ln in lines} >= {401, 429, 504, 200}
