@@ -25,18 +25,38 @@ def sku_index(context: dg.AssetExecutionContext, config: IndexSettings, cleaned_
               sparse_views: SparseViewsResource) -> dg.MaterializeResult:
     """Nearest-neighbour index of the cleaned catalog built with the champion (after this run's promotion
     decision); a new immutable version is uploaded and verified before `CURRENT.json` moves to it."""
+    from skulens.catalog import contract, ingest
+    from skulens.index import publish, update
+
+    client = s3.client()
+    start = publish.read_pointer(client, s3.bucket, config.prefix)  # what this build replaces (compare-and-swap)
+    store = mlflow.store(state.cache_path("models"))
     catalog = build.catalog_frame(cleaned_catalog.kept)
     index, version = build.build_champion_index(
-        mlflow.store(state.cache_path("models")), catalog,
+        store, catalog,
         device=embed.resolve_device(training.device), batch_size=config.batch_size,
         meta={"dagster_run_id": context.run.run_id},
         cache_dir=state.path("cache", "embeddings"),
         sparse_below=sparse_views.below, sparse_views=sparse_views.views, aug_seed=sparse_views.seed,
         sources=dict(zip(cleaned_catalog.images["key"].astype(str), cleaned_catalog.images["etag"].astype(str))),
     )
-    pointer = build.publish_if_changed(s3.client(), s3.bucket, index, prefix=config.prefix)
+
+    def rebase(built, base):  # another publisher (index_update) won the race: add what it saw, on top of it
+        context.log.warning(f"index moved to {base.version} during the build: rebasing onto the catalog now")
+        champion = store.champion()
+        manifest = ingest.sync_images(client, s3.bucket, contract.CATALOG_IMAGES_PREFIX,
+                                      state.path("cache", "catalog")).manifest
+        return update.rebase_build(store.encoder(store.version(version)), built, base, manifest,
+                                   state.path("cache", "index-normalised"),
+                                   champion.version if champion else None, batch_size=config.batch_size)
+
+    pointer = build.publish_if_changed(client, s3.bucket, index, prefix=config.prefix, start=start, rebase=rebase,
+                                       cache_dir=state.path("cache", "index"))
+    if not pointer.get("version"):
+        raise dg.Failure("no index was published: a newer index built with another champion won the race")
     context.log.info(f"index {pointer['version']} ({'published' if pointer['published'] else 'unchanged'}): "
-                     f"{len(index)} images, {index.meta['n_skus']} SKUs, model v{version}")
+                     f"{len(index)} images, {index.meta['n_skus']} SKUs, model v{version}"
+                     + (f"; rebased after {len(pointer['conflicts'])} race(s) lost" if pointer["conflicts"] else ""))
     pointer_url = f"s3://{s3.bucket}/{config.prefix.strip('/')}/CURRENT.json"
     return dg.MaterializeResult(
         value={k: v for k, v in pointer.items() if k != "etag"},
@@ -47,5 +67,6 @@ def sku_index(context: dg.AssetExecutionContext, config: IndexSettings, cleaned_
                   "embed_dim": index.embed_dim, "model_name": mlflow.model_name,
                   "model_version": version, "pointer": pointer_url,
                   "object": f"s3://{s3.bucket}/{pointer['key']}", "sha256": pointer["sha256"],
-                  "previous_version": str(pointer.get("previous"))},
+                  "previous_version": str(pointer.get("previous")),
+                  "publish_attempts": pointer["attempts"], "races_lost": len(pointer["conflicts"])},
     )

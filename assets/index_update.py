@@ -4,13 +4,12 @@ as a new index version; no retraining. Launched by the catalog sensor (pipelines
 import time
 
 import dagster as dg
-import numpy as np
 from pydantic import Field
 
 from resources import LocalStateResource, S3Resource
 from resources.mlflow import MlflowResource
 from skulens.catalog import contract, ingest
-from skulens.index.update import SOURCES_META, update_index
+from skulens.index.update import publish_update
 
 
 class IndexUpdateConfig(dg.Config):
@@ -30,48 +29,44 @@ def champion_encoder(mlflow: MlflowResource, state: LocalStateResource):
 @dg.op(tags={"kind": "index"})
 def update_sku_index(context: dg.OpExecutionContext, config: IndexUpdateConfig, s3: S3Resource,
                      mlflow: MlflowResource, state: LocalStateResource) -> dict:
-    """Ingest the catalog delta, embed only new/changed SKUs with the champion, drop deleted SKUs, publish."""
-    from skulens.index.publish import NoIndexPublished, load_current, publish_index
-    from skulens.index.sku_index import SkuIndex
-
+    """Ingest the catalog delta, embed only new/changed SKUs with the champion, drop deleted SKUs, publish
+    by compare-and-swap (a race lost to another publisher is redone on top of the winner's version)."""
     t0 = time.perf_counter()
     client = s3.client()
-    sync = ingest.sync_images(client, s3.bucket, contract.CATALOG_IMAGES_PREFIX, state.path("cache", "catalog"))
+
+    def resync():
+        return ingest.sync_images(client, s3.bucket, contract.CATALOG_IMAGES_PREFIX, state.path("cache", "catalog"))
+
+    sync = resync()
     t_ingest = time.perf_counter() - t0
-    encoder, ref = champion_encoder(mlflow, state)
-    version = ref.version
-    model_meta = {"model_name": mlflow.model_name, "model_uri": ref.uri, "model_sha256": ref.sha256}
-    try:
-        index, pointer = load_current(client, s3.bucket, cache_dir=state.path("cache", "index"))
-    except NoIndexPublished:
-        index, pointer = None, None
-    if index is None or index.model_version != version:
-        context.log.info(f"index model {getattr(index, 'model_version', None)} != champion {version}: building in full")
-        index = SkuIndex(np.zeros((0, encoder.embed_dim), np.float32), np.array([], dtype=str),
-                         np.array([], dtype=str), model_version=version, meta={SOURCES_META: {}})
-    index.meta.update(model_meta)
-    new, report = update_index(encoder, index, sync.manifest, state.path("cache", "index-normalised"), version,
-                               batch_size=config.batch_size)
-    if not report.changed_skus and not report.removed_skus and pointer is not None:
+
+    def champion():
+        encoder, ref = champion_encoder(mlflow, state)
+        return encoder, ref.version, {"model_name": mlflow.model_name, "model_uri": ref.uri, "model_sha256": ref.sha256}
+
+    outcome, report = publish_update(client, s3.bucket, champion, sync.manifest, state.path("cache", "index-normalised"),
+                                     resync=lambda: resync().manifest, cache_dir=state.path("cache", "index"),
+                                     batch_size=config.batch_size, reason=config.reason)
+    if not outcome["published"]:
         context.log.info("catalog and index agree: nothing to publish")
         return {"published": None, "reason": config.reason}
-    new.meta["update"] = {"reason": config.reason, "changed_skus": len(report.changed_skus),
-                          "removed_skus": len(report.removed_skus)}
-    t_pub = time.perf_counter()
-    published = publish_index(client, s3.bucket, new)
-    t_pub = time.perf_counter() - t_pub
-    seconds = {"ingest": round(t_ingest, 3), **report.seconds, "publish": round(t_pub, 3),
+    published, version = outcome["version"], outcome["model_version"]
+    seconds = {"ingest": round(t_ingest, 3), **report.seconds, "publish": outcome["publish_seconds"],
                "op_total": round(time.perf_counter() - t0, 3)}
     context.log.info(f"published index {published}: {len(report.changed_skus)} SKU(s) embedded "
-                     f"({report.embedded_images} images), {len(report.removed_skus)} removed; {seconds}")
+                     f"({report.embedded_images} images), {len(report.removed_skus)} removed; {seconds}"
+                     + (f"; redone on top of {outcome['rebased_on']} after {len(outcome['conflicts'])} race(s) lost"
+                        if outcome["conflicts"] else ""))
     context.log_event(dg.AssetMaterialization(
         asset_key="sku_index",
         description="incremental update (catalog sensor)",
-        metadata={"index_version": published, "model_version": version, "rows": len(new), "skus": len(new.sku_list),
+        metadata={"index_version": published, "model_version": version, "rows": outcome["count"],
+                  "skus": outcome.get("n_skus"),
                   "changed_skus": dg.MetadataValue.json(report.changed_skus[:200]),
                   "removed_skus": dg.MetadataValue.json(report.removed_skus[:200]),
                   "embedded_images": report.embedded_images, "files_dropped": len(report.dropped_files),
-                  "seconds": dg.MetadataValue.json(seconds), "reason": config.reason},
+                  "seconds": dg.MetadataValue.json(seconds), "reason": config.reason,
+                  "publish_attempts": outcome["attempts"], "races_lost": len(outcome["conflicts"])},
     ))
     return {"published": published, "changed_skus": report.changed_skus, "removed_skus": report.removed_skus,
             "seconds": seconds}

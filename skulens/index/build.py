@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from skulens.index.publish import _UNSET
 from skulens.index.sku_index import SkuIndex
 from skulens.model.embed import EmbeddingCache
 
@@ -165,15 +166,27 @@ def build_champion_index(
     return index, version
 
 
-def publish_if_changed(client, bucket: str, index: SkuIndex, prefix: str = "index") -> dict:
-    """Publish ``index`` atomically (:func:`skulens.index.publish_index`) unless the current pointer
-    already names an index with the same content (same vectors, SKUs, keys and model version).
-    Returns the pointer plus ``published`` (bool)."""
-    from skulens.index.publish import publish_index, read_pointer
+def publish_if_changed(client, bucket: str, index: SkuIndex, prefix: str = "index", start=_UNSET, rebase=None,
+                       cache_dir: str | os.PathLike | None = None, attempts: int = 5) -> dict:
+    """Publish a full build atomically and by compare-and-swap (:func:`skulens.index.publish.publish_with_retry`)
+    unless the pointer already names an index with the same content (same vectors, SKUs, keys and
+    model version). Returns the pointer plus ``published`` (bool), ``attempts``, ``conflicts``.
 
-    current = read_pointer(client, bucket, prefix)
-    if current is not None and current.get("content_hash") == index.content_hash():
-        return {**current, "published": False}
-    publish_index(client, bucket, index, prefix=prefix)
-    pointer = read_pointer(client, bucket, prefix)
-    return {**pointer, "published": True}
+    ``start`` is the pointer read before the build began (``None``: nothing was published; default:
+    the pointer now). When another
+    publisher (the catalog sensor's ``index_update``) moved it meanwhile, ``rebase(index, base)``
+    returns the build brought up to date on top of the winner (:func:`skulens.index.update.rebase_build`),
+    or ``None`` to publish nothing (the winner is newer); without ``rebase`` the build is not
+    published over a winner it has not seen and :class:`skulens.index.publish.PublishConflict` is raised."""
+    from skulens.index.publish import PublishConflict, publish_with_retry
+
+    def make(base):
+        if base.attempt == 0:
+            return index
+        if rebase is None:
+            raise PublishConflict(f"another publisher moved the index to {base.version} during this build",
+                                  current=base.pointer)
+        return rebase(index, base)
+
+    return publish_with_retry(client, bucket, make, prefix=prefix, start=start,
+                              cache_dir=cache_dir, attempts=attempts)

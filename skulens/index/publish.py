@@ -10,6 +10,14 @@ Publishing writes and verifies the version object first and only then replaces t
 single PUT. A PUT replaces an S3 object atomically, so a reader sees either the old or the new
 pointer, and every pointer names a complete, verified, immutable object: a reader never sees a
 half-written index. Readers verify the sha256 named in the pointer before using a download.
+
+The pointer moves by compare-and-swap: the PUT is conditional on the pointer being the one the
+publisher started from (``If-Match: <its ETag>``, or ``If-None-Match: *`` for the first version;
+S3 conditional writes, supported by AWS S3, SeaweedFS and MinIO). When another publisher moved it
+first, the PUT fails with 412 and :func:`publish_index` raises :class:`PublishConflict`;
+:func:`publish_with_retry` then rebuilds the new index on top of the winner's version and tries
+again. Without conditional writes the last writer would silently win, so :func:`check_conditional_writes`
+refuses a store that ignores them.
 """
 
 from __future__ import annotations
@@ -28,6 +36,21 @@ POINTER_NAME = "CURRENT.json"
 
 class NoIndexPublished(LookupError):
     """There is no ``CURRENT.json`` pointer under the prefix yet."""
+
+
+class PublishConflict(RuntimeError):
+    """Another publisher moved the pointer after this one read it: nothing was overwritten."""
+
+    def __init__(self, message: str, base: str | None = None, current: dict | None = None):
+        super().__init__(message)
+        self.base, self.current = base, current
+
+
+class ConditionalWritesUnsupported(RuntimeError):
+    """The S3 store ignores ``If-Match`` / ``If-None-Match`` on PUT: publishing could lose a version."""
+
+
+_UNSET = object()
 
 
 # ====================================================================== S3 publishing
@@ -57,16 +80,25 @@ def _exists(client, bucket: str, key: str) -> bool:
         raise
 
 
-def publish_index(client, bucket: str, index: SkuIndex, prefix: str = "index", verify: str = "full") -> str:
+def publish_index(client, bucket: str, index: SkuIndex, prefix: str = "index", verify: str = "full",
+                  base=_UNSET) -> str:
     """Upload ``index`` as a new immutable version, verify it, then swap ``CURRENT.json`` to it.
 
     Returns the version string ``<UTC timestamp>-<content hash[:12]>``. Never overwrites an existing
     version and never deletes anything. ``verify="full"`` re-downloads the object and checks its
     sha256 (default); ``"size"`` only checks the HEAD size. If verification fails the pointer is not
     touched and :class:`IndexIntegrityError` is raised.
+
+    ``base`` is the pointer (from :func:`read_pointer`) the new index was made from, ``None`` when
+    nothing was published yet; by default the pointer as it is now. The pointer only moves if it
+    still is ``base``; otherwise :class:`PublishConflict` is raised and the uploaded version stays as
+    unreferenced history.
     """
     if verify not in ("full", "size"):
         raise ValueError("verify must be 'full' or 'size'")
+    check_conditional_writes(client, bucket, prefix)
+    if base is _UNSET:
+        base = read_pointer(client, bucket, prefix)
     data = index.to_bytes()
     sha = hashlib.sha256(data).hexdigest()
     now = _utcnow()
@@ -90,7 +122,6 @@ def publish_index(client, bucket: str, index: SkuIndex, prefix: str = "index", v
         if hashlib.sha256(got).hexdigest() != sha:
             raise IndexIntegrityError(f"{key}: re-read sha256 differs; pointer not moved")
 
-    previous = read_pointer(client, bucket, prefix)
     pointer = {
         "version": version,
         "key": key,
@@ -103,13 +134,134 @@ def publish_index(client, bucket: str, index: SkuIndex, prefix: str = "index", v
         "content_hash": index.content_hash(),
         "created_at": index.meta.get("created_at"),
         "published_at": _iso(now),
-        "previous": previous.get("version") if previous else None,
+        "previous": base.get("version") if base else None,
     }
     body = json.dumps(pointer, indent=2, sort_keys=True).encode()
     client.put_object(Bucket=bucket, Key=_key(prefix, "versions", f"{version}.json"), Body=body,
                       ContentType="application/json")
-    client.put_object(Bucket=bucket, Key=pointer_key(prefix), Body=body, ContentType="application/json")
+    swap_pointer(client, bucket, body, base, prefix)
     return version
+
+
+def _quoted(etag: str) -> str:
+    return etag if etag.startswith('"') else f'"{etag}"'
+
+
+def _precondition_failed(err) -> bool:
+    resp = getattr(err, "response", {}) or {}
+    code = str(resp.get("Error", {}).get("Code", ""))
+    status = resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return code in ("PreconditionFailed", "412", "ConditionalRequestConflict") or status in (409, 412)
+
+
+def swap_pointer(client, bucket: str, body: bytes, base: dict | None, prefix: str = "index") -> None:
+    """PUT ``body`` as the pointer if the pointer is still ``base`` (``None``: if there is none).
+
+    A retried PUT whose first try did land (the answer was lost) fails its precondition against its
+    own write; that case is recognised by reading the pointer back and is not a conflict."""
+    from botocore.exceptions import ClientError
+
+    cond = {"IfMatch": _quoted(base["etag"])} if base else {"IfNoneMatch": "*"}
+    try:
+        client.put_object(Bucket=bucket, Key=pointer_key(prefix), Body=body, ContentType="application/json", **cond)
+    except ClientError as e:
+        if not _precondition_failed(e):
+            raise
+        now = read_pointer(client, bucket, prefix)
+        mine = json.loads(body)
+        if now is not None and now.get("version") == mine["version"]:
+            return  # our own earlier attempt landed
+        raise PublishConflict(
+            f"s3://{bucket}/{pointer_key(prefix)} moved while publishing: started from "
+            f"{base.get('version') if base else 'no index'}, now {now.get('version') if now else 'none'}; "
+            "the pointer was not touched", base=base.get("version") if base else None, current=now) from None
+
+
+_CAS_CHECKED: dict[tuple, bool] = {}
+
+
+def check_conditional_writes(client, bucket: str, prefix: str = "index") -> None:
+    """Refuse a store that ignores conditional PUTs (once per endpoint and bucket per process): it
+    writes ``<prefix>/.cas-probe`` and checks that a PUT with a wrong ``If-Match`` is rejected."""
+    from botocore.exceptions import ClientError
+
+    where = (getattr(client.meta, "endpoint_url", None), bucket)
+    if _CAS_CHECKED.get(where):
+        return
+    key = _key(prefix, ".cas-probe")
+    client.put_object(Bucket=bucket, Key=key, Body=b"skulens conditional-write probe\n")
+    try:
+        client.put_object(Bucket=bucket, Key=key, Body=b"skulens conditional-write probe\n",
+                          IfMatch='"00000000000000000000000000000000"')
+    except ClientError as e:
+        if _precondition_failed(e):
+            _CAS_CHECKED[where] = True
+            return
+        raise
+    raise ConditionalWritesUnsupported(
+        f"the S3 store at {where[0] or 'AWS'} ignores If-Match on PUT: the index pointer could not be "
+        "moved safely (two publishers would overwrite each other); use a store with S3 conditional "
+        "writes (AWS S3, SeaweedFS, MinIO)")
+
+
+class Base:
+    """What a publish attempt starts from: the pointer (``None`` = nothing published) and its index,
+    loaded on first use. ``attempt`` counts from 0."""
+
+    def __init__(self, client, bucket: str, pointer: dict | None, attempt: int, cache_dir=None):
+        self.pointer, self.attempt = pointer, attempt
+        self._client, self._bucket, self._cache_dir, self._index = client, bucket, cache_dir, None
+
+    @property
+    def version(self) -> str | None:
+        return self.pointer.get("version") if self.pointer else None
+
+    @property
+    def index(self) -> SkuIndex | None:
+        if self._index is None and self.pointer is not None:
+            self._index = load_version(self._client, self._bucket, self.pointer, self._cache_dir)
+        return self._index
+
+
+def publish_with_retry(client, bucket: str, make, prefix: str = "index", start=_UNSET, attempts: int = 5,
+                       cache_dir: str | os.PathLike | None = None, verify: str = "full",
+                       backoff: float = 0.2) -> dict:
+    """Compare-and-swap publishing with rebase: ``make(base: Base) -> SkuIndex | None`` builds the index
+    to publish on top of ``base`` (``None``: nothing to publish). The first attempt starts from
+    ``start`` (the pointer the caller's work began from; by default the pointer now); when another
+    publisher moves the pointer first, ``make`` is called again on the winner's version.
+
+    Returns the pointer now in place plus ``published`` (bool), ``attempts``, ``conflicts`` (the
+    versions that won meanwhile) and ``rebased_on`` (the version this one was built on). An index
+    equal in content to its base is not published again. Raises :class:`PublishConflict` after
+    ``attempts`` lost races."""
+    import random
+
+    pointer = read_pointer(client, bucket, prefix) if start is _UNSET else start
+    conflicts: list[str] = []
+    spent = 0.0  # seconds in publish_index (upload, verify, swap)
+    for attempt in range(max(1, int(attempts))):
+        base = Base(client, bucket, pointer, attempt, cache_dir)
+        index = make(base)
+        if index is None or (pointer is not None and pointer.get("content_hash") == index.content_hash()):
+            now = read_pointer(client, bucket, prefix) if attempt else pointer
+            return {**(now or {}), "published": False, "attempts": attempt + 1, "conflicts": conflicts,
+                    "rebased_on": base.version, "publish_seconds": round(spent, 3)}
+        t0 = time.perf_counter()
+        try:
+            publish_index(client, bucket, index, prefix=prefix, verify=verify, base=pointer)
+        except PublishConflict as c:
+            spent += time.perf_counter() - t0
+            conflicts.append(c.current.get("version") if c.current else None)
+            pointer = c.current
+            time.sleep(backoff * (attempt + 1) * random.uniform(0.5, 1.5))
+            continue
+        spent += time.perf_counter() - t0
+        return {**read_pointer(client, bucket, prefix), "published": True, "attempts": attempt + 1,
+                "conflicts": conflicts, "rebased_on": base.version, "publish_seconds": round(spent, 3)}
+    raise PublishConflict(f"s3://{bucket}/{pointer_key(prefix)}: lost {len(conflicts)} races to other publishers "
+                          f"({', '.join(map(str, conflicts))}); nothing was overwritten, run again",
+                          current=pointer)
 
 
 def read_pointer(client, bucket: str, prefix: str = "index") -> dict | None:
@@ -125,6 +277,12 @@ def read_pointer(client, bucket: str, prefix: str = "index") -> dict | None:
     pointer = json.loads(obj["Body"].read())
     pointer["etag"] = obj.get("ETag", "").strip('"')
     return pointer
+
+
+def read_manifest(client, bucket: str, version: str, prefix: str = "index") -> dict:
+    """The manifest written next to a version (what the pointer said when it moved to it)."""
+    obj = client.get_object(Bucket=bucket, Key=_key(prefix, "versions", f"{version}.json"))
+    return json.loads(obj["Body"].read())
 
 
 def pointer_etag(client, bucket: str, prefix: str = "index") -> str | None:

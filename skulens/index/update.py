@@ -97,3 +97,60 @@ def update_index(encoder, index, manifest: pd.DataFrame, work_dir: Path, model_v
                           seconds={"delta": round(t1 - t0, 3), "check": round(t2 - t1, 3),
                                    "embed": round(t3 - t2, 3), "total": round(time.perf_counter() - t0, 3)})
     return new, report
+
+
+def _empty_index(dim: int, model_version: str | None):
+    import numpy as np
+
+    from skulens.index.sku_index import SkuIndex
+
+    return SkuIndex(np.zeros((0, int(dim)), np.float32), np.array([], dtype=str), np.array([], dtype=str),
+                    model_version=model_version, meta={SOURCES_META: {}})
+
+
+def publish_update(client, bucket: str, champion, manifest: pd.DataFrame, work_dir: Path, resync=None,
+                   prefix: str = "index", cache_dir=None, batch_size: int = 64, reason: str = "manual",
+                   attempts: int = 5):
+    """The catalog sensor's update, published by compare-and-swap: ``(outcome, report)``.
+
+    ``champion()`` returns ``(encoder, model_version, model_meta)``; it is asked again on every attempt,
+    so a race lost to a rebuild with a newer champion continues with that one. Each attempt starts
+    from the version in place (the winner's, after a lost race) and embeds only what differs between
+    it and the catalog: ``manifest`` on the first attempt, ``resync()`` (a fresh incremental ingest)
+    after a lost race, so uploads the winner already saw are not taken back out. When the index uses
+    another model than the champion it is rebuilt from nothing with the champion. ``outcome`` is
+    :func:`skulens.index.publish.publish_with_retry`'s (``published`` False: catalog and index agree)."""
+    from skulens.index.publish import publish_with_retry
+
+    reports: list[UpdateReport] = []
+
+    def make(base):
+        encoder, version, meta = champion()
+        rows = manifest if base.attempt == 0 or resync is None else resync()
+        start = base.index
+        if start is None or str(start.model_version) != str(version):
+            start = _empty_index(encoder.embed_dim, version)
+        start.meta.update(meta or {})
+        new, report = update_index(encoder, start, rows, work_dir, version, batch_size=batch_size)
+        reports.append(report)
+        if not report.changed_skus and not report.removed_skus and base.pointer is not None:
+            return None
+        new.meta["update"] = {"reason": reason, "changed_skus": len(report.changed_skus),
+                              "removed_skus": len(report.removed_skus), "base": base.version}
+        return new
+
+    outcome = publish_with_retry(client, bucket, make, prefix=prefix, cache_dir=cache_dir, attempts=attempts)
+    return outcome, reports[-1]
+
+
+def rebase_build(encoder, built, base, manifest: pd.DataFrame, work_dir: Path, champion_version: str | None,
+                 batch_size: int = 64):
+    """A full build that lost the race to ``base`` (another publisher's version), brought up to the
+    catalog now: ``built`` plus the SKUs that changed since its snapshot (``manifest``: a fresh
+    ingest), embedded with the build's model. ``None`` (publish nothing) when the winner uses another
+    model and the champion is no longer the build's: the winner is the newer index."""
+    winner_model = str((base.pointer or {}).get("model_version"))
+    if winner_model != str(built.model_version) and str(champion_version) != str(built.model_version):
+        return None
+    new, _ = update_index(encoder, built, manifest, work_dir, built.model_version, batch_size=batch_size)
+    return new
