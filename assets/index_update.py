@@ -44,9 +44,16 @@ def update_sku_index(context: dg.OpExecutionContext, config: IndexUpdateConfig, 
         encoder, ref = champion_encoder(mlflow, state)
         return encoder, ref.version, {"model_name": mlflow.model_name, "model_uri": ref.uri, "model_sha256": ref.sha256}
 
+    def fresh():
+        again = resync()
+        return again.manifest, [k for k, _ in again.failed]
+
+    for key, err in sync.failed:
+        context.log.warning(f"download failed for {key}: {err}; its SKU stays as indexed until the next update")
     outcome, report = publish_update(client, s3.bucket, champion, sync.manifest, state.path("cache", "index-normalised"),
-                                     resync=lambda: resync().manifest, cache_dir=state.path("cache", "index"),
-                                     batch_size=config.batch_size, reason=config.reason)
+                                     resync=fresh, cache_dir=state.path("cache", "index"),
+                                     batch_size=config.batch_size, reason=config.reason,
+                                     failed_keys=[k for k, _ in sync.failed])
     if not outcome["published"]:
         context.log.info("catalog and index agree: nothing to publish")
         return {"published": None, "reason": config.reason}
@@ -66,7 +73,8 @@ def update_sku_index(context: dg.OpExecutionContext, config: IndexUpdateConfig, 
                   "removed_skus": dg.MetadataValue.json(report.removed_skus[:200]),
                   "embedded_images": report.embedded_images, "files_dropped": len(report.dropped_files),
                   "seconds": dg.MetadataValue.json(seconds), "reason": config.reason,
-                  "publish_attempts": outcome["attempts"], "races_lost": len(outcome["conflicts"])},
+                  "publish_attempts": outcome["attempts"], "races_lost": len(outcome["conflicts"]),
+                  "deferred_skus": dg.MetadataValue.json(report.deferred_skus[:200])},
     ))
     return {"published": published, "changed_skus": report.changed_skus, "removed_skus": report.removed_skus,
             "seconds": seconds}

@@ -32,7 +32,8 @@ HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authoriza
 class Fault:
     """One rule. ``status``: answer with it instead of forwarding (``body`` defaults to an S3-style
     error); ``delay``: wait this long before forwarding (longer than the client's read timeout = a
-    timeout); ``reset``: close the connection without an answer; ``after``: forward the request first,
+    timeout); ``reset``: close the connection without an answer; ``truncate``: forward, then cut the
+    answer's body in half and hang up (a partial download); ``after``: forward the request first,
     then fail the answer (the server did the work, the client never hears of it). ``times``: how many
     matching requests it applies to (``None`` = all); ``skip``: let this many matches through first."""
 
@@ -43,6 +44,7 @@ class Fault:
     delay: float = 0.0
     reset: bool = False
     after: bool = False
+    truncate: bool = False  # forward, then send the headers and only half of the body, and hang up
     times: int | None = 1
     skip: int = 0
     hits: int = field(default=0, init=False)
@@ -75,6 +77,17 @@ class _Handler(BaseHTTPRequestHandler):
             status, reason, headers, data = proxy._forward(self.command, self.path, self.headers, body)
         except OSError as exc:  # upstream down: what a client sees from a dead server
             proxy._record(self.command, self.path, f"upstream error {exc}")
+            return self._close()
+        if fault is not None and fault.truncate:
+            proxy._record(self.command, self.path, f"truncated {status}")
+            self.send_response(status, reason)
+            for k, v in headers:
+                if k.lower() not in HOP_BY_HOP and k.lower() != "content-length":
+                    self.send_header(k, v)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[: len(data) // 2])
+            self.wfile.flush()
             return self._close()
         if fault is not None and fault.after:
             proxy._record(self.command, self.path, f"{'reset' if fault.reset else fault.status} after forwarding")

@@ -24,14 +24,17 @@ class IndexDelta:
         return not self.changed_skus and not self.removed_skus
 
 
-def index_delta(current: dict, indexed: dict) -> IndexDelta:
-    """Compare catalog images (key -> etag) with the index's sources (key -> etag), per SKU."""
-    def sku_of(key):
-        return contract.parse_image_key(key, contract.CATALOG_IMAGES_PREFIX).sku
+def _sku_of(key: str) -> str:
+    return contract.parse_image_key(key, contract.CATALOG_IMAGES_PREFIX).sku
 
-    now_skus = {sku_of(k) for k in current}
-    touched = {sku_of(k) for k, e in current.items() if indexed.get(k) != e}
-    touched |= {sku_of(k) for k in indexed if k not in current}
+
+def index_delta(current: dict, indexed: dict, deferred: set | frozenset = frozenset()) -> IndexDelta:
+    """Compare catalog images (key -> etag) with the index's sources (key -> etag), per SKU. SKUs in
+    ``deferred`` (a download of theirs failed: their catalog state is unknown) are left out."""
+    now_skus = {_sku_of(k) for k in current}
+    touched = {_sku_of(k) for k, e in current.items() if indexed.get(k) != e}
+    touched |= {_sku_of(k) for k in indexed if k not in current}
+    touched -= set(deferred)
     removed = sorted(s for s in touched if s not in now_skus)
     return IndexDelta(changed_skus=sorted(touched & now_skus), removed_skus=removed)
 
@@ -43,10 +46,11 @@ class UpdateReport:
     embedded_images: int
     dropped_files: pd.DataFrame
     seconds: dict
+    deferred_skus: list[str] = field(default_factory=list)  # a download failed: left as indexed, retried next time
 
 
 def update_index(encoder, index, manifest: pd.DataFrame, work_dir: Path, model_version: str | None,
-                 batch_size: int = 64):
+                 batch_size: int = 64, failed_keys=()):
     """Embed only the SKUs whose images changed since ``index`` was built; drop deleted SKUs.
 
     ``manifest``: the ingest manifest (sku, key, etag, bytes, path) of the whole catalog. Files are
@@ -55,6 +59,9 @@ def update_index(encoder, index, manifest: pd.DataFrame, work_dir: Path, model_v
     Sparse SKUs get the same shelf-like views as in the full build: the rule is read from the index
     meta (``sparse``: below, views, seed), written by :func:`skulens.pipeline_eval.catalog_index`
     (an index that records none gets ``DEFAULT_SPARSE_RULE``, which the update then records).
+    ``failed_keys``: catalog keys whose download failed (ingest's ``failed``): their SKUs keep their
+    index rows and sources as they are (a transient S3 error never removes a SKU) and are looked at
+    again by the next update (``UpdateReport.deferred_skus``).
     Returns (new index, UpdateReport).
     """
     import numpy as np
@@ -66,7 +73,13 @@ def update_index(encoder, index, manifest: pd.DataFrame, work_dir: Path, model_v
     t0 = time.perf_counter()
     indexed = dict(index.meta.get(SOURCES_META, {}))
     current = dict(zip(manifest["key"], manifest["etag"]))
-    delta = index_delta(current, indexed)
+    deferred = set()
+    for key in failed_keys:
+        try:
+            deferred.add(_sku_of(key))
+        except contract.CatalogError:
+            pass
+    delta = index_delta(current, indexed, deferred)
     rows = manifest[manifest["sku"].isin(delta.changed_skus)]
     t1 = time.perf_counter()
     cleaned = clean_catalog(rows, None, Path(work_dir), CleanConfig(min_index_images=1, workers=1), progress=False)
@@ -87,13 +100,14 @@ def update_index(encoder, index, manifest: pd.DataFrame, work_dir: Path, model_v
     changed = set(delta.changed_skus)
     # unchanged files of untouched SKUs stay as they were (SKU from the manifest: no re-parsing of keys)
     sku_of = dict(zip(manifest["key"], manifest["sku"]))
-    sources = {k: e for k, e in indexed.items() if current.get(k) == e and sku_of[k] not in changed}
+    sources = {k: e for k, e in indexed.items()
+               if (current.get(k) == e and sku_of[k] not in changed) or _sku_of(k) in deferred}
     # every file looked at counts as seen (dropped ones too), so a bad upload is not retried until it changes
     sources.update(dict(zip(rows["key"], rows["etag"])))
     new.meta[SOURCES_META] = sources
     new.meta.setdefault("sparse", rule)
     report = UpdateReport(changed_skus=delta.changed_skus, removed_skus=gone, embedded_images=len(kept),
-                          dropped_files=cleaned.dropped_files,
+                          dropped_files=cleaned.dropped_files, deferred_skus=sorted(deferred),
                           seconds={"delta": round(t1 - t0, 3), "check": round(t2 - t1, 3),
                                    "embed": round(t3 - t2, 3), "total": round(time.perf_counter() - t0, 3)})
     return new, report
@@ -110,14 +124,15 @@ def _empty_index(dim: int, model_version: str | None):
 
 def publish_update(client, bucket: str, champion, manifest: pd.DataFrame, work_dir: Path, resync=None,
                    prefix: str = "index", cache_dir=None, batch_size: int = 64, reason: str = "manual",
-                   attempts: int = 5):
+                   attempts: int = 5, failed_keys=()):
     """The catalog sensor's update, published by compare-and-swap: ``(outcome, report)``.
 
     ``champion()`` returns ``(encoder, model_version, model_meta)``; it is asked again on every attempt,
     so a race lost to a rebuild with a newer champion continues with that one. Each attempt starts
     from the version in place (the winner's, after a lost race) and embeds only what differs between
-    it and the catalog: ``manifest`` on the first attempt, ``resync()`` (a fresh incremental ingest)
-    after a lost race, so uploads the winner already saw are not taken back out. When the index uses
+    it and the catalog: ``manifest`` (and ``failed_keys``, see :func:`update_index`) on the first
+    attempt, ``resync() -> (manifest, failed_keys)`` (a fresh incremental ingest) after a lost race,
+    so uploads the winner already saw are not taken back out. When the index uses
     another model than the champion it is rebuilt from nothing with the champion. ``outcome`` is
     :func:`skulens.index.publish.publish_with_retry`'s (``published`` False: catalog and index agree)."""
     from skulens.index.publish import publish_with_retry
@@ -126,12 +141,13 @@ def publish_update(client, bucket: str, champion, manifest: pd.DataFrame, work_d
 
     def make(base):
         encoder, version, meta = champion()
-        rows = manifest if base.attempt == 0 or resync is None else resync()
+        rows, failed = (manifest, failed_keys) if base.attempt == 0 or resync is None else resync()
         start = base.index
         if start is None or str(start.model_version) != str(version):
             start = _empty_index(encoder.embed_dim, version)
         start.meta.update(meta or {})
-        new, report = update_index(encoder, start, rows, work_dir, version, batch_size=batch_size)
+        new, report = update_index(encoder, start, rows, work_dir, version, batch_size=batch_size,
+                                   failed_keys=failed)
         reports.append(report)
         if not report.changed_skus and not report.removed_skus and base.pointer is not None:
             return None
