@@ -1,7 +1,10 @@
 """Ingest: the catalog and the shelf evaluation set, pulled incrementally from S3."""
 
+import unicodedata
+
 import dagster as dg
 import pandas as pd
+from pydantic import Field
 
 from assets import OWNERS
 from resources import LocalStateResource, S3Resource
@@ -11,8 +14,21 @@ GROUP = "ingest"
 TAGS = {"skulens/domain": "catalog"}  # the skulens package this asset calls into
 
 
+_HIDDEN = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}  # unicode categories never shown raw
+
+
+def _shown(text: str) -> str:
+    """A bucket key as logs and metadata show it: control, format and line-separator characters escaped, so
+    a hostile key (a newline, a bidi override) cannot forge a log line or break a table."""
+    return "".join(ch.encode("unicode_escape").decode("ascii") if unicodedata.category(ch) in _HIDDEN else ch
+                   for ch in str(text))
+
+
 def _table(rows: list[tuple], columns: list[str], limit: int = 50) -> dg.MetadataValue:
-    return dg.MetadataValue.md(pd.DataFrame(rows[:limit], columns=columns).to_markdown(index=False) if rows else "none")
+    if not rows:
+        return dg.MetadataValue.md("none")
+    shown = [tuple(_shown(v).replace("|", "\\|") for v in row) for row in rows[:limit]]
+    return dg.MetadataValue.md(pd.DataFrame(shown, columns=columns).to_markdown(index=False))
 
 
 @dg.asset(group_name=GROUP, kinds={"s3", "pandas"}, owners=OWNERS, tags={**TAGS, "skulens/compute": "cpu"})
@@ -32,26 +48,49 @@ def catalog_products(s3: S3Resource) -> dg.MaterializeResult:
     )
 
 
+class IngestSettings(dg.Config):
+    max_failed_downloads: int = Field(
+        default=0, ge=0,
+        description="downloads that may still fail after the S3 client's retries before the asset fails; above it the "
+                    "run stops (a partial mirror would drop those images from training and the index) and the next run "
+                    "fetches only what is missing")
+
+
+def _fail_on_failed_downloads(res: ingest.SyncResult, allowed: int, what: str) -> None:
+    if len(res.failed) <= allowed:
+        return
+    key, err = res.failed[0]
+    raise dg.Failure(
+        description=f"{len(res.failed)} {what} download(s) failed after retries (first: {_shown(key)}: {_shown(err)}); "
+                    f"the {res.downloaded} that downloaded are kept and the next run fetches only the rest",
+        metadata={"failed_downloads": _table(res.failed, ["key", "error"]), **res.stats()},
+    )
+
+
 @dg.asset(group_name=GROUP, kinds={"s3"}, owners=OWNERS, tags={**TAGS, "skulens/compute": "cpu"})
-def catalog_images(context: dg.AssetExecutionContext, s3: S3Resource, state: LocalStateResource) -> dg.MaterializeResult:
+def catalog_images(context: dg.AssetExecutionContext, config: IngestSettings, s3: S3Resource,
+                   state: LocalStateResource) -> dg.MaterializeResult:
     """Product DB images (`catalog/images/<sku>/<file>`) mirrored locally; only the delta is downloaded."""
     res = ingest.sync_images(s3.client(), s3.bucket, contract.CATALOG_IMAGES_PREFIX, state.path("cache", "catalog"))
     for key, why in res.rejected[:20]:
-        context.log.warning(f"skipped {key}: {why}")
+        context.log.warning(f"skipped {_shown(key)}: {_shown(why)}")
     for key, err in res.failed:
-        context.log.error(f"download failed for {key}: {err} (will be retried next run)")
+        context.log.error(f"download failed for {_shown(key)}: {_shown(err)} (will be retried next run)")
+    _fail_on_failed_downloads(res, config.max_failed_downloads, "catalog image")
     return dg.MaterializeResult(value=res.manifest, metadata=_sync_metadata(res))
 
 
 @dg.asset(group_name=GROUP, kinds={"s3"}, owners=OWNERS, tags={**TAGS, "skulens/compute": "cpu"})
-def shelf_crops(context: dg.AssetExecutionContext, s3: S3Resource, state: LocalStateResource) -> dg.MaterializeResult:
+def shelf_crops(context: dg.AssetExecutionContext, config: IngestSettings, s3: S3Resource,
+                state: LocalStateResource) -> dg.MaterializeResult:
     """Labelled shelf crops for evaluation: `shelf/crops/<sku>/` plus crops cut from `shelf/photos/` by `boxes.csv`."""
     root = state.path("cache", "shelf")
     res = ingest.sync_images(s3.client(), s3.bucket, contract.SHELF_CROPS_PREFIX, root / "crops")
+    _fail_on_failed_downloads(res, config.max_failed_downloads, "shelf crop")
     cut, cut_rejected = ingest.sync_shelf_photos(s3.client(), s3.bucket, root)
     manifest = pd.concat([res.manifest.assign(source="crop"), cut.assign(source="photo")], ignore_index=True)
     for key, why in (res.rejected + cut_rejected)[:20]:
-        context.log.warning(f"skipped {key}: {why}")
+        context.log.warning(f"skipped {_shown(key)}: {_shown(why)}")
     meta = _sync_metadata(res)
     meta.update({"crops_from_photos": len(cut), "photo_boxes_rejected": len(cut_rejected),
                  "objects": len(manifest), "skus": int(manifest["sku"].nunique()) if len(manifest) else 0})

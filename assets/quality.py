@@ -32,11 +32,14 @@ class CleanSettings(dg.Config):
                                      description="the blocking checks fail when more than this share of files is "
                                                  "dropped (set here once; the checks read it from the cleaned catalog)")
     cross_sku_duplicates: str = Field(default="drop_all", description="drop_all | keep_first | keep_all")
+    decode_timeout_s: float = Field(default=_P.get("decode_timeout_s", 20.0), ge=0,
+                                    description="per-file decode time limit in seconds (DECODE_TIMEOUT); 0 = off")
 
     def core(self) -> CleanConfig:
         return CleanConfig(min_bytes=self.min_bytes, min_side=self.min_side, max_pixels=self.max_pixels,
                            min_images_per_sku=self.min_images_per_sku, min_index_images=self.min_index_images,
-                           cross_sku_duplicates=self.cross_sku_duplicates, max_dropped_share=self.max_dropped_share)
+                           cross_sku_duplicates=self.cross_sku_duplicates, max_dropped_share=self.max_dropped_share,
+                           decode_timeout_s=self.decode_timeout_s)
 
 
 def _md_table(df: pd.DataFrame, limit: int = 100) -> dg.MetadataValue:

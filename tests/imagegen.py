@@ -238,11 +238,54 @@ def write_unsupported(path, width=64, height=64, fmt: str = "PPM", seed=0) -> Pa
     return write(path, b.getvalue())
 
 
-def write_png_bomb(path, width=30_000, height=30_000, rows: int = 64) -> Path:
+def png_bomb_bytes(width=30_000, height=30_000, rows: int = 64) -> bytes:
     """A small (about 2 KiB) but valid-looking 1-bit PNG declaring ``width x height`` pixels (only the
     first ``rows`` rows of data are present: decoding it would allocate the full size first)."""
     row = b"\x00" + bytes((width + 7) // 8)
-    return write(path, png_raw(width, height, 1, 0, row * rows, comment="decompression bomb " * 100))
+    return png_raw(width, height, 1, 0, row * rows, comment="decompression bomb " * 100)
+
+
+def write_png_bomb(path, width=30_000, height=30_000, rows: int = 64) -> Path:
+    return write(path, png_bomb_bytes(width, height, rows))
+
+
+def jpeg_sof_bomb_bytes(width=60_000, height=60_000, seed=0) -> bytes:
+    """A valid small JPEG whose SOF (frame header) is patched to claim ``width x height`` pixels."""
+    data = bytearray(jpeg_bytes(product_image(200, 200, seed)))
+    for marker in (b"\xff\xc0", b"\xff\xc1", b"\xff\xc2"):
+        sof = data.find(marker)
+        if sof >= 0:
+            break
+    assert sof >= 0, "no SOF marker"
+    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)  # FFCx, length(2), precision(1), Y, X
+    return bytes(data)
+
+
+def animated_gif_bytes(width=200, height=160, frames: int = 4, seed=0) -> bytes:
+    """An animated GIF of ``frames`` different product images (frame 0 = ``product_image(w, h, seed)``)."""
+    imgs = [product_image(width, height, seed + i) for i in range(frames)]
+    b = io.BytesIO()
+    imgs[0].save(b, "GIF", save_all=True, append_images=imgs[1:], duration=100, loop=0)
+    return b.getvalue()
+
+
+def svg_bytes(n_shapes: int = 40) -> bytes:
+    """An SVG drawing (XML text, over 1 KiB) as product DBs sometimes hold for logos."""
+    shapes = "".join(f'<rect x="{i * 5}" y="{i * 3}" width="40" height="30" fill="#{i * 6 % 256:02x}8040"/>'
+                     for i in range(n_shapes))
+    return ('<?xml version="1.0" encoding="UTF-8"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="400" '
+            f'height="300" viewBox="0 0 400 300">{shapes}</svg>\n').encode()
+
+
+def slow_png_bytes(width=6000, height=6000, idat_bytes: int = 4) -> bytes:
+    """A valid, black RGB PNG that is small on disk (about 2 MiB) but slow to inspect: large (36 MP,
+    under the default 50 MP cap), the Paeth filter on every row, and the compressed stream split into
+    ``idat_bytes``-byte IDAT chunks (each one a round trip through Pillow's and our chunk loops). About
+    1 s to inspect on a laptop core; the DECODE_TIMEOUT tests give it a limit far below that."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    z = zlib.compress((b"\x04" + bytes(width * 3)) * height, 1)
+    idat = b"".join(_png_chunk(b"IDAT", z[i : i + idat_bytes]) for i in range(0, len(z), idat_bytes))
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + idat + _png_chunk(b"IEND", b"")
 
 
 # ------------------------------------------------------------------------------------------------ manifest

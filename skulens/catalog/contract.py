@@ -10,10 +10,12 @@ Layout (documented in the README)::
 
 from __future__ import annotations
 
+import csv
 import io
 import re
 import unicodedata
 from dataclasses import dataclass
+from urllib.parse import unquote
 
 import pandas as pd
 
@@ -28,6 +30,9 @@ INDEX_PREFIX = "index/"
 SKU_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
 #: File names: any printable characters except path separators; no leading dot-dot tricks.
 MAX_KEY_BYTES = 1024
+#: One key segment (SKU folder or file name), in UTF-8 bytes: under the 255-byte file-system name limit
+#: with room for the names the local cache derives from it (download temp files, ``<stem>.png`` copies).
+MAX_NAME_BYTES = 240
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 BOXES_COLUMNS = ["photo", "sku", "x", "y", "w", "h"]
 
@@ -50,10 +55,21 @@ def validate_name_part(part: str, what: str = "file name") -> str:
         raise CatalogError(f"invalid {what} {part!r}")
     if "/" in part or "\\" in part:
         raise CatalogError(f"invalid {what} {part!r}: path separators are not allowed")
-    if any(unicodedata.category(ch) in {"Cc", "Cf", "Cs", "Co", "Cn"} for ch in part):
+    if any(unicodedata.category(ch) in {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"} for ch in part):
         raise CatalogError(f"invalid {what} {part!r}: control or unassigned characters are not allowed")
     if part != part.strip():
         raise CatalogError(f"invalid {what} {part!r}: leading or trailing whitespace")
+    decoded = part
+    for _ in range(3):  # %2F, %252F ...: a separator once something URL-decodes the name
+        decoded, before = unquote(decoded), decoded
+        if "/" in decoded or "\\" in decoded or decoded in {".", ".."}:
+            raise CatalogError(
+                f"invalid {what} {part!r}: percent-encoded path separator or '.'/'..' (decodes to {decoded!r})"
+            )
+        if decoded == before:
+            break
+    if len(part.encode("utf-8")) > MAX_NAME_BYTES:
+        raise CatalogError(f"invalid {what} {part[:40]!r}...: longer than {MAX_NAME_BYTES} bytes")
     return part
 
 
@@ -92,16 +108,97 @@ def is_image_name(name: str) -> bool:
     return "." in name and name[name.rfind("."):].lower() in IMAGE_SUFFIXES
 
 
-def read_products(data: bytes | str) -> pd.DataFrame:
-    """Parse products.csv with SKU ids kept as strings (UPCs keep their leading zeros)."""
-    buf = io.BytesIO(data.encode() if isinstance(data, str) else data)
+_CSV_SNIFF = (
+    ((b"<!doctype html", b"<html"), "looks like an HTML page (an error or login page saved as {name}?)"),
+    ((b"<?xml", b"<error"), "looks like XML (an S3/HTTP error document saved as {name}?)"),
+    ((b"{", b"["), "looks like JSON"),
+    ((b"%pdf",), "looks like a PDF document"),
+)
+
+
+def _csv_text(data: bytes | str, name: str) -> str:
+    """Bytes of a CSV file -> text (UTF-8, optional BOM), or a one-line CatalogError for anything else."""
+    if isinstance(data, str):
+        text = data
+    else:
+        if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+            raise CatalogError(f"{name} is UTF-16 encoded: save it as UTF-8 CSV")
+        head = data[:512].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+        for prefixes, why in _CSV_SNIFF:
+            if head.startswith(prefixes):
+                raise CatalogError(f"{name} is not CSV: it {why.format(name=name)}")
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            kind = "binary data" if b"\x00" in data[:4096] else "not UTF-8 text"
+            raise CatalogError(
+                f"{name} is {kind} (byte 0x{data[exc.start]:02x} at offset {exc.start}): save it as UTF-8 CSV"
+            ) from None
+    text = text.removeprefix("\ufeff")
+    if "\x00" in text:
+        raise CatalogError(f"{name} is binary data (NUL bytes), not CSV text")
+    if not text.strip():
+        raise CatalogError(f"{name} is empty")
+    return text
+
+
+_KEY_COLUMNS = ("sku", "photo")
+
+
+def _parse_csv(text: str, name: str) -> pd.DataFrame:
+    """Strict comma-separated parse into string columns: quoted fields may hold commas and newlines; a row
+    with more (non-empty) fields than the header is an error (pandas would silently turn the first column
+    into the index and shift every SKU id); shorter rows are padded with ""."""
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     try:
-        df = pd.read_csv(buf, dtype=str, keep_default_na=False)
-    except Exception as exc:  # pandas raises several types for broken CSV
-        raise CatalogError(f"products.csv is not a readable CSV: {exc}") from exc
-    df.columns = [str(c).strip() for c in df.columns]
+        header = next(reader)
+        width = len(header)
+        rows = []
+        for row in reader:
+            if not row or (len(row) == 1 and not row[0].strip()):
+                continue  # blank line
+            if len(row) > width:
+                if any(f.strip() for f in row[width:]):
+                    raise CatalogError(
+                        f"{name} line {reader.line_num}: {len(row)} fields but the header has {width} "
+                        "(an unquoted comma in a value? quote values that contain commas)"
+                    )
+                row = row[:width]
+            elif len(row) < width:
+                row = row + [""] * (width - len(row))
+            rows.append(row)
+    except csv.Error as exc:
+        raise CatalogError(f"{name} is not a readable CSV: line {reader.line_num}: {exc}") from None
+    columns: list[str] = []
+    for i, c in enumerate(header):
+        c = c.strip() or f"Unnamed: {i}"
+        if c in columns:
+            if c in _KEY_COLUMNS:
+                raise CatalogError(f"{name} has the column {c!r} twice")
+            c = next(f"{c}.{k}" for k in range(1, width + 1) if f"{c}.{k}" not in columns)  # as pandas does
+        columns.append(c)
+    return pd.DataFrame(rows, columns=columns, dtype=str)
+
+
+def _missing_column_hint(columns: list[str]) -> str:
+    if len(columns) == 1 and any(sep in columns[0] for sep in (";", "\t", "|")):
+        return " (the file seems to use ';', tab or '|' as separator: skulens reads comma-separated files)"
+    return ""
+
+
+def read_products(data: bytes | str) -> pd.DataFrame:
+    """Parse products.csv with SKU ids kept as strings (UPCs keep their leading zeros).
+
+    UTF-8 with or without a BOM; quoted fields may contain commas and newlines. Anything that is not a
+    CSV with a ``sku`` column (binary, JSON, an HTML error page, UTF-16, rows wider than the header)
+    raises a CatalogError with a one-line message. Duplicate or empty ids are ``check_products``' job.
+    """
+    df = _parse_csv(_csv_text(data, "products.csv"), "products.csv")
     if "sku" not in df.columns:
-        raise CatalogError(f"products.csv has no 'sku' column (columns: {list(df.columns)})")
+        cols = [c[:40] for c in df.columns[:10]]
+        raise CatalogError(
+            f"products.csv has no 'sku' column (columns: {cols}){_missing_column_hint(list(df.columns))}"
+        )
     df["sku"] = df["sku"].str.strip()
     for col in ("name", "category"):
         if col not in df.columns:
@@ -125,8 +222,20 @@ def check_products(df: pd.DataFrame) -> list[str]:
 
 
 def read_boxes(data: bytes) -> pd.DataFrame:
-    df = pd.read_csv(io.BytesIO(data), dtype={"photo": str, "sku": str})
+    """Parse shelf/boxes.csv (photo,sku,x,y,w,h); a CatalogError with a one-line message when unreadable."""
+    df = _parse_csv(_csv_text(data, "boxes.csv"), "boxes.csv")
     missing = [c for c in BOXES_COLUMNS if c not in df.columns]
     if missing:
-        raise CatalogError(f"boxes.csv is missing columns {missing} (expected {BOXES_COLUMNS})")
-    return df[BOXES_COLUMNS]
+        raise CatalogError(f"boxes.csv is missing columns {missing} (expected {BOXES_COLUMNS})"
+                           f"{_missing_column_hint(list(df.columns))}")
+    df = df[BOXES_COLUMNS].copy()
+    df["photo"] = df["photo"].str.strip()
+    df["sku"] = df["sku"].str.strip()
+    for c in ("x", "y", "w", "h"):
+        num = pd.to_numeric(df[c].str.strip(), errors="coerce")
+        bad = num.isna()
+        if bad.any():
+            rows = [int(i) + 1 for i in df.index[bad][:5]]
+            raise CatalogError(f"boxes.csv: column {c!r} is not a number in data row(s) {rows} (1-based)")
+        df[c] = num
+    return df

@@ -7,6 +7,7 @@ The manifest is a DataFrame with columns ``sku, key, etag, bytes, path``.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -74,19 +75,39 @@ def _save_state(dest: Path, manifest: pd.DataFrame) -> None:
     os.replace(tmp, path)
 
 
+def _part_path(dst: Path) -> Path:
+    """The temp file a download goes to: short and fixed-length whatever the name (a name near the
+    file-system limit plus a suffix would not fit), hidden, one per destination and process."""
+    digest = hashlib.sha1(dst.name.encode("utf-8", "surrogateescape"), usedforsecurity=False).hexdigest()[:16]
+    return dst.with_name(f".part-{digest}-{os.getpid()}")
+
+
 def download_object(client, bucket: str, key: str, dst: Path) -> tuple[str, int]:
     """Download to a temp file then rename, so a crash never leaves a half file in the cache."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.part{os.getpid()}")
+    tmp = _part_path(dst)
     resp = client.get_object(Bucket=bucket, Key=key)
     etag = normalize_etag(resp["ETag"])
     size = 0
-    with open(tmp, "wb") as fh:
-        for chunk in resp["Body"].iter_chunks(1 << 20):
-            fh.write(chunk)
-            size += len(chunk)
-    os.replace(tmp, dst)
+    try:
+        with open(tmp, "wb") as fh:
+            for chunk in resp["Body"].iter_chunks(1 << 20):
+                fh.write(chunk)
+                size += len(chunk)
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return etag, size
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """``path`` (symlinks resolved) lies under ``root`` (resolved): a symlink planted in the cache cannot
+    redirect a download elsewhere."""
+    try:
+        return path.resolve().is_relative_to(root)
+    except (OSError, RuntimeError):  # a symlink loop
+        return False
 
 
 def sync_images(
@@ -108,13 +129,18 @@ def sync_images(
 
     result = SyncResult(manifest=empty_manifest())
     wanted: dict[str, tuple[S3Object, str, Path]] = {}
+    root = dest.resolve()
     for obj in list_objects(client, bucket, prefix):
         try:
             ik = contract.parse_image_key(obj.key, prefix)
         except contract.CatalogError as exc:
             result.rejected.append((obj.key, str(exc)))
             continue
-        wanted[obj.key] = (obj, ik.sku, dest / ik.sku / ik.filename)
+        local = dest / ik.sku / ik.filename
+        if not _inside(local, root):
+            result.rejected.append((obj.key, f"local path {local} resolves outside the cache {root} (a symlink?)"))
+            continue
+        wanted[obj.key] = (obj, ik.sku, local)
 
     todo = []
     rows = []

@@ -22,10 +22,20 @@ Per-file checks (first failing one wins, in this order)::
 
     MISSING_FILE, EMPTY, TOO_LARGE_BYTES, CORRUPT (md5 != S3 ETag), TOO_SMALL_BYTES,
     NOT_AN_IMAGE, DECOMPRESSION_BOMB, UNSUPPORTED_FORMAT, TOO_SMALL_DIMENSIONS,
-    TRUNCATED / CORRUPT (container structure: JPEG markers, PNG chunk CRCs), TRUNCATED / CORRUPT (full decode)
+    TRUNCATED / CORRUPT (container structure: JPEG markers, PNG chunk CRCs), TRUNCATED / CORRUPT (full decode),
+    DECODE_TIMEOUT (header parse + structure checks + full decode took over ``decode_timeout_s``)
 
-then catalog-level rules: UNKNOWN_SKU, DUPLICATE_ACROSS_SKUS, DUPLICATE_IN_SKU, NORMALISATION_FAILED,
-SKU_TOO_FEW_IMAGES.
+then catalog-level rules: UNKNOWN_SKU, DUPLICATE_ACROSS_SKUS, DUPLICATE_IN_SKU, NORMALISATION_FAILED
+(or DECODE_TIMEOUT when normalising one file takes over ``decode_timeout_s``), SKU_TOO_FEW_IMAGES.
+
+Decode time limit (``decode_timeout_s``, default 20 s, 0 = off): a wall-clock limit per file on decoding
+(inspection and normalisation), enforced with ``SIGALRM`` (``setitimer``) where the work runs in a
+process's main thread: every worker of the process backend, and serial (in-process) runs called from the
+main thread. Pillow decodes in chunks driven from Python, so the alarm stops it between chunks; a single
+native call that never returns is not interrupted (a decoder that crashes its worker is handled by the
+pool). Thread-backend workers (and callers outside the main thread) run without the limit. An outer
+``ITIMER_REAL`` timer (e.g. pytest-timeout) is kept: it is re-armed with its remaining time afterwards.
+Animated images (GIF, WebP, APNG) are inspected and normalised on their first frame.
 
 Known limit: libjpeg silently conceals some damage inside JPEG entropy-coded data (e.g. a block of zero
 bytes) and Pillow does not expose its warnings, so such a file decodes "fine". Damage that happened after
@@ -39,6 +49,7 @@ import io
 import json
 import os
 import re
+import signal
 import threading
 import time
 import warnings
@@ -71,6 +82,7 @@ DECOMPRESSION_BOMB = "DECOMPRESSION_BOMB"  # header declares more than cfg.max_p
 TOO_SMALL_DIMENSIONS = "TOO_SMALL_DIMENSIONS"  # shorter side < cfg.min_side
 TRUNCATED = "TRUNCATED"  # data ends early (partial download)
 CORRUPT = "CORRUPT"  # decoder / container error, or local bytes differ from the S3 ETag
+DECODE_TIMEOUT = "DECODE_TIMEOUT"  # decoding one file took longer than cfg.decode_timeout_s
 DUPLICATE_IN_SKU = "DUPLICATE_IN_SKU"  # same bytes as an earlier key (key order) of the same SKU
 DUPLICATE_ACROSS_SKUS = "DUPLICATE_ACROSS_SKUS"  # same bytes filed under 2+ SKUs (see CleanConfig)
 UNKNOWN_SKU = "UNKNOWN_SKU"  # image's SKU is not in products.csv (only when products is given)
@@ -79,7 +91,7 @@ SKU_TOO_FEW_IMAGES = "SKU_TOO_FEW_IMAGES"  # SKU left with < cfg.min_images_per_
 
 FILE_REASONS = (
     MISSING_FILE, EMPTY, TOO_LARGE_BYTES, TOO_SMALL_BYTES, NOT_AN_IMAGE, UNSUPPORTED_FORMAT,
-    DECOMPRESSION_BOMB, TOO_SMALL_DIMENSIONS, TRUNCATED, CORRUPT,
+    DECOMPRESSION_BOMB, TOO_SMALL_DIMENSIONS, TRUNCATED, CORRUPT, DECODE_TIMEOUT,
 )
 CATALOG_REASONS = (UNKNOWN_SKU, DUPLICATE_ACROSS_SKUS, DUPLICATE_IN_SKU, NORMALISATION_FAILED, SKU_TOO_FEW_IMAGES)
 ALL_REASONS = FILE_REASONS + CATALOG_REASONS
@@ -125,6 +137,7 @@ class CleanConfig:
     start_method: str | None = None  # multiprocessing start method; None -> "forkserver" where available
     chunk_size: int = 32  # images per task sent to a worker
     min_parallel: int = 64  # fewer images than this are inspected in-process
+    decode_timeout_s: float = 20.0  # per-file decode time limit (s), 0 = off; see the module docstring
 
     def __post_init__(self) -> None:
         if self.cross_sku_duplicates not in CROSS_SKU_RULES:
@@ -135,6 +148,9 @@ class CleanConfig:
             raise ValueError("max_pixels, min_side, min_images_per_sku and min_index_images must be positive")
         if not 0.0 <= self.max_dropped_share <= 1.0:
             raise ValueError(f"max_dropped_share must be within [0, 1], got {self.max_dropped_share!r}")
+        t = self.decode_timeout_s
+        if not (isinstance(t, (int, float)) and 0 <= t < float("inf")):  # NaN fails too
+            raise ValueError(f"decode_timeout_s must be a finite number >= 0 (0 = no limit), got {t!r}")
         object.__setattr__(self, "allowed_formats", tuple(f.upper() for f in self.allowed_formats))
 
 
@@ -182,6 +198,70 @@ def pil_pixel_limit(max_pixels: int) -> Iterator[None]:
         with _limit_lock:
             _limit_active.remove(int(max_pixels))
             Image.MAX_IMAGE_PIXELS = min(_limit_active) if _limit_active else _limit_saved
+
+
+# --------------------------------------------------------------------------------------------------
+# Decode time limit: SIGALRM in the main thread (see the module docstring)
+# --------------------------------------------------------------------------------------------------
+class _DecodeDeadline(BaseException):  # noqa: N818 - BaseException: no ``except Exception`` may swallow it
+    """Raised by the alarm handler inside ``decode_deadline``; never leaves this module."""
+
+
+def _alarm_available() -> bool:
+    return hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+
+
+@contextmanager
+def decode_deadline(seconds: float) -> Iterator[None]:
+    """Raise ``_DecodeDeadline`` in the block once ``seconds`` (wall clock) have passed; a no-op for
+    ``seconds <= 0``, outside the main thread, or when SIGALRM has a handler installed outside Python.
+
+    The previous SIGALRM handler and ``ITIMER_REAL`` timer are restored afterwards (an outer timer keeps
+    its remaining time; if it comes due first, its handler runs as it would have). Callers catch
+    ``_DecodeDeadline`` *outside* the ``with``: an alarm that is already due may surface while exiting.
+    """
+    if not seconds or seconds <= 0 or not _alarm_available():
+        yield
+        return
+    prev_handler = signal.getsignal(signal.SIGALRM)
+    if prev_handler is None:  # installed by C code: not ours to touch
+        yield
+        return
+    start = time.monotonic()
+    prev_delay, prev_interval = signal.getitimer(signal.ITIMER_REAL)
+    ours_first = prev_delay <= 0 or seconds < prev_delay
+    state = {"armed": True, "outer_fired": False}
+
+    def on_alarm(signum, frame):
+        if ours_first:
+            if state["armed"]:  # not once the block is over (a late alarm is ignored)
+                state["armed"] = False
+                raise _DecodeDeadline
+            return
+        state["outer_fired"] = True  # the outer timer came due inside our block: behave as it would have
+        signal.signal(signal.SIGALRM, prev_handler)
+        if callable(prev_handler):
+            prev_handler(signum, frame)
+        elif prev_handler == signal.SIG_DFL:
+            signal.raise_signal(signal.SIGALRM)
+
+    signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds if ours_first else prev_delay)
+    try:
+        yield
+    finally:
+        state["armed"] = False  # first: from here on the handler can no longer raise
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, prev_handler)
+        if prev_delay > 0 and not state["outer_fired"]:
+            remaining = prev_delay - (time.monotonic() - start)
+            signal.setitimer(signal.ITIMER_REAL, max(remaining, 1e-3), prev_interval)
+        elif state["outer_fired"] and prev_interval > 0:
+            signal.setitimer(signal.ITIMER_REAL, prev_interval, prev_interval)
+
+
+def _timeout_detail(cfg: CleanConfig, what: str) -> str:
+    return f"{what} took longer than decode_timeout_s {cfg.decode_timeout_s:g} s"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -272,6 +352,8 @@ def _png_structure_problem(data: bytes) -> tuple[str, str] | None:
 
 def _sniff_non_image(data: bytes) -> str:
     head = data[:512].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if head.startswith(b"<svg") or (head.startswith((b"<?xml", b"<!doctype svg")) and b"<svg" in head):
+        return "looks like an SVG drawing (vector graphics are not decoded: upload a PNG or JPEG rendering)"
     if head.startswith((b"<!doctype html", b"<html")) or b"<html" in head or b"<body" in head:
         return "looks like an HTML page (an error/login page saved under an image name?)"
     if head.startswith((b"<?xml", b"<error")):
@@ -349,62 +431,74 @@ def _inspect_file(path: str | os.PathLike, cfg: CleanConfig, etag: Any) -> Image
 
 def _inspect_bytes(data: bytes, sha: str, cfg: CleanConfig) -> ImageReport:
     rep = ImageReport(False, sha256=sha)
+    Image.init()  # plugin imports (first call only) do not count against the decode time limit
+    with pil_pixel_limit(cfg.max_pixels):  # outside the deadline: its lock is never held when the alarm fires
+        try:
+            with decode_deadline(cfg.decode_timeout_s):
+                return _inspect_decode(data, rep, cfg)
+        except _DecodeDeadline:
+            rep.ok, rep.needs_normalisation = False, False
+            rep.reason, rep.detail = DECODE_TIMEOUT, _timeout_detail(cfg, "inspecting and decoding")
+            return rep
+
+
+def _inspect_decode(data: bytes, rep: ImageReport, cfg: CleanConfig) -> ImageReport:
+    """Header, limits, container structure and full decode of ``data`` (inside the pixel limit and deadline)."""
 
     def fail(reason: str, detail: str) -> ImageReport:
         rep.reason, rep.detail = reason, detail
         return rep
 
-    with pil_pixel_limit(cfg.max_pixels):
+    try:
+        img = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        return fail(DECOMPRESSION_BOMB, f"header: {e}")
+    except UnidentifiedImageError:
+        return fail(NOT_AN_IMAGE, _sniff_non_image(data))
+    except Exception as e:  # noqa: BLE001 - a recognised signature with an unreadable header
+        return fail(CORRUPT, f"cannot parse header: {type(e).__name__}: {e}")
+    with img:
+        rep.format, rep.mode = img.format, img.mode
+        w, h = img.size
+        rep.width, rep.height = w, h
+        if rep.format not in cfg.allowed_formats:
+            return fail(UNSUPPORTED_FORMAT, f"format {rep.format} not in {list(cfg.allowed_formats)}")
+        if w * h > cfg.max_pixels:
+            return fail(DECOMPRESSION_BOMB, f"{w}x{h} = {w * h} pixels > max_pixels {cfg.max_pixels}")
+        if min(w, h) < cfg.min_side:
+            return fail(TOO_SMALL_DIMENSIONS, f"{w}x{h}: shorter side < min_side {cfg.min_side}")
+        if rep.format in ("JPEG", "MPO"):
+            problem = _jpeg_structure_problem(data)
+        elif rep.format == "PNG":
+            problem = _png_structure_problem(data)
+        else:
+            problem = None
+        if problem is not None:
+            return fail(*problem)
         try:
-            img = Image.open(io.BytesIO(data))
+            img.load()  # full decode
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            return fail(DECOMPRESSION_BOMB, f"header: {e}")
-        except UnidentifiedImageError:
-            return fail(NOT_AN_IMAGE, _sniff_non_image(data))
-        except Exception as e:  # noqa: BLE001 - a recognised signature with an unreadable header
-            return fail(CORRUPT, f"cannot parse header: {type(e).__name__}: {e}")
-        with img:
-            rep.format, rep.mode = img.format, img.mode
-            w, h = img.size
-            rep.width, rep.height = w, h
-            if rep.format not in cfg.allowed_formats:
-                return fail(UNSUPPORTED_FORMAT, f"format {rep.format} not in {list(cfg.allowed_formats)}")
-            if w * h > cfg.max_pixels:
-                return fail(DECOMPRESSION_BOMB, f"{w}x{h} = {w * h} pixels > max_pixels {cfg.max_pixels}")
-            if min(w, h) < cfg.min_side:
-                return fail(TOO_SMALL_DIMENSIONS, f"{w}x{h}: shorter side < min_side {cfg.min_side}")
-            if rep.format in ("JPEG", "MPO"):
-                problem = _jpeg_structure_problem(data)
-            elif rep.format == "PNG":
-                problem = _png_structure_problem(data)
-            else:
-                problem = None
-            if problem is not None:
-                return fail(*problem)
-            try:
-                img.load()  # full decode
-            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-                return fail(DECOMPRESSION_BOMB, f"decode: {e}")
-            except OSError as e:
-                msg = str(e)
-                return fail(TRUNCATED if "truncated" in msg.lower() else CORRUPT, f"decode failed: {msg}")
-            except Exception as e:  # noqa: BLE001 - bad input must never stop the run
-                return fail(CORRUPT, f"decode failed: {type(e).__name__}: {e}")
-            rep.mode = img.mode
-            try:
-                orientation = img.getexif().get(0x0112)
-            except Exception:  # noqa: BLE001 - bad input must never stop the run
-                orientation = None
-            orientation = int(orientation) if isinstance(orientation, int) and 1 <= orientation <= 8 else None
-            rep.exif_orientation = orientation
-            if orientation in (5, 6, 7, 8):
-                rep.width, rep.height = h, w
-            rep.needs_normalisation = (
-                img.mode != "RGB"
-                or orientation not in (None, 1)
-                or "transparency" in img.info
-                or (_png_bit_depth(data) or 8) > 8
-            )
+            return fail(DECOMPRESSION_BOMB, f"decode: {e}")
+        except OSError as e:
+            msg = str(e)
+            return fail(TRUNCATED if "truncated" in msg.lower() else CORRUPT, f"decode failed: {msg}")
+        except Exception as e:  # noqa: BLE001 - bad input must never stop the run
+            return fail(CORRUPT, f"decode failed: {type(e).__name__}: {e}")
+        rep.mode = img.mode
+        try:
+            orientation = img.getexif().get(0x0112)
+        except Exception:  # noqa: BLE001 - bad input must never stop the run
+            orientation = None
+        orientation = int(orientation) if isinstance(orientation, int) and 1 <= orientation <= 8 else None
+        rep.exif_orientation = orientation
+        if orientation in (5, 6, 7, 8):
+            rep.width, rep.height = h, w
+        rep.needs_normalisation = (
+            img.mode != "RGB"
+            or orientation not in (None, 1)
+            or "transparency" in img.info
+            or (_png_bit_depth(data) or 8) > 8
+        )
     rep.ok = True
     return rep
 
@@ -420,7 +514,10 @@ def normalised_name(sha256: str) -> str:
 def normalise_image(path: str | os.PathLike, out_dir: str | os.PathLike, cfg: CleanConfig | None = None,
                     sha256: str | None = None) -> Path:
     """Write the RGB, upright, lossless PNG of ``path`` to ``out_dir/<sha256>.v1.png`` (atomic rename;
-    an existing file of that name is reused: names are content-addressed). Returns the path."""
+    an existing file of that name is reused: names are content-addressed). Returns the path.
+
+    Raises ``TimeoutError`` when decoding, converting and writing take longer than ``cfg.decode_timeout_s``
+    (no partial file is left behind)."""
     cfg = cfg or CleanConfig()
     data = Path(path).read_bytes()
     sha = sha256 or hashlib.sha256(data).hexdigest()
@@ -428,12 +525,22 @@ def normalise_image(path: str | os.PathLike, out_dir: str | os.PathLike, cfg: Cl
     dest = out / normalised_name(sha)
     if dest.exists():
         return dest
-    with pil_pixel_limit(cfg.max_pixels), Image.open(io.BytesIO(data)) as img:
-        img.load()
-        rgb = to_rgb(img)
     out.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    rgb.save(tmp, format="PNG", compress_level=6)
+    Image.init()
+    with pil_pixel_limit(cfg.max_pixels):
+        try:
+            try:
+                with decode_deadline(cfg.decode_timeout_s):
+                    with Image.open(io.BytesIO(data)) as img:
+                        img.load()
+                        rgb = to_rgb(img)
+                    rgb.save(tmp, format="PNG", compress_level=6)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+        except _DecodeDeadline:
+            raise TimeoutError(_timeout_detail(cfg, "normalising")) from None
     os.replace(tmp, dest)
     return dest
 
@@ -451,19 +558,25 @@ def _inspect_chunk(items: Sequence[tuple[str, Any]], cfg: CleanConfig) -> list[I
     return out
 
 
-def _normalise_chunk(items: Sequence[tuple[str, str]], cfg: CleanConfig, out_dir: str) -> list[tuple[str | None, str]]:
-    out: list[tuple[str | None, str]] = []
+def _normalise_chunk(items: Sequence[tuple[str, str]], cfg: CleanConfig,
+                     out_dir: str) -> list[tuple[str | None, str, str]]:
+    """(clean path or None, reason, detail) per item; reason is "" on success."""
+    out: list[tuple[str | None, str, str]] = []
     for path, sha in items:
         try:
-            out.append((str(normalise_image(path, out_dir, cfg, sha)), ""))
+            out.append((str(normalise_image(path, out_dir, cfg, sha)), "", ""))
+        except TimeoutError as e:
+            out.append((None, DECODE_TIMEOUT, str(e)))
         except Exception as e:  # noqa: BLE001 - bad input must never stop the run
-            out.append((None, f"{type(e).__name__}: {e}"))
+            out.append((None, NORMALISATION_FAILED, f"{type(e).__name__}: {e}"))
     return out
 
 
 def _worker_init() -> None:
-    """Process-pool worker setup: our own process, so the warnings filter can be set for good."""
+    """Process-pool worker setup: our own process, so the warnings filter can be set for good; every
+    Pillow plugin is imported here, not inside the first file's decode time limit."""
     warnings.simplefilter("error", Image.DecompressionBombWarning)
+    Image.init()
 
 
 @contextmanager
@@ -478,8 +591,8 @@ def _crash_inspect(item: Any) -> ImageReport:
     return ImageReport(False, CORRUPT, "decoder crashed the worker process (segfault/abort/out of memory)")
 
 
-def _crash_normalise(item: Any) -> tuple[str | None, str]:
-    return None, "worker process crashed while normalising"
+def _crash_normalise(item: Any) -> tuple[str | None, str, str]:
+    return None, NORMALISATION_FAILED, "worker process crashed while normalising"
 
 
 class _Runner:
@@ -722,12 +835,12 @@ def clean_catalog(manifest: pd.DataFrame, products: pd.DataFrame | None, out_dir
             items2 = list(zip(img["path"].astype(str).to_numpy()[idxs], img["sha256"].to_numpy()[idxs]))
             res = runner.map(partial(_normalise_chunk, cfg=cfg, out_dir=str(out_dir)), items2, _crash_normalise,
                              progress, "normalise images")
-            for idx, (p, err) in zip(idxs, res):
+            for idx, (p, why, err) in zip(idxs, res):
                 if p is not None:
                     clean_path[idx] = p
                     normalised[idx] = True
                 else:
-                    reason[idx] = NORMALISATION_FAILED
+                    reason[idx] = why
                     detail[idx] = err
                     clean_path[idx] = None
         timings["normalise"] = time.perf_counter() - t

@@ -94,11 +94,15 @@ def write_clean(result, clean_dir: Path, params: dict) -> pd.DataFrame:
     staging.mkdir(parents=True)
     kept = result.kept.copy()
     rel = []
+    used: set[tuple[str, str]] = set()
     for row in kept.itertuples(index=False):
         src = str(row.clean_path)
         name = Path(row.key).name
         if row.normalised:
             name = Path(name).stem + ".png"
+        if (row.sku, name) in used:  # e.g. a normalised x.jpg next to a plain x.png: both would be x.png
+            name = f"{Path(name).stem}.{str(row.sha256)[:12]}{Path(name).suffix}"
+        used.add((row.sku, name))
         dst = staging / "images" / row.sku / name
         _link_or_copy(src, dst)
         rel.append(os.path.relpath(clean_dir / "images" / row.sku / name, clean_dir))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -448,3 +449,158 @@ def test_core_library_does_not_import_dagster_or_heavy_libs():
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+# -------------------------------------------------------------------------------- hostile payloads, decode time limit
+
+
+def test_hostile_payloads_direct(tmp_path):
+    """JPEG whose SOF claims 60000x60000, SVG named .png, animated GIF (first frame), 1x400 sliver."""
+    cases = {
+        "sof_bomb.jpg": (g.jpeg_sof_bomb_bytes(60_000, 60_000), C.DECOMPRESSION_BOMB, "3600000000"),
+        "sof_64mp.jpg": (g.jpeg_sof_bomb_bytes(8_000, 8_000), C.DECOMPRESSION_BOMB, "64000000"),
+        "png_bomb.png": (g.png_bomb_bytes(100_000, 100_000), C.DECOMPRESSION_BOMB, "10000000000"),
+        "drawing.png": (g.svg_bytes(), C.NOT_AN_IMAGE, "SVG"),
+    }
+    for name, (data, reason, needle) in cases.items():
+        rep = C.inspect_image(g.write(tmp_path / name, data), SERIAL)
+        assert (rep.ok, rep.reason) == (False, reason), name
+        assert needle in rep.detail, (name, rep.detail)
+    sliver = C.inspect_image(g.write_tiny_dimensions(tmp_path / "sliver.png", width=1, height=400), SERIAL)
+    assert sliver.reason == C.TOO_SMALL_DIMENSIONS and (sliver.width, sliver.height) == (1, 400)
+    gif = g.write(tmp_path / "anim.gif", g.animated_gif_bytes(frames=4, seed=5))
+    rep = C.inspect_image(gif, SERIAL)
+    assert rep.ok and rep.format == "GIF" and rep.needs_normalisation
+    out = C.normalise_image(gif, tmp_path / "norm", SERIAL)
+    with Image.open(gif) as im:
+        assert im.n_frames == 4
+        im.seek(0)
+        first = np.asarray(im.convert("RGB")).astype(int)
+    assert (_rgb(out) == first).all()  # the first frame, as RGB
+
+
+_SLOW_LIMIT = 0.05  # s; the slow PNG takes about 1 s to inspect (asserted > 10x the limit below)
+
+
+@pytest.fixture(scope="module")
+def slow_catalog(tmp_path_factory):
+    """One slow-to-decode PNG among small good JPEGs (one SKU); returns (manifest, slow_path, full_seconds)."""
+    root = tmp_path_factory.mktemp("slow")
+    slow = g.write(root / "S" / "slow.png", g.slow_png_bytes())
+    rows = [g.manifest_row("S", slow)]
+    rows += [g.manifest_row("S", g.write_jpeg(root / "S" / f"good_{i}.jpg", 96, 96, seed=i)) for i in range(5)]
+    t = time.perf_counter()
+    full = C.inspect_image(slow, replace(SERIAL, decode_timeout_s=0))  # no limit: decodes fine, just slowly
+    full_s = time.perf_counter() - t
+    assert full.ok and (full.width, full.height) == (6000, 6000)
+    return g.make_manifest(rows), slow, full_s
+
+
+def test_decode_timeout_drops_the_slow_file_and_the_run_goes_on(slow_catalog, tmp_path):
+    import signal
+
+    manifest, _slow, full_s = slow_catalog
+    assert full_s > 10 * _SLOW_LIMIT  # the limit/size pair leaves a wide margin on a slow machine
+    handler, (delay, _) = signal.getsignal(signal.SIGALRM), signal.getitimer(signal.ITIMER_REAL)
+    t = time.perf_counter()
+    r = C.clean_catalog(manifest, None, tmp_path, replace(SERIAL, decode_timeout_s=_SLOW_LIMIT))
+    elapsed = time.perf_counter() - t
+    reasons = dict(zip(r.images["key"].str.rsplit("/", n=1).str[-1], r.images["reason"]))
+    assert reasons == {"slow.png": C.DECODE_TIMEOUT, **{f"good_{i}.jpg": "" for i in range(5)}}
+    row = r.images[r.images["reason"] == C.DECODE_TIMEOUT].iloc[0]
+    assert "decode_timeout_s 0.05 s" in row["detail"] and row["format"] == "PNG"
+    assert r.stats["dropped_by_reason"] == {C.DECODE_TIMEOUT: 1} and len(r.kept) == 5
+    assert elapsed < full_s  # the slow file was cut short, not decoded to the end
+    # the previous SIGALRM handler is back, and an outer timer (pytest-timeout's) keeps running
+    assert signal.getsignal(signal.SIGALRM) is handler
+    after = signal.getitimer(signal.ITIMER_REAL)[0]
+    assert (after == 0) if delay == 0 else (0 < after <= delay)
+
+
+def test_decode_timeout_in_forkserver_workers_keeps_the_pool(slow_catalog, tmp_path):
+    manifest, _slow, _ = slow_catalog
+    cfg = C.CleanConfig(workers=2, min_parallel=1, chunk_size=1, decode_timeout_s=_SLOW_LIMIT)
+    r = C.clean_catalog(manifest, None, tmp_path, cfg)
+    assert r.stats["backend"] == "process" and r.stats["workers"] == 2
+    assert r.dropped_files["reason"].tolist() == [C.DECODE_TIMEOUT]
+    assert r.dropped_files["key"].iloc[0].endswith("/slow.png")
+    assert len(r.kept) == 5 and not r.images["detail"].str.contains("crashed").any()
+
+
+def test_decode_timeout_in_normalisation(slow_catalog, tmp_path):
+    _, slow, _ = slow_catalog
+    out = tmp_path / "norm"
+    with pytest.raises(TimeoutError, match="normalising took longer than decode_timeout_s"):
+        C.normalise_image(slow, out, replace(SERIAL, decode_timeout_s=_SLOW_LIMIT))
+    assert list(out.iterdir()) == []  # no partial or temp file left behind
+    res = C._normalise_chunk([(str(slow), g.file_sha256(slow))], replace(SERIAL, decode_timeout_s=_SLOW_LIMIT), str(out))
+    assert res[0][0] is None and res[0][1] == C.DECODE_TIMEOUT
+
+
+def test_decode_timeout_config_and_scope():
+    assert C.CleanConfig().decode_timeout_s == 20.0
+    assert C.DECODE_TIMEOUT in C.FILE_REASONS and C.DECODE_TIMEOUT in C.ALL_REASONS
+    for bad in (-1, float("nan"), float("inf"), "5"):
+        with pytest.raises(ValueError, match="decode_timeout_s"):
+            C.CleanConfig(decode_timeout_s=bad)
+    # no limit outside the main thread (thread backend): the deadline is a no-op there
+    import threading
+
+    seen = []
+
+    def work():
+        with C.decode_deadline(0.001):
+            time.sleep(0.05)
+            seen.append("done")
+
+    th = threading.Thread(target=work)
+    th.start()
+    th.join()
+    assert seen == ["done"]
+    with pytest.raises(C._DecodeDeadline):
+        with C.decode_deadline(0.01):
+            time.sleep(1.0)
+
+
+def test_decode_deadline_nests_under_an_outer_alarm():
+    """An outer ITIMER_REAL/SIGALRM user (pytest-timeout, an app) keeps its timer; if it is due first, its
+    handler runs instead of ours."""
+    import signal
+
+    saved_handler, saved_timer = signal.getsignal(signal.SIGALRM), signal.getitimer(signal.ITIMER_REAL)
+    calls = []
+
+    def outer(signum, frame):
+        calls.append("outer")
+
+    try:
+        signal.signal(signal.SIGALRM, outer)
+        signal.setitimer(signal.ITIMER_REAL, 30.0)
+        with pytest.raises(C._DecodeDeadline):  # ours is due first
+            with C.decode_deadline(0.01):
+                time.sleep(1.0)
+        assert signal.getsignal(signal.SIGALRM) is outer and 29.0 < signal.getitimer(signal.ITIMER_REAL)[0] <= 30.0
+        signal.setitimer(signal.ITIMER_REAL, 0.01)
+        with C.decode_deadline(5.0):  # the outer one is due first: its handler runs, ours never fires
+            time.sleep(0.2)
+        assert calls == ["outer"] and signal.getitimer(signal.ITIMER_REAL)[0] == 0
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, saved_handler)
+        if saved_timer[0] > 0:
+            signal.setitimer(signal.ITIMER_REAL, *saved_timer)
+
+
+def test_write_clean_keeps_a_normalised_file_and_a_plain_one_with_the_same_stem(tmp_path):
+    """A normalised ``x.jpg`` is written as ``x.png``; a plain ``x.png`` of the same SKU must not overwrite it."""
+    from skulens.data.layout import write_clean
+
+    rows = [g.manifest_row("S1", g.write_cmyk_jpeg(tmp_path / "raw" / "S1" / "x.jpg", seed=1)),
+            g.manifest_row("S1", g.write_format(tmp_path / "raw" / "S1" / "x.png", "PNG", seed=2))]
+    result = C.clean_catalog(g.make_manifest(rows), None, tmp_path / "norm", SERIAL)
+    assert len(result.kept) == 2 and result.kept["normalised"].tolist() == [True, False]
+    back = write_clean(result, tmp_path / "clean", {})  # read back from the written folder
+    files = back["clean_path"].map(lambda p: Path(p).read_bytes())
+    assert back["clean_path"].nunique() == 2
+    want = {k: Path(p).read_bytes() for k, p in zip(result.kept["key"], result.kept["clean_path"])}
+    assert dict(zip(back["key"], files)) == want  # each row's file is its own image, bit-exact
