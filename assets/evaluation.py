@@ -171,15 +171,31 @@ def registered_model(context: dg.AssetExecutionContext, config: PromotionSetting
                       "champion_version": str(champ)})
     local = mlflow.store(state.cache_path("models")).fetch(trained_encoder["encoder_uri"],
                                                            trained_encoder["encoder_sha256"])
-    res = promotion.register_and_decide(
-        mlflow.tracking_uri, mlflow.model_name, {**trained_encoder, "encoder_path": str(local)}, model_evaluation,
-        metric=config.metric, gallery=config.gallery, margin=config.margin, checks_passed=checks_passed,
-        experiment=mlflow.experiment, extra_lineage={"dagster_run_id": context.run.run_id},
-        tags={"dagster.run_id": context.run.run_id},
-    )
+    from skulens.registry.model_registry import RegistrationError
+
+    try:
+        res = promotion.register_and_decide(
+            mlflow.tracking_uri, mlflow.model_name, {**trained_encoder, "encoder_path": str(local)}, model_evaluation,
+            metric=config.metric, gallery=config.gallery, margin=config.margin, checks_passed=checks_passed,
+            experiment=mlflow.experiment, extra_lineage={"dagster_run_id": context.run.run_id},
+            tags={"dagster.run_id": context.run.run_id},
+        )
+    except RegistrationError as e:  # one line: where, which step, and that a re-run is safe
+        raise dg.Failure(description=f"skulens error: {e}",
+                         metadata={"mlflow": e.tracking_uri, "failed_step": e.step, "version": str(e.version),
+                                   "promoted": e.promoted}) from e
     (context.log.info if res["promoted"] else context.log.warning)(
         f"v{res['version']}: {'PROMOTED to champion' if res['promoted'] else 'not promoted'}: {res['reason']}")
-    mv = mlflow.client().get_model_version(mlflow.model_name, res["version"])
+    try:
+        from skulens.registry.store import bounded_http
+
+        with bounded_http(10, 1):
+            mv = mlflow.client().get_model_version(mlflow.model_name, res["version"])
+            run_url = _run_url(mlflow, mv.run_id)
+    except Exception as e:  # noqa: BLE001 - registered and decided: only the links are missing
+        context.log.warning(f"v{res['version']} registered, but MLflow did not answer for its metadata: "
+                            f"{type(e).__name__}")
+        mv, run_url = None, "n/a"
     meta = {
         "model_name": mlflow.model_name, "version": res["version"], "promoted": res["promoted"],
         "decision": dg.MetadataValue.md(f"**{'promoted' if res['promoted'] else 'kept champion'}**: {res['reason']}"),
@@ -190,9 +206,9 @@ def registered_model(context: dg.AssetExecutionContext, config: PromotionSetting
         "champion_metric": res["champion_metric"] if res["champion_metric"] is not None else "n/a",
         "eval_set": res["eval_set"], "checks_passed": checks_passed,
         "checks": dg.MetadataValue.json(checks),
-        "lineage": dg.MetadataValue.json({k[len("lineage."):]: v for k, v in (mv.tags or {}).items()
+        "lineage": dg.MetadataValue.json({k[len("lineage."):]: v for k, v in ((mv.tags if mv else None) or {}).items()
                                           if k.startswith("lineage.")}),
-        "mlflow_run": _run_url(mlflow, mv.run_id),
+        "mlflow_run": run_url,
     }
     return dg.MaterializeResult(value=res, metadata=meta)
 

@@ -132,8 +132,17 @@ def trained_encoder(context: dg.AssetExecutionContext, config: TrainSettings, ba
     }
     try:
         summary = training.train(context, request)
-    except BaseException:
-        client.set_terminated(run_id, "FAILED")
+    except BaseException as exc:
+        from skulens.model.training_run import MlflowLoggingError
+        from skulens.registry.store import bounded_http
+
+        try:  # bounded: MLflow may be why we are here
+            with bounded_http(5, 0):
+                client.set_terminated(run_id, "FAILED")
+        except Exception as e:  # noqa: BLE001 - the training error is the one to report
+            context.log.warning(f"could not mark MLflow run {run_id} FAILED: {type(e).__name__}")
+        if isinstance(exc, MlflowLoggingError):  # checkpoint and unsent metrics kept: a re-run resumes
+            raise dg.Failure(description=f"skulens error: {exc}") from exc
         raise
     final = {k: summary[k] for k in ("val_acc_before", "val_acc", "images_per_s", "steps") if summary.get(k) is not None}
     client.log_batch(run_id, metrics=[Metric(f"final/{k}", float(v), 0, 0) for k, v in final.items()],

@@ -1,4 +1,5 @@
 import dagster as dg
+from pydantic import Field
 
 
 class MlflowResource(dg.ConfigurableResource):
@@ -7,6 +8,16 @@ class MlflowResource(dg.ConfigurableResource):
     tracking_uri: str
     experiment: str = "skulens"
     model_name: str = "skulens-encoder"
+    timeout_s: float = Field(default=10.0, description="seconds per MLflow request from asset code (MLflow's "
+                             "own default retries for minutes when the server is down)")
+    retries: int = Field(default=2, description="retries per MLflow request from asset code")
+
+    def bounded(self):
+        """A context in which MLflow client calls give up after ``timeout_s`` x ``retries`` (an explicit
+        MLFLOW_HTTP_REQUEST_* environment setting wins)."""
+        from skulens.registry.store import bounded_http
+
+        return bounded_http(self.timeout_s, self.retries)
 
     def start_run(self, run_name: str, tags: dict | None = None) -> str:
         from mlflow.tracking import MlflowClient
@@ -14,8 +25,9 @@ class MlflowResource(dg.ConfigurableResource):
         from skulens.registry.model_registry import experiment_id
 
         client = MlflowClient(self.tracking_uri)
-        return client.create_run(experiment_id(client, self.experiment), run_name=run_name,
-                                 tags=tags or {}).info.run_id
+        with self.bounded():
+            return client.create_run(experiment_id(client, self.experiment), run_name=run_name,
+                                     tags=tags or {}).info.run_id
 
     def client(self):
         from mlflow.tracking import MlflowClient

@@ -20,15 +20,19 @@
 * CPU: on a busy machine set ``OMP_WAIT_POLICY=PASSIVE`` before torch is imported (spinning OpenMP
   threads made training 4x and the transforms 10-50x slower on a shared 2-core box).
 * A checkpoint (model, ArcFace, optimiser, scheduler, scaler, epoch, step, RNG states, history) is
-  written atomically after every epoch to ``out_dir/checkpoint.pt``; ``train(..., resume=True)`` in
-  the same ``out_dir`` continues from it. Batch order depends only on ``(seed, epoch)`` and each
-  sample's augmentation only on ``(seed, epoch, index)``, so a resumed run takes the same steps as an
-  uninterrupted one (bit-identical on CPU).
+  written atomically after every epoch to ``out_dir/checkpoint.pt``, and inside an epoch every
+  ``checkpoint_every_steps`` steps and at least every ``checkpoint_every_s`` seconds (then with the
+  position in the epoch and the epoch's running loss); ``train(..., resume=True)`` in the same
+  ``out_dir`` continues from it, mid-epoch at the next batch. Batch order depends only on
+  ``(seed, epoch)`` and each sample's augmentation only on ``(seed, epoch, index)``, so a resumed run
+  takes the same steps as an uninterrupted one (bit-identical on CPU), wherever it was killed.
 * Validation: top-1 of 1-NN of the validation images against the L2-normalised embeddings of the
   (unaugmented) training images, after every epoch (and before training when ``val_before``).
 
 No mlflow / dagster here: metrics go to ``log_fn(kind, step, metrics)`` with ``kind`` ``"step"``
-(loss, lr, arcface_lr) or ``"epoch"`` (epoch, train_loss, val_acc, images_per_s, seconds).
+(loss, lr, arcface_lr), ``"epoch"`` (epoch, train_loss, val_acc, images_per_s, seconds) or
+``"checkpoint"`` (epoch, epoch_step: a checkpoint at ``step`` was just written; everything logged so
+far is in it, so a logger that buffers can persist what it has not sent yet).
 """
 
 from __future__ import annotations
@@ -90,6 +94,8 @@ class TrainConfig:
     grad_clip: float | None = 1.0
     val_before: bool = True  # validation accuracy before the first step (epoch 0)
     embed_batch_size: int = 64
+    checkpoint_every_steps: int | None = None  # also checkpoint inside an epoch every this many steps
+    checkpoint_every_s: float | None = 300.0  # ... and at least this often (seconds; None: epoch ends only)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -254,7 +260,7 @@ def _fingerprint(
     cfg: TrainConfig, spec: ModelSpec, train_df: pd.DataFrame, val_df: pd.DataFrame | None
 ) -> str:
     c = cfg.to_dict()
-    for k in ("num_workers", "embed_batch_size"):
+    for k in ("num_workers", "embed_batch_size", "checkpoint_every_steps", "checkpoint_every_s"):
         c.pop(k, None)
 
     def rows(df):
@@ -422,6 +428,11 @@ def train(
     start_epoch, step, history = 0, 0, []
     train_images, train_seconds = 0, 0.0
     resumed_from = 0
+    # inside an epoch: (batches done, the epoch's losses, images, seconds, RNG state) of a mid-epoch checkpoint
+    mid: tuple | None = None
+    resumed_mid = 0
+    for stale in out_dir.glob(f".{CHECKPOINT_NAME}.tmp*"):  # a process killed while writing one
+        stale.unlink(missing_ok=True)
     if resume and ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         if ck.get("fingerprint") != fp:
@@ -436,7 +447,12 @@ def train(
             start_epoch, step, history = int(ck["epoch"]), int(ck["step"]), list(ck["history"])
             train_images, train_seconds = int(ck["train_images"]), float(ck["train_seconds"])
             resumed_from = step
-            log.info("resumed from %s at epoch %d, step %d", ckpt_path, start_epoch, step)
+            if int(ck.get("epoch_step") or 0) > 0:
+                mid = (int(ck["epoch_step"]), [float(v) for v in ck["epoch_losses"]], int(ck["epoch_seen"]),
+                       float(ck["epoch_seconds"]), ck["rng"])
+            resumed_mid = mid[0] if mid else 0
+            log.info("resumed from %s at epoch %d%s, step %d", ckpt_path, start_epoch,
+                     f" (batch {mid[0]} of {steps_per_epoch})" if mid else "", step)
 
     # validation gallery / ArcFace prototypes: every distinct training image once (not the copies)
     distinct = train_df.drop_duplicates("clean_path")
@@ -482,6 +498,38 @@ def train(
 
         bar = tqdm(total=total_steps, initial=step, desc="fine-tune", unit="step", dynamic_ncols=True)
 
+    def checkpoint(epochs_done: int, epoch_step: int = 0, losses=(), seen: int = 0, secs: float = 0.0) -> None:
+        """``epochs_done`` complete epochs plus ``epoch_step`` batches of the next one (with its running
+        loss list, images and seconds so far): everything a resumed run needs to take the same steps."""
+        _atomic_save(
+            {
+                "format": "skulens-train-checkpoint/1",
+                "fingerprint": fp,
+                "spec": spec.to_dict(),
+                "labels": labels,
+                "epoch": epochs_done,
+                "step": step,
+                "total_steps": total_steps,
+                "epoch_step": int(epoch_step),
+                "epoch_losses": [float(v) for v in losses],
+                "epoch_seen": int(seen),
+                "epoch_seconds": float(secs),
+                "model": encoder.model.state_dict(),
+                "arcface": loss_fn.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "rng": _rng_state(),
+                "history": history,
+                "train_images": train_images,
+                "train_seconds": train_seconds,
+            },
+            ckpt_path,
+        )
+
+    every_steps = int(cfg.checkpoint_every_steps or 0)
+    every_s = float(cfg.checkpoint_every_s or 0.0)
+    last_ckpt = time.monotonic()
     epoch = start_epoch
     try:
         while epoch < cfg.epochs and step < total_steps:
@@ -489,17 +537,22 @@ def train(
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
             perm = torch.randperm(n, generator=gen).tolist()
             batches = [perm[i * bs : (i + 1) * bs] for i in range(steps_per_epoch)]
+            skip, losses, seen, prior_secs, mid_rng = mid if mid else (0, [], 0, 0.0, None)
+            mid = None
             loader = torch.utils.data.DataLoader(
                 dataset,
-                batch_sampler=batches,
+                batch_sampler=batches[skip:],
                 num_workers=cfg.num_workers,
                 pin_memory=dev.type == "cuda",
             )
             _set_train_mode(encoder, cfg.freeze_bn)
             loss_fn.train()
             t0 = time.perf_counter()
-            losses, seen = [], 0
-            for x, y in loader:
+            batch_iter = iter(loader)
+            if mid_rng is not None:  # after the iterator drew its seed, as it did at this epoch's start
+                _set_rng_state(mid_rng)
+            epoch_step = skip
+            for x, y in batch_iter:
                 if step >= total_steps:
                     break
                 x = x.to(dev, non_blocking=True)
@@ -518,6 +571,7 @@ def train(
                 scaler.update()
                 scheduler.step()
                 step += 1
+                epoch_step += 1
                 seen += x.shape[0]
                 lv = float(loss.detach())
                 losses.append(lv)
@@ -533,7 +587,12 @@ def train(
                         "arcface_lr": optimizer.param_groups[arc_idx]["lr"],
                     },
                 )
-            secs = time.perf_counter() - t0
+                due = (every_steps and step % every_steps == 0) or (every_s and time.monotonic() - last_ckpt >= every_s)
+                if due and epoch_step < len(batches) and step < total_steps:  # the epoch's end writes its own
+                    checkpoint(epoch, epoch_step, losses, seen, prior_secs + time.perf_counter() - t0)
+                    last_ckpt = time.monotonic()
+                    emit("checkpoint", step, {"epoch": epoch, "epoch_step": epoch_step})
+            secs = prior_secs + time.perf_counter() - t0
             train_images += seen
             train_seconds += secs
             epoch += 1
@@ -548,28 +607,10 @@ def train(
                 "lr": optimizer.param_groups[top_idx]["lr"],
             }
             history.append(rec)
-            _atomic_save(
-                {
-                    "format": "skulens-train-checkpoint/1",
-                    "fingerprint": fp,
-                    "spec": spec.to_dict(),
-                    "labels": labels,
-                    "epoch": epoch,
-                    "step": step,
-                    "total_steps": total_steps,
-                    "model": encoder.model.state_dict(),
-                    "arcface": loss_fn.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "rng": _rng_state(),
-                    "history": history,
-                    "train_images": train_images,
-                    "train_seconds": train_seconds,
-                },
-                ckpt_path,
-            )
+            checkpoint(epoch)
+            last_ckpt = time.monotonic()
             emit("epoch", step, rec)
+            emit("checkpoint", step, {"epoch": epoch, "epoch_step": 0})
     finally:
         if bar is not None:
             bar.close()
@@ -591,6 +632,7 @@ def train(
         device=str(dev),
         resumed_from_step=resumed_from,
         extra={
+            "resumed_from_epoch_step": resumed_mid,
             "steps_per_epoch": steps_per_epoch,
             "total_steps": total_steps,
             "warmup_steps": warmup,

@@ -17,33 +17,80 @@ The request is JSON-serialisable and holds no local path another machine could n
 
 from __future__ import annotations
 
+import collections
+import json
+import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from skulens.data import layout
 
+log = logging.getLogger(__name__)
+
+#: the training metrics a process could not send (MLflow down), next to the checkpoint; sent by the next attempt
+UNSENT_METRICS = "unsent-metrics.json"
+
+
+class MlflowLoggingError(RuntimeError):
+    """MLflow stayed unreachable (or failing) at the end of training: the training metrics (or the encoder)
+    could not be sent. The checkpoint and the unsent metrics are kept on disk; a retry resumes and sends them."""
+
 
 class MlflowStepLogger:
-    """A train() log_fn that sends per-step loss and per-epoch validation accuracy to an MLflow run."""
+    """A train() log_fn that sends per-step loss and per-epoch validation accuracy to an MLflow run.
 
-    def __init__(self, tracking_uri: str, run_id: str, flush_every: int = 20, echo: Callable[[str], None] | None = None):
+    An MLflow outage (connection refused or reset, timeout, 5xx) does not stop training: metrics stay
+    buffered in memory (at most ``max_buffer``; beyond that the oldest are dropped and counted), one
+    warning per outage goes to ``echo`` and the log, and the next flush (at most every
+    ``retry_every_s`` while MLflow is down) sends them. At every checkpoint the metrics not sent yet are
+    written to ``spool_path`` (with the run id), so a process killed during an outage loses none:
+    the next logger on the same ``spool_path`` sends them first. :meth:`close` (the end of training)
+    retries for up to ``final_retry_s`` with a growing backoff and then raises
+    :class:`MlflowLoggingError`. A request MLflow refuses (4xx) still raises at once. Each MLflow call
+    is bounded by ``timeout_s`` and ``retries`` (MLflow's own default retries for minutes)."""
+
+    def __init__(self, tracking_uri: str, run_id: str, flush_every: int = 20, echo: Callable[[str], None] | None = None,
+                 max_buffer: int = 100_000, spool_path=None, final_retry_s: float = 60.0,
+                 retry_every_s: float = 15.0, timeout_s: float = 10.0, retries: int = 1):
         from mlflow.tracking import MlflowClient
 
+        self.tracking_uri, self.run_id = tracking_uri, run_id
         self.client = MlflowClient(tracking_uri)
-        self.run_id = run_id
         self.flush_every = flush_every
         self.echo = echo
-        self._buf = []
+        self.max_buffer = int(max_buffer)
+        self.spool_path = Path(spool_path) if spool_path else None
+        self.final_retry_s, self.retry_every_s = float(final_retry_s), float(retry_every_s)
+        self.timeout_s, self.retries = float(timeout_s), int(retries)
+        self._buf: collections.deque = collections.deque()  # (run_id, Metric)
+        self.sent = 0  # metrics delivered
+        self.dropped = 0  # metrics dropped because the buffer was full during an outage
+        self.outages = 0
+        self._down_since: float | None = None
+        self._last_try = 0.0
+        self._load_spool()
 
+    # ------------------------------------------------------------------ train() callback
     def __call__(self, kind: str, step: int, metrics: dict) -> None:
         from mlflow.entities import Metric
 
+        if kind == "checkpoint":  # what was logged so far is in the checkpoint: send it or keep it on disk
+            self.flush()
+            self._write_spool()
+            return
         ts = int(time.time() * 1000)
         for key, value in metrics.items():
             if isinstance(value, (int, float)) and value is not None and key not in ("epoch", "step"):
                 name = f"train/{key}" if kind == "step" else f"val/{key}" if key.startswith("val") else f"epoch/{key}"
-                self._buf.append(Metric(name, float(value), ts, int(step)))
+                self._buf.append((self.run_id, Metric(name, float(value), ts, int(step))))
+        while len(self._buf) > self.max_buffer:
+            self._buf.popleft()
+            self.dropped += 1
+            if self.dropped == 1:
+                self._say(f"MLflow metrics buffer full ({self.max_buffer}): dropping the oldest step metrics "
+                          "until MLflow is back")
         if kind == "epoch":
             if self.echo:
                 self.echo(f"epoch {metrics.get('epoch')}: " + ", ".join(
@@ -52,10 +99,142 @@ class MlflowStepLogger:
         elif len(self._buf) >= self.flush_every:
             self.flush()
 
-    def flush(self) -> None:
-        for i in range(0, len(self._buf), 900):  # MLflow caps a batch at 1000 metrics
-            self.client.log_batch(self.run_id, metrics=self._buf[i:i + 900])
-        self._buf = []
+    @property
+    def pending(self) -> int:
+        """Metrics not sent yet."""
+        return len(self._buf)
+
+    # ------------------------------------------------------------------ sending
+    def _send(self) -> None:
+        """Send the buffer in batches (MLflow caps a batch at 1000 metrics); what went out leaves the buffer."""
+        from skulens.registry.store import bounded_http
+
+        with bounded_http(self.timeout_s, self.retries):
+            while self._buf:
+                run_id = self._buf[0][0]
+                batch = []
+                for rid, m in self._buf:
+                    if rid != run_id or len(batch) >= 900:
+                        break
+                    batch.append(m)
+                self.client.log_batch(run_id, metrics=batch)
+                for _ in batch:
+                    self._buf.popleft()
+                self.sent += len(batch)
+
+    def flush(self) -> bool:
+        """Send what is buffered. True when the buffer is empty afterwards; False (no exception) when MLflow
+        is down: the metrics stay buffered for the next flush."""
+        from skulens.registry.store import transient_mlflow_error
+
+        if not self._buf:
+            return True
+        now = time.monotonic()
+        if self._down_since is not None and now - self._last_try < self.retry_every_s:
+            return False  # still down a moment ago: do not stall training on every step
+        self._last_try = now
+        try:
+            self._send()
+        except Exception as e:
+            if not transient_mlflow_error(e):
+                raise
+            self._outage(e)
+            return False
+        self._back()
+        if self.spool_path is not None and self.spool_path.exists():  # everything it held is sent now
+            self.spool_path.unlink(missing_ok=True)
+        return True
+
+    def close(self, checkpoint_dir=None) -> None:
+        """The end of training: send everything, retrying up to ``final_retry_s``; then raise
+        :class:`MlflowLoggingError` (the unsent metrics go to ``spool_path`` first)."""
+        from skulens.registry.store import transient_mlflow_error
+
+        deadline = time.monotonic() + self.final_retry_s
+        delay = 0.5
+        while True:
+            try:
+                self._send()
+                self._back()
+                self._write_spool()  # nothing left: removes it
+                return
+            except Exception as e:
+                if not transient_mlflow_error(e):
+                    raise
+                self._outage(e)
+                cause = e
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, 10.0)
+        self._write_spool()
+        where = f" in {checkpoint_dir}" if checkpoint_dir else ""
+        kept = f"; they are kept in {self.spool_path}" if self.spool_path else ""
+        raise MlflowLoggingError(
+            f"MLflow at {_redact(self.tracking_uri)} is unreachable: {self.pending} training metrics of run "
+            f"{self.run_id} could not be logged after retrying for {self.final_retry_s:.0f}s "
+            f"({_short(cause)}){kept}. The training checkpoint{where} is kept: re-run the "
+            "step once MLflow is up; it resumes from the checkpoint (no retraining) and sends them.") from cause
+
+    # ------------------------------------------------------------------ outage bookkeeping
+    def _say(self, text: str) -> None:
+        log.warning(text)
+        if self.echo:
+            self.echo(text)
+
+    def _outage(self, e: BaseException) -> None:
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            self.outages += 1
+            self._say(f"MLflow at {_redact(self.tracking_uri)} is unreachable ({_short(e)}); "
+                      f"training continues, {self.pending} metrics are buffered (at most {self.max_buffer}) and "
+                      "sent when it is back")
+
+    def _back(self) -> None:
+        if self._down_since is not None:
+            secs = time.monotonic() - self._down_since
+            self._down_since = None
+            lost = f"; {self.dropped} of the oldest were dropped (buffer full)" if self.dropped else ""
+            self._say(f"MLflow at {_redact(self.tracking_uri)} is back after {secs:.0f}s: buffered metrics sent{lost}")
+
+    # ------------------------------------------------------------------ the spool (unsent metrics on disk)
+    def _write_spool(self) -> None:
+        if self.spool_path is None:
+            return
+        if not self._buf:
+            self.spool_path.unlink(missing_ok=True)
+            return
+        rows = [[rid, m.key, m.value, m.timestamp, m.step] for rid, m in self._buf]
+        self.spool_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.spool_path.with_name(f".{self.spool_path.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"format": "skulens-unsent-metrics/1", "metrics": rows}))
+        os.replace(tmp, self.spool_path)
+
+    def _load_spool(self) -> None:
+        if self.spool_path is None or not self.spool_path.is_file():
+            return
+        from mlflow.entities import Metric
+
+        try:
+            rows = json.loads(self.spool_path.read_text())["metrics"]
+        except (OSError, ValueError, KeyError, TypeError):
+            log.warning("%s is not readable: ignoring it", self.spool_path)
+            return
+        self._buf.extend((rid, Metric(k, float(v), int(ts), int(st))) for rid, k, v, ts, st in rows)
+        log.info("%d training metrics not sent by an earlier attempt: sending them first", len(rows))
+
+
+def _redact(uri) -> str:
+    from skulens.registry.model_registry import _redact as redact
+
+    return redact(uri)
+
+
+def _short(e: BaseException) -> str:
+    from skulens.registry.store import mlflow_error_text
+
+    return _redact(mlflow_error_text(e))
 
 
 def _restore_eval_size(encoder_path, spec) -> dict:
@@ -85,12 +264,13 @@ def run_training(request: dict, echo: Callable[[str], None] | None = None) -> di
     cfg = TrainConfig(**request["config"])
     log_fn = None
     if request.get("mlflow_uri") and request.get("mlflow_run_id"):
-        log_fn = MlflowStepLogger(request["mlflow_uri"], request["mlflow_run_id"], echo=echo)
+        log_fn = MlflowStepLogger(request["mlflow_uri"], request["mlflow_run_id"], echo=echo,
+                                  spool_path=out_dir / UNSENT_METRICS, **(request.get("mlflow_logger") or {}))
     t0 = time.perf_counter()
     result = train(train_df, val_df, spec, cfg, out_dir=out_dir, log_fn=log_fn,
                    progress=request.get("progress", True), device=request.get("device"), resume=True)
     if log_fn:
-        log_fn.flush()
+        log_fn.close(checkpoint_dir=out_dir)
     final_spec = _restore_eval_size(result.encoder_path, spec)
     val = [v for v in result.val_acc if v is not None]
     from skulens.registry.store import file_sha256
@@ -98,11 +278,14 @@ def run_training(request: dict, echo: Callable[[str], None] | None = None) -> di
     sha = file_sha256(result.encoder_path)
     uri = str(result.encoder_path)
     if request.get("mlflow_uri") and request.get("mlflow_run_id"):
-        uri = upload_encoder(request["mlflow_uri"], request["mlflow_run_id"], result.encoder_path)
+        uri = _upload_or_fail(request["mlflow_uri"], request["mlflow_run_id"], result.encoder_path, out_dir,
+                              **{k: v for k, v in (request.get("mlflow_logger") or {}).items()
+                                 if k in ("timeout_s", "retries", "final_retry_s")})
     return {
         "encoder_uri": uri,
         "encoder_sha256": sha,
         "steps": int(result.steps),
+        "resumed_from_step": int(result.resumed_from_step),
         "val_acc_before": result.val_acc_before,
         "val_acc": val[-1] if val else None,
         "val_acc_per_epoch": val,
@@ -130,6 +313,31 @@ def _dataset_dirs(request: dict, out_dir: Path) -> tuple[Path, Path]:
 
     client = client_from_env(request.get("s3_endpoint"), request.get("s3_region"))
     return bundles.fetch(client, ds["uri"], ds["sha256"], out_dir / "datasets")
+
+
+def _upload_or_fail(tracking_uri: str, run_id: str, encoder_path, out_dir, timeout_s: float = 10.0,
+                    retries: int = 1, final_retry_s: float = 60.0) -> str:
+    """:func:`upload_encoder`, bounded, retried up to ``final_retry_s``, then one clear :class:`MlflowLoggingError`."""
+    from skulens.registry.store import bounded_http, transient_mlflow_error
+
+    deadline, delay = time.monotonic() + final_retry_s, 0.5
+    while True:
+        try:
+            with bounded_http(timeout_s, retries):
+                return upload_encoder(tracking_uri, run_id, encoder_path)
+        except Exception as e:
+            if not transient_mlflow_error(e):
+                raise
+            cause = e
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        time.sleep(min(delay, left))
+        delay = min(delay * 2, 10.0)
+    raise MlflowLoggingError(
+        f"MLflow at {_redact(tracking_uri)} is unreachable: the trained encoder could not be uploaded to run {run_id} "
+        f"({_short(cause)}). The trained encoder and checkpoint in {out_dir} are kept: re-run "
+        "the step once MLflow is up; it resumes at the last step (no retraining) and uploads it.") from cause
 
 
 def upload_encoder(tracking_uri: str, run_id: str, encoder_path) -> str:

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 from skulens.registry.store import file_sha256
@@ -97,6 +98,8 @@ def register_and_decide(
     experiment: str | None = None,
     extra_lineage: dict | None = None,
     tags: dict | None = None,
+    timeout_s: float = 10.0,
+    retries: int = 2,
 ) -> dict:
     """Register the challenger (alias ``challenger``) with lineage, then promote it to ``champion``
     only if it beats the champion evaluated in the same run on the same crops.
@@ -104,9 +107,29 @@ def register_and_decide(
     Never promotes when: data checks failed, the challenger metric is missing, the champion could
     not be evaluated on these crops, the champion alias moved since the evaluation (another run
     promoted meanwhile), or the challenger is not better by ``margin``. A tie is not promoted.
+
+    Order (the champion alias is the commit point): register (or find again) the version, decide,
+    record the decision tags and the version's description, mark it ``skulens.registration=complete``,
+    set ``challenger``, then ``previous-champion`` and ``champion``, then the model's description. An
+    MLflow failure at any step raises :class:`skulens.registry.model_registry.RegistrationError` (URI,
+    step, "nothing was promoted; re-run the step"); the retry completes the same version, and a champion
+    alias that already names it (moved by the failed attempt) counts as this version's promotion.
     """
-    from skulens.registry.model_registry import get_champion, log_and_register, promote
+    from skulens.registry.model_registry import (
+        CHALLENGER,
+        CHAMPION,
+        PREVIOUS,
+        RegistrationError,
+        _client,
+        _mark_complete,
+        _redact,
+        _Steps,
+        _version_by_alias,
+        get_champion,
+        log_and_register,
+    )
     from skulens.registry.promotion import decide_promotion
+    from skulens.registry.store import _bounded_http
 
     encoder_path = trained["encoder_path"]  # the verified local copy (ModelStore.fetch of encoder_uri)
     sha = evaluation.get("challenger_sha256")
@@ -120,66 +143,116 @@ def register_and_decide(
     spec, cfg = saved_spec(encoder_path) or trained.get("spec") or {}, trained.get("train_config") or {}
     params = {**{f"model.{k}": v for k, v in spec.items()}, **{f"train.{k}": v for k, v in cfg.items()},
               "eval.gallery": gallery, "eval.metric": metric, "eval.k": evaluation.get("k")}
-    version = log_and_register(
-        tracking_uri, model_name, encoder_path,
-        metrics=registration_metrics(trained, evaluation, gallery), params=params,
-        tags={**training_run_tags(tracking_uri, trained.get("mlflow_run_id")),
-              "run_name": f"register-{spec.get('name', 'encoder')}", "skulens.stage": "register", **(tags or {})},
-        lineage=lineage(trained, evaluation, extra_lineage), experiment=experiment,
-        run_id=trained.get("mlflow_run_id"),  # the training run: the version's source run has the curves
-    )
+    steps = _Steps(tracking_uri, model_name)
+    with _bounded_http(timeout_s, retries):
+        with steps.step("reading the training run's tags"):
+            run_tags = training_run_tags(tracking_uri, trained.get("mlflow_run_id"))
+        version = log_and_register(
+            tracking_uri, model_name, encoder_path,
+            metrics=registration_metrics(trained, evaluation, gallery), params=params,
+            tags={**run_tags, "run_name": f"register-{spec.get('name', 'encoder')}", "skulens.stage": "register",
+                  **(tags or {})},
+            lineage=lineage(trained, evaluation, extra_lineage), experiment=experiment,
+            run_id=trained.get("mlflow_run_id"),  # the training run: the version's source run has the curves
+            complete=False, timeout_s=timeout_s, retries=retries, _steps=steps,
+        )
+        steps.version = version
+        client = _client(tracking_uri)
 
-    evaluated = evaluation.get("champion_version")
-    current = get_champion(tracking_uri, model_name)
-    current_version = current[0] if current else None
-    champion_metric = None
-    if current_version != evaluated and evaluated is None and not evaluation.get("champion_checked", True):
-        promote_it, reason = False, (f"champion v{current_version} was not evaluated in this run (include_champion="
-                                     "False): not comparable, keeping the champion")
-    elif current_version != evaluated:
-        promote_it, reason = False, (f"champion changed during the run (evaluated v{evaluated}, now v{current_version}): "
-                                     "not comparable, keeping the champion; run again to compare on the same crops")
-    elif current is None:
-        promote_it, reason = decide_promotion(challenger, None, metric=metric, margin=margin,
-                                              checks_passed=checks_passed)
-    else:
-        champ_eval = evaluation["models"].get("champion")
-        champion = {"eval_set": eval_set}
-        if champ_eval:
-            champion.update(champ_eval["metrics"].get(gallery, {}))
-            champion_metric = champion.get(metric)
-        promote_it, reason = decide_promotion(challenger, champion, metric=metric, margin=margin,
-                                              checks_passed=checks_passed)
-        if not champ_eval and evaluation.get("champion_error"):
-            reason += f" (champion v{evaluated} could not be evaluated: {evaluation['champion_error']})"
+        evaluated = evaluation.get("champion_version")
+        with steps.step("reading the champion alias"):
+            current = get_champion(tracking_uri, model_name)
+        current_version = current[0] if current else None
+        champion_metric = None
+        already = current_version == version  # a failed attempt of this registration moved the alias already
+        if already:
+            with steps.step("reading the version's decision"):
+                recorded = client.get_model_version(model_name, version).tags or {}
+                before = _version_by_alias(client, model_name, PREVIOUS)
+            promote_it = True
+            reason = recorded.get("promotion_decision_reason") or recorded.get("promotion_reason") or \
+                f"v{version} is champion already (promoted by an earlier attempt of this registration)"
+            previous = str(before.version) if before is not None and str(before.version) != version else evaluated
+            champ_eval = evaluation["models"].get("champion")
+            if champ_eval and evaluated != version:
+                champion_metric = champ_eval["metrics"].get(gallery, {}).get(metric)
+        elif current_version != evaluated and evaluated is None and not evaluation.get("champion_checked", True):
+            promote_it, reason = False, (f"champion v{current_version} was not evaluated in this run (include_champion="
+                                         "False): not comparable, keeping the champion")
+        elif current_version != evaluated:
+            promote_it, reason = False, (f"champion changed during the run (evaluated v{evaluated}, now "
+                                         f"v{current_version}): not comparable, keeping the champion; run again to "
+                                         "compare on the same crops")
+        elif current is None:
+            promote_it, reason = decide_promotion(challenger, None, metric=metric, margin=margin,
+                                                  checks_passed=checks_passed)
+        else:
+            champ_eval = evaluation["models"].get("champion")
+            champion = {"eval_set": eval_set}
+            if champ_eval:
+                champion.update(champ_eval["metrics"].get(gallery, {}))
+                champion_metric = champion.get(metric)
+            promote_it, reason = decide_promotion(challenger, champion, metric=metric, margin=margin,
+                                                  checks_passed=checks_passed)
+            if not champ_eval and evaluation.get("champion_error"):
+                reason += f" (champion v{evaluated} could not be evaluated: {evaluation['champion_error']})"
+        if not already:
+            previous = current_version
 
-    previous = None
-    if promote_it:
-        previous = promote(tracking_uri, model_name, version, reason=reason)
-    from skulens.registry.model_registry import _client
-
-    client = _client(tracking_uri)
-    client.set_model_version_tag(model_name, version, "promotion_decision", "promoted" if promote_it else "kept-champion")
-    client.set_model_version_tag(model_name, version, "promotion_decision_reason", reason[:5000])
-    after = get_champion(tracking_uri, model_name)
-    client.update_model_version(model_name, version, description=version_description(
-        promote_it, reason, metric=metric, gallery=gallery, challenger=challenger.get(metric),
-        champion=champion_metric, eval_set=eval_set, spec=spec, trained=trained))
-    client.update_registered_model(model_name, description=model_description(after[0] if after else None, metric,
-                                                                                gallery))
+        # 1. everything about the version, while no alias names it as champion yet
+        with steps.step("recording the promotion decision"):
+            client.set_model_version_tag(model_name, version, "promotion_decision",
+                                         "promoted" if promote_it else "kept-champion")
+            client.set_model_version_tag(model_name, version, "promotion_decision_reason", reason[:5000])
+            if promote_it and not already:
+                client.set_model_version_tag(model_name, version, "promoted_at",
+                                             datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                client.set_model_version_tag(model_name, version, "promotion_reason", _redact(reason)[:5000])
+            elif not promote_it:  # an earlier attempt decided otherwise but never moved the alias
+                stale = client.get_model_version(model_name, version).tags or {}
+                for k in ("promoted_at", "promotion_reason"):
+                    if k in stale:
+                        client.delete_model_version_tag(model_name, version, k)
+        with steps.step("updating the version description"):
+            client.update_model_version(model_name, version, description=version_description(
+                promote_it, reason, metric=metric, gallery=gallery, challenger=challenger.get(metric),
+                champion=champion_metric, eval_set=eval_set, spec=spec, trained=trained))
+        with steps.step("marking the version complete"):
+            _mark_complete(client, model_name, version)
+        with steps.step("setting the challenger alias"):
+            client.set_registered_model_alias(model_name, CHALLENGER, version)
+        # 2. the commit point: previous-champion, then champion, last
+        if promote_it and not already:
+            if current_version is not None:
+                with steps.step("moving the previous-champion alias"):
+                    client.set_registered_model_alias(model_name, PREVIOUS, current_version)
+            try:
+                with steps.step("moving the champion alias"):
+                    client.set_registered_model_alias(model_name, CHAMPION, version)
+            except RegistrationError as e:  # did it move anyway (the answer was lost)?
+                try:
+                    now = get_champion(tracking_uri, model_name)
+                    steps.promoted, steps.uncertain = bool(now and now[0] == version), False
+                except Exception:  # noqa: BLE001 - still down: say that we cannot tell
+                    steps.uncertain = True
+                if steps.promoted or steps.uncertain:
+                    raise steps.error(e.step, e.__cause__) from e.__cause__
+                raise
+        steps.promoted = bool(promote_it)
+        # 3. after the commit: the model's description names the champion
+        with steps.step("updating the registered model's description"):
+            after = get_champion(tracking_uri, model_name)
+            client.update_registered_model(model_name, description=model_description(
+                after[0] if after else None, metric, gallery))
     return {
         "version": version, "promoted": bool(promote_it), "reason": reason,
         "champion_version": after[0] if after else None,
-        "previous_champion": previous if promote_it else current_version,
+        "previous_champion": previous,
         "metric": metric, "gallery": gallery, "margin": float(margin), "eval_set": eval_set,
         "challenger_metric": challenger.get(metric), "champion_metric": champion_metric,
         "checks_passed": bool(checks_passed), "model_name": model_name,
         "clean_md5": (trained.get("dataset_version") or {}).get("clean_md5"),
     }
-
-
-
-
 
 
 def decide_promotion(

@@ -35,11 +35,22 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ENCODER_FILE", "ModelRef", "ModelStore", "ModelUnavailable", "file_sha256"]
+__all__ = ["ENCODER_FILE", "REGISTRATION_TAG", "ModelRef", "ModelStore", "ModelUnavailable", "bounded_http",
+           "file_sha256", "registration_complete", "transient_mlflow_error"]
 
 ENCODER_FILE = "encoder.pt"
 SHA_TAG = "skulens.encoder_sha256"
 URI_TAG = "skulens.encoder_uri"
+#: a version is ``pending`` from its creation until everything about it is recorded (lineage, decision,
+#: description), then ``complete``; only then may an alias name it. Versions registered before this tag
+#: existed have none and count as complete.
+REGISTRATION_TAG = "skulens.registration"
+REGISTRATION_PENDING, REGISTRATION_COMPLETE = "pending", "complete"
+
+
+def registration_complete(mv) -> bool:
+    """False for a model version whose registration was interrupted (tag ``skulens.registration=pending``)."""
+    return (getattr(mv, "tags", None) or {}).get(REGISTRATION_TAG, REGISTRATION_COMPLETE) != REGISTRATION_PENDING
 
 
 class ModelUnavailable(RuntimeError):
@@ -83,14 +94,19 @@ def _read_json(path: Path) -> dict | None:
 
 
 @contextlib.contextmanager
-def _bounded_http(timeout_s: float, retries: int):
-    """MLflow's client retries for minutes by default (7 retries, 120 s timeout): bound it here."""
+def _bounded_http(timeout_s: float, retries: int, force_retries: bool = False):
+    """MLflow's client retries for minutes by default (7 retries, 120 s timeout): bound it here.
+
+    An explicit user setting of ``MLFLOW_HTTP_REQUEST_*`` wins, except with ``force_retries``: the
+    retry count is then ``retries`` whatever the environment says (``retries=0`` for a request that
+    is not idempotent: MLflow's client retries POSTs too, and a retried "create" whose first answer
+    was lost creates a second object)."""
     keys = {"MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(max(1, timeout_s))),
             "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(int(retries)),
             "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
     saved = {k: os.environ.get(k) for k in keys}
     for k, v in keys.items():
-        if saved[k] is None:  # an explicit user setting wins
+        if saved[k] is None or (force_retries and k == "MLFLOW_HTTP_REQUEST_MAX_RETRIES"):
             os.environ[k] = v
     try:
         yield
@@ -98,6 +114,48 @@ def _bounded_http(timeout_s: float, retries: int):
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+bounded_http = _bounded_http
+
+
+def mlflow_error_text(exc: BaseException, limit: int = 200) -> str:
+    """A short line for an MLflow client error: the root cause of "API request to ... failed with
+    exception HTTPConnectionPool(...): Max retries exceeded ... (Caused by X)" is X."""
+    text = " ".join(str(exc).split())
+    if "Caused by " in text:
+        text = text.split("Caused by ", 1)[1].rstrip(")") + ")"
+    return f"{type(exc).__name__}: {text}"[:limit]
+
+
+def transient_mlflow_error(exc: BaseException) -> bool:
+    """Is ``exc`` the MLflow server being down, slow or failing (retry later), rather than a request
+    it refused (a 4xx: retrying will not help)?"""
+    try:
+        from mlflow.exceptions import MlflowException, RestException
+    except ImportError:  # pragma: no cover - mlflow is a dependency
+        return _connection_error(exc)
+    if isinstance(exc, RestException):
+        code = exc.get_http_status_code()
+        return code >= 500 or code == 429
+    if isinstance(exc, MlflowException):  # "API request to ... failed with exception ..." (connection, 5xx, timeout)
+        return exc.get_http_status_code() >= 500 or "API request to" in str(exc)
+    return _connection_error(exc)
+
+
+def _connection_error(exc: BaseException) -> bool:
+    """A network-level failure talking to a server (not, say, a local disk error)."""
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    try:
+        import requests
+        import urllib3.exceptions
+
+        return isinstance(exc, (requests.RequestException, urllib3.exceptions.HTTPError))
+    except ImportError:  # pragma: no cover
+        return False
 
 
 class ModelStore:
@@ -153,6 +211,12 @@ class ModelStore:
     def _alias_record(self, alias: str) -> Path:
         return self.root / "aliases" / str(self.model_name) / f"{alias}.json"
 
+    def _check_complete(self, mv, alias: str | None = None) -> None:
+        if not registration_complete(mv):  # skulens never points an alias at one; someone did by hand
+            named = f"the '{alias}' alias names " if alias else ""
+            raise ModelUnavailable(f"{named}{self.model_name} v{mv.version}, whose registration did not complete "
+                                   f"(tag {REGISTRATION_TAG}={REGISTRATION_PENDING}); re-run registered_model to finish it")
+
     def _ref_of(self, mv) -> ModelRef:
         tags = mv.tags or {}
         uri = tags.get(URI_TAG)
@@ -180,6 +244,7 @@ class ModelStore:
                 mv = client.get_model_version(self.model_name, version)
             except MlflowException as e:
                 raise ModelUnavailable(f"model {self.model_name} v{version} is not registered ({e.error_code})") from e
+        self._check_complete(mv)
         ref = self._ref_of(mv)
         if sha256 and ref.sha256 and ref.sha256 != sha256:
             raise ModelUnavailable(f"model {self.model_name} v{version} has sha256 {ref.sha256[:12]}, "
@@ -211,6 +276,7 @@ class ModelStore:
                 if "not_found" in text or "does not exist" in text or "not found" in text or "alias" in text:
                     return None
                 raise
+        self._check_complete(mv, alias)
         ref = self._ref_of(mv)
         if ref.sha256:
             _atomic_json(ref.to_dict(), self._version_record(ref.version))

@@ -373,3 +373,85 @@ def test_balanced_dataset_augments_copies_and_keeps_originals(catalog):
         x, _ = ds[i]
         plain = enc.preprocess(load_rgb(frame["clean_path"].iloc[i]))
         assert torch.allclose(x, plain) is (not bool(frame["augment"].iloc[i]))
+
+
+# ------------------------------------------------------------------------------ killed mid-epoch (SIGKILL)
+
+_KILLABLE_TRAINING = r"""
+import json, os, sys, time
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from pathlib import Path
+import pandas as pd
+import torch
+torch.set_num_threads(1)
+from skulens.model import ModelSpec
+from skulens.model.train import TrainConfig, train
+
+a = json.loads(sys.argv[1])
+hang = Path(a["hang_file"])
+
+def log_fn(kind, step, metrics):
+    if kind == "step" and step == a["hang_at"]:  # mid-epoch: stay here until killed
+        hang.write_text(str(step))
+        time.sleep(600)
+
+train(pd.read_csv(a["tr"]), pd.read_csv(a["va"]), ModelSpec(name="tiny-test"), TrainConfig(**a["cfg"]), a["out"],
+      log_fn=log_fn, progress=False, device="cpu")
+"""
+
+
+def test_sigkilled_training_process_resumes_mid_epoch_to_same_weights(catalog, tmp_path):
+    """A real training process (train() on the tiny tower, a mid-epoch checkpoint every 2 steps) is
+    SIGKILLed in the middle of epoch 2 (at step 5: its last checkpoint is step 4, one batch into the
+    epoch), then resumed in this process. Asserted: it resumes at step 4 inside the epoch (not at the
+    epoch-1 checkpoint, step 3), takes the remaining steps 5..9 only, ends at the same step count with
+    the same per-epoch losses and bit-identical weights as an uninterrupted run, and an interrupted
+    checkpoint write (a stale temporary file) is cleaned up."""
+    import dataclasses
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    tr, va = split_validation(catalog, per_sku=1, seed=0)
+    cfg = _cfg(epochs=3, checkpoint_every_steps=2)  # 3 steps per epoch -> 9 steps; mid-epoch checkpoints at 2, 4, 8
+    full = train(tr, va, ModelSpec(name="tiny-test"), _cfg(epochs=3), tmp_path / "full", progress=False, device="cpu")
+    assert full.steps == 9
+
+    tr.to_csv(tmp_path / "tr.csv", index=False)
+    va.to_csv(tmp_path / "va.csv", index=False)
+    out, hang = tmp_path / "run", tmp_path / "hanging"
+    args = {"tr": str(tmp_path / "tr.csv"), "va": str(tmp_path / "va.csv"), "out": str(out), "hang_at": 5,
+            "hang_file": str(hang), "cfg": dataclasses.asdict(cfg)}
+    proc = subprocess.Popen([sys.executable, "-c", _KILLABLE_TRAINING, json.dumps(args)],
+                            cwd=Path(__file__).resolve().parents[2], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while not hang.exists():
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the training process never reached step 5"
+            time.sleep(0.1)
+        ck = torch.load(out / "checkpoint.pt", weights_only=True)
+        assert (ck["step"], ck["epoch"], ck["epoch_step"]) == (4, 1, 1)  # one batch into epoch 2
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+    assert not (out / "encoder.pt").exists()
+    (out / ".checkpoint.pt.tmp99999").write_bytes(b"half a checkpoint")  # as if killed while writing one
+
+    logged = []
+    res = train(tr, va, ModelSpec(name="tiny-test"), cfg, out, log_fn=lambda k, s, m: logged.append((k, s)),
+                progress=False, device="cpu")
+    assert res.resumed_from_step == 4 and res.extra["resumed_from_epoch_step"] == 1
+    assert res.steps == full.steps == 9
+    assert [s for k, s in logged if k == "step"] == [5, 6, 7, 8, 9]
+    assert [s for k, s in logged if k == "checkpoint"] == [6, 8, 9]  # epoch 2 end, mid epoch 3, epoch 3 end
+    assert [h["train_loss"] for h in res.history] == [h["train_loss"] for h in full.history]
+    a, b = load_encoder(full.encoder_path).state_dict(), load_encoder(res.encoder_path).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not list(out.glob(".checkpoint.pt.tmp*"))

@@ -118,3 +118,37 @@ def test_champion_lifecycle_on_real_mlflow(mlflow_server, saved_encoder, tmp_pat
         np.testing.assert_allclose(loaded(x).numpy(), enc.eval()(x).numpy(), atol=1e-6)
     assert store.path(store.version("3")) == local  # cached: the same file, no second download
     assert ModelStore(tmp_path / "x", uri, f"{name}-none").champion() is None
+
+
+def test_interrupted_registration_is_pending_refused_by_the_store_and_completed_by_a_retry(mlflow_server,
+                                                                                          saved_encoder, tmp_path):
+    """log_and_register(complete=False) leaves what an interrupted registration leaves: a version tagged
+    skulens.registration=pending and no alias. The model store refuses it (by number, or if an alias is
+    pointed at it by hand); registering again for the same training run and file returns that same
+    version (no second one), marks it complete and sets challenger; the store then serves it."""
+    from mlflow import MlflowClient
+
+    from skulens.registry.model_registry import experiment_id
+    from skulens.registry.store import REGISTRATION_TAG, ModelStore, ModelUnavailable, file_sha256
+
+    _, path = saved_encoder
+    uri, name = mlflow_server.uri, f"skulens-pending-{uuid.uuid4().hex[:8]}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    run_id = client.create_run(experiment_id(client, name), run_name="train").info.run_id
+    v = log_and_register(uri, name, path, metrics={"top1": 0.5}, run_id=run_id, complete=False)
+    assert client.get_model_version(name, v).tags[REGISTRATION_TAG] == "pending"
+    assert client.get_registered_model(name).aliases == {}
+    store = ModelStore(tmp_path / "models", uri, name)
+    with pytest.raises(ModelUnavailable, match="did not complete"):
+        store.version(v)
+    client.set_registered_model_alias(name, "champion", v)  # by hand: skulens never does this
+    with pytest.raises(ModelUnavailable, match="'champion' alias names .* did not complete"):
+        store.champion()
+    client.delete_registered_model_alias(name, "champion")
+
+    again = log_and_register(uri, name, path, metrics={"top1": 0.5}, run_id=run_id)
+    assert again == v and [mv.version for mv in client.search_model_versions(f"name='{name}'")] == [v]
+    assert client.get_model_version(name, v).tags[REGISTRATION_TAG] == "complete"
+    assert client.get_model_version_by_alias(name, "challenger").version == v
+    assert [m.value for m in client.get_metric_history(run_id, "top1")] == [0.5]  # the retry logged no duplicate
+    assert store.version(v).sha256 == file_sha256(path)
