@@ -13,7 +13,7 @@ from resources import LocalStateResource, SparseViewsResource
 from resources.mlflow import MlflowResource
 from resources.training import TrainingResource
 from skulens.evaluation import compare, reports
-from skulens.index import build
+from skulens.index import rules
 from skulens.model import embed, export
 from skulens.registry import promotion
 
@@ -52,7 +52,7 @@ def model_evaluation(context: dg.AssetExecutionContext, config: EvalSettings, tr
     """Challenger vs champion vs base tower on the same shelf crops: 1-NN against every cleaned catalog
     image and against the RetailKLIP gallery; top-1/top-5, per-SKU and category accuracy, confusions."""
     crops = compare.select_crops(shelf_crops, config.sources)
-    catalog = build.catalog_frame(cleaned_catalog.kept)
+    catalog = rules.indexable(cleaned_catalog)  # the gallery is what the index holds
     device = embed.resolve_device(training.device)
     store = mlflow.store(state.cache_path("models"))
     if len(crops) and not set(crops["sku"]) & set(catalog["sku"]):
@@ -120,6 +120,9 @@ class PromotionSettings(dg.Config):
                                                    "(0 = any improvement; a tie is never promoted)")
     metric: str = Field(default="top1", description="top1 | top5 | category_acc | mean_per_sku_top1")
     gallery: str = Field(default="catalog", description="catalog (all cleaned images) | retailklip")
+    register_rejected: bool = Field(default=False, description="also register a challenger that is not promoted "
+                                    "(a tie or a regression), marked kept-champion; off: nothing new is registered "
+                                    "and its training run is tagged with the decision")
 
 
 def _blocking_check_keys() -> list:
@@ -161,13 +164,14 @@ def registered_model(context: dg.AssetExecutionContext, config: PromotionSetting
         champ = model_evaluation.get("champion_version")
         context.log.info(reason)
         return dg.MaterializeResult(
-            value={"version": None, "promoted": False, "reason": reason, "champion_version": champ,
+            value={"version": None, "registered": False, "promoted": False, "reason": reason,
+                   "decision": "kept-champion", "champion_version": champ,
                    "previous_champion": champ, "metric": config.metric, "gallery": config.gallery,
                    "margin": config.margin, "eval_set": model_evaluation["eval_set"], "challenger_metric": None,
                    "champion_metric": None, "checks_passed": checks_passed, "model_name": mlflow.model_name,
                    "clean_md5": (trained_encoder.get("dataset_version") or {}).get("clean_md5")},
-            metadata={"model_name": mlflow.model_name, "version": "none", "promoted": False,
-                      "decision": dg.MetadataValue.md(f"**nothing registered**: {reason}"),
+            metadata={"model_name": mlflow.model_name, "version": "none", "promoted": False, "registered": False,
+                      "decision": dg.MetadataValue.md(f"**nothing registered**: {reason}"), "reason": reason[:500],
                       "champion_version": str(champ)})
     local = mlflow.store(state.cache_path("models")).fetch(trained_encoder["encoder_uri"],
                                                            trained_encoder["encoder_sha256"])
@@ -178,12 +182,25 @@ def registered_model(context: dg.AssetExecutionContext, config: PromotionSetting
             mlflow.tracking_uri, mlflow.model_name, {**trained_encoder, "encoder_path": str(local)}, model_evaluation,
             metric=config.metric, gallery=config.gallery, margin=config.margin, checks_passed=checks_passed,
             experiment=mlflow.experiment, extra_lineage={"dagster_run_id": context.run.run_id},
-            tags={"dagster.run_id": context.run.run_id},
+            tags={"dagster.run_id": context.run.run_id}, register_rejected=config.register_rejected,
         )
     except RegistrationError as e:  # one line: where, which step, and that a re-run is safe
         raise dg.Failure(description=f"skulens error: {e}",
                          metadata={"mlflow": e.tracking_uri, "failed_step": e.step, "version": str(e.version),
                                    "promoted": e.promoted}) from e
+    if res["version"] is None:  # not promoted, not registered: the champion stays, the registry is unchanged
+        context.log.warning(f"not promoted, nothing registered (champion v{res['champion_version']} stays): "
+                            f"{res['reason']}")
+        return dg.MaterializeResult(value=res, metadata={
+            "model_name": mlflow.model_name, "version": "none", "promoted": False, "registered": False,
+            "decision": dg.MetadataValue.md(f"**kept champion** (nothing registered): {res['reason']}"),
+            "reason": res["reason"][:500], "champion_version": str(res["champion_version"]),
+            "previous_champion": str(res["previous_champion"]),
+            "metric": f"{res['gallery']}/{res['metric']}", "margin": res["margin"],
+            "challenger_metric": res["challenger_metric"],
+            "champion_metric": res["champion_metric"] if res["champion_metric"] is not None else "n/a",
+            "eval_set": res["eval_set"], "checks_passed": checks_passed, "checks": dg.MetadataValue.json(checks),
+            "mlflow_run": _run_url(mlflow, res["training_run_id"]) if res.get("training_run_id") else "n/a"})
     (context.log.info if res["promoted"] else context.log.warning)(
         f"v{res['version']}: {'PROMOTED to champion' if res['promoted'] else 'not promoted'}: {res['reason']}")
     try:
@@ -197,7 +214,8 @@ def registered_model(context: dg.AssetExecutionContext, config: PromotionSetting
                             f"{type(e).__name__}")
         mv, run_url = None, "n/a"
     meta = {
-        "model_name": mlflow.model_name, "version": res["version"], "promoted": res["promoted"],
+        "model_name": mlflow.model_name, "version": res["version"], "promoted": res["promoted"], "registered": True,
+        "reason": res["reason"][:500],
         "decision": dg.MetadataValue.md(f"**{'promoted' if res['promoted'] else 'kept champion'}**: {res['reason']}"),
         "champion_version": str(res["champion_version"]),
         "previous_champion": str(res["previous_champion"]),

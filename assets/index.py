@@ -31,14 +31,12 @@ def sku_index(context: dg.AssetExecutionContext, config: IndexSettings, cleaned_
     client = s3.client()
     start = publish.read_pointer(client, s3.bucket, config.prefix)  # what this build replaces (compare-and-swap)
     store = mlflow.store(state.cache_path("models"))
-    catalog = build.catalog_frame(cleaned_catalog.kept)
-    index, version = build.build_champion_index(
-        store, catalog,
+    index, version = build.build_full_index(  # the one indexable rule (skulens.index.rules), as index_update
+        store, cleaned_catalog,
         device=embed.resolve_device(training.device), batch_size=config.batch_size,
         meta={"dagster_run_id": context.run.run_id},
         cache_dir=state.path("cache", "embeddings"),
         sparse_below=sparse_views.below, sparse_views=sparse_views.views, aug_seed=sparse_views.seed,
-        sources=dict(zip(cleaned_catalog.images["key"].astype(str), cleaned_catalog.images["etag"].astype(str))),
     )
 
     def rebase(built, base):  # another publisher (index_update) won the race: add what it saw, on top of it
@@ -48,7 +46,8 @@ def sku_index(context: dg.AssetExecutionContext, config: IndexSettings, cleaned_
                                       state.path("cache", "catalog")).manifest
         return update.rebase_build(store.encoder(store.version(version)), built, base, manifest,
                                    state.path("cache", "index-normalised"),
-                                   champion.version if champion else None, batch_size=config.batch_size)
+                                   champion.version if champion else None, batch_size=config.batch_size,
+                                   products=ingest.fetch_products(client, s3.bucket))
 
     pointer = build.publish_if_changed(client, s3.bucket, index, prefix=config.prefix, start=start, rebase=rebase,
                                        cache_dir=state.path("cache", "index"))

@@ -6,6 +6,7 @@ import time
 import dagster as dg
 from pydantic import Field
 
+from assets.quality import CleanSettings
 from resources import LocalStateResource, S3Resource
 from resources.mlflow import MlflowResource
 from skulens.catalog import contract, ingest
@@ -37,7 +38,14 @@ def update_sku_index(context: dg.OpExecutionContext, config: IndexUpdateConfig, 
     def resync():
         return ingest.sync_images(client, s3.bucket, contract.CATALOG_IMAGES_PREFIX, state.path("cache", "catalog"))
 
+    def products_now():  # the full build's membership rule: an image of a SKU not in products.csv is not indexed
+        try:
+            return ingest.fetch_products(client, s3.bucket)
+        except contract.CatalogError as e:
+            raise dg.Failure(f"skulens error: {e}; the index is left as it is") from e
+
     sync = resync()
+    products = products_now()
     t_ingest = time.perf_counter() - t0
 
     def champion():
@@ -46,22 +54,26 @@ def update_sku_index(context: dg.OpExecutionContext, config: IndexUpdateConfig, 
 
     def fresh():
         again = resync()
-        return again.manifest, [k for k, _ in again.failed]
+        return again.manifest, [k for k, _ in again.failed], products_now()
 
     for key, err in sync.failed:
         context.log.warning(f"download failed for {key}: {err}; its SKU stays as indexed until the next update")
-    outcome, report = publish_update(client, s3.bucket, champion, sync.manifest, state.path("cache", "index-normalised"),
+    outcome, report = publish_update(client, s3.bucket, champion, sync.manifest,
+                                     state.path("cache", "index-normalised"),
                                      resync=fresh, cache_dir=state.path("cache", "index"),
                                      batch_size=config.batch_size, reason=config.reason,
-                                     failed_keys=[k for k, _ in sync.failed])
+                                     failed_keys=[k for k, _ in sync.failed], products=products,
+                                     clean_config=CleanSettings().core())  # params.yaml, as cleaned_catalog
     if not outcome["published"]:
         context.log.info("catalog and index agree: nothing to publish")
         return {"published": None, "reason": config.reason}
     published, version = outcome["version"], outcome["model_version"]
     seconds = {"ingest": round(t_ingest, 3), **report.seconds, "publish": outcome["publish_seconds"],
                "op_total": round(time.perf_counter() - t0, 3)}
-    context.log.info(f"published index {published}: {len(report.changed_skus)} SKU(s) embedded "
-                     f"({report.embedded_images} images), {len(report.removed_skus)} removed; {seconds}"
+    context.log.info(f"published index {published}: {len(report.changed_skus)} SKU(s) checked "
+                     f"({report.embedded_images} images embedded), {len(report.removed_skus)} removed"
+                     + (f" ({len(report.delisted_skus)} no longer in products.csv)" if report.delisted_skus else "")
+                     + f"; {seconds}"
                      + (f"; redone on top of {outcome['rebased_on']} after {len(outcome['conflicts'])} race(s) lost"
                         if outcome["conflicts"] else ""))
     context.log_event(dg.AssetMaterialization(
@@ -71,13 +83,14 @@ def update_sku_index(context: dg.OpExecutionContext, config: IndexUpdateConfig, 
                   "skus": outcome.get("n_skus"),
                   "changed_skus": dg.MetadataValue.json(report.changed_skus[:200]),
                   "removed_skus": dg.MetadataValue.json(report.removed_skus[:200]),
+                  "delisted_skus": dg.MetadataValue.json(report.delisted_skus[:200]),
                   "embedded_images": report.embedded_images, "files_dropped": len(report.dropped_files),
                   "seconds": dg.MetadataValue.json(seconds), "reason": config.reason,
                   "publish_attempts": outcome["attempts"], "races_lost": len(outcome["conflicts"]),
                   "deferred_skus": dg.MetadataValue.json(report.deferred_skus[:200])},
     ))
     return {"published": published, "changed_skus": report.changed_skus, "removed_skus": report.removed_skus,
-            "seconds": seconds}
+            "delisted_skus": report.delisted_skus, "seconds": seconds}
 
 
 @dg.job(executor_def=dg.in_process_executor, tags={"skulens/kind": "index-update"},

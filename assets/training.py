@@ -68,7 +68,7 @@ def trained_encoder(context: dg.AssetExecutionContext, config: TrainSettings, ba
     Fine-tuning is skipped when too few SKUs qualify as training classes (a packshot-only catalog):
     the champion then stays (nothing new is registered), or, with no champion yet, the un-fine-tuned
     base tower goes on as the candidate, so every SKU is still evaluated and indexed."""
-    from skulens.catalog.state import config_hash, manifest_fingerprint
+    from skulens.catalog.state import CATALOG_STATE_ARTIFACT, config_hash, manifest_fingerprint
     from skulens.model.training_run import save_base_tower, should_train
 
     spec, cfg = config.spec(), config.train_config()
@@ -92,6 +92,9 @@ def trained_encoder(context: dg.AssetExecutionContext, config: TrainSettings, ba
     run_name = f"{'train' if train_it else 'base'}-{spec['name']}-{context.run.run_id[:8]}"
     run_id = mlflow.start_run(run_name, {**tags, "skulens.stage": "train" if train_it else "base"})
     client = mlflow.client()
+    with mlflow.bounded():  # per SKU, what this model is trained on: the nightly retrain policy compares with it
+        client.log_dict(run_id, _catalog_record(catalog_images, balanced_dataset["train"] if train_it else None,
+                                                tags["catalog.fingerprint"], dvc), CATALOG_STATE_ARTIFACT)
     from mlflow.entities import Metric, Param
 
     if not train_it:
@@ -162,6 +165,22 @@ def trained_encoder(context: dg.AssetExecutionContext, config: TrainSettings, ba
                   "mlflow_run": dg.MetadataValue.url(f"{mlflow.tracking_uri}/#/experiments/"
                                                      f"{client.get_run(run_id).info.experiment_id}/runs/{run_id}")},
     )
+
+
+def _catalog_record(catalog_images: pd.DataFrame, train: pd.DataFrame | None, fingerprint: str,
+                    dvc: DvcResource) -> dict:
+    """skulens.catalog.state.training_record of this run: the catalog's images per SKU, products.csv membership
+    and the cleaning threshold as cleaned_catalog applied them (data/raw/products.csv, data/clean/params.json)."""
+    from skulens.catalog.contract import read_products
+    from skulens.catalog.state import training_record
+
+    products = dvc.data_dir("raw", "products.csv")
+    listed = set(read_products(products.read_bytes())["sku"]) if products.is_file() else None
+    params = dvc.data_dir("clean", "params.json")
+    min_images = json.loads(params.read_text()).get("min_images_per_sku", 3) if params.is_file() else 3
+    trained = train["sku"].astype(str).unique() if train is not None and len(train) else []
+    return training_record(dict(zip(catalog_images["key"].astype(str), catalog_images["etag"].astype(str))), listed,
+                           trained, fingerprint, min_images)
 
 
 def _log_datasets(client, run_id: str, dataset_version: dict, bucket: str) -> None:

@@ -21,47 +21,75 @@ def training_config_hash() -> str:
     return config_hash(TrainSettings().model_dump())
 
 
+def retrain_thresholds() -> tuple[int, float]:
+    """``(min changed SKUs, min changed share)`` from SKULENS_RETRAIN_MIN_CHANGED_SKUS (default 1) and
+    SKULENS_RETRAIN_MIN_CHANGED_SHARE (default 0), read at each evaluation."""
+    raw_n = os.environ.get("SKULENS_RETRAIN_MIN_CHANGED_SKUS", "1")
+    raw_share = os.environ.get("SKULENS_RETRAIN_MIN_CHANGED_SHARE", "0")
+    try:
+        n, share = int(raw_n), float(raw_share)
+    except ValueError as e:
+        raise ValueError(f"SKULENS_RETRAIN_MIN_CHANGED_SKUS={raw_n!r} / SKULENS_RETRAIN_MIN_CHANGED_SHARE="
+                         f"{raw_share!r}: expected an integer and a number between 0 and 1") from e
+    if n < 1 or not 0.0 <= share <= 1.0:
+        raise ValueError(f"SKULENS_RETRAIN_MIN_CHANGED_SKUS must be >= 1 (got {n}) and "
+                         f"SKULENS_RETRAIN_MIN_CHANGED_SHARE within [0, 1] (got {share})")
+    return n, share
+
+
 def nightly_schedule(job) -> dg.ScheduleDefinition:
     @dg.schedule(job=job, cron_schedule=NIGHTLY_CRON, execution_timezone=TIMEZONE,
                  default_status=dg.DefaultScheduleStatus.STOPPED,
-                 description="Nightly retrain; skipped when neither the catalog nor the training config changed "
-                             "since the champion was trained (SKULENS_SKIP_UNCHANGED=0 to always retrain).")
+                 description="Nightly retrain, only when it pays: skipped (with the reason) when the training "
+                             "config is unchanged and fewer than SKULENS_RETRAIN_MIN_CHANGED_SKUS (1) trainable SKUs "
+                             "are new or changed since the champion was trained (SKULENS_SKIP_UNCHANGED=0 to always "
+                             "retrain).")
     def nightly_retrain(context: dg.ScheduleEvaluationContext, s3: S3Resource, mlflow: MlflowResource):
         state = catalog_state(s3.client(), s3.bucket)
         cfg = training_config_hash()
         tick = context.scheduled_execution_time.strftime("%Y-%m-%d")
+        tags = {"skulens/catalog": state.fingerprint[:16], "skulens/config": cfg}
         if SKIP_UNCHANGED:
-            why = unchanged_since_champion(s3, mlflow, state, cfg)
-            if why:
-                return dg.SkipReason(why)
-        return dg.RunRequest(run_key=f"nightly-{tick}-{state.fingerprint[:12]}-{cfg}",
-                             tags={"skulens/catalog": state.fingerprint[:16], "skulens/config": cfg})
+            decision = retrain_check(s3, mlflow, state, cfg)
+            if not decision.retrain:
+                return dg.SkipReason(decision.reason)
+            tags["skulens/retrain_reason"] = decision.reason[:200]
+        return dg.RunRequest(run_key=f"nightly-{tick}-{state.fingerprint[:12]}-{cfg}", tags=tags)
 
     return nightly_retrain
 
 
-def unchanged_since_champion(s3: S3Resource, mlflow: MlflowResource, state=None, cfg: str | None = None) -> str | None:
-    """Why retraining would repeat the champion (the catalog fingerprint and the training config hash equal the
-    ones it was trained on), or None when something changed or there is no champion. The nightly schedule and
-    `skulens run` skip on it."""
-    from skulens.registry.model_registry import get_champion
+def retrain_check(s3: S3Resource, mlflow: MlflowResource, state=None, cfg: str | None = None):
+    """The retrain policy (:func:`skulens.catalog.state.retrain_decision`) on the catalog in S3 and the champion
+    in MLflow: a ``RetrainDecision`` (``retrain``, one-line ``reason``). The nightly schedule and `skulens run`
+    skip on it."""
+    from assets.quality import CleanSettings
+    from skulens.catalog import contract, ingest
+    from skulens.catalog.state import retrain_decision
+    from skulens.registry.promotion import champion_training_state
 
     state = state or catalog_state(s3.client(), s3.bucket)
     cfg = cfg or training_config_hash()
-    champ = get_champion(mlflow.tracking_uri, mlflow.model_name)
-    if champ is None:
-        return None
-    tags = _champion_tags(mlflow, champ[0])
-    if tags.get("catalog.fingerprint") == state.fingerprint and tags.get("train.config_hash") == cfg:
-        return (f"catalog ({state.fingerprint[:12]}) and training config ({cfg}) unchanged since champion "
-                f"v{champ[0]}: nothing to retrain")
-    return None
+    champ = champion_training_state(mlflow.tracking_uri, mlflow.model_name, mlflow.experiment, cfg)
+    listed = None
+    if champ is not None and champ["record"] is not None:
+        try:  # SKUs missing from products.csv are never trained on
+            listed = set(ingest.fetch_products(s3.client(), s3.bucket)["sku"])
+        except contract.CatalogError:
+            listed = None
+    n, share = retrain_thresholds()
+    return retrain_decision(
+        state.images, state.fingerprint, cfg, champ["version"] if champ else None,
+        champion_tags=champ["tags"] if champ else None, record=champ["record"] if champ else None,
+        listed=listed, min_images_per_sku=CleanSettings().min_images_per_sku, min_changed_skus=n,
+        min_changed_share=share, rejected=champ["rejected"] if champ else None)
 
 
-def _champion_tags(mlflow: MlflowResource, version: str) -> dict:
-    client = mlflow.client()
-    mv = client.get_model_version(mlflow.model_name, str(version))
-    return client.get_run(mv.run_id).data.tags if mv.run_id else {}
+def unchanged_since_champion(s3: S3Resource, mlflow: MlflowResource, state=None, cfg: str | None = None) -> str | None:
+    """Why retraining would not pay (:func:`retrain_check`), or None when it would (something trainable changed,
+    the training config changed, or there is no champion). `skulens run` skips `main` on it."""
+    decision = retrain_check(s3, mlflow, state, cfg)
+    return None if decision.retrain else decision.reason
 
 
 def catalog_sensor(job: dg.JobDefinition) -> dg.SensorDefinition:

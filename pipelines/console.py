@@ -52,7 +52,9 @@ FIGURES: dict[str, Callable[[dict], str]] = {
                                    f"{_pct(_v(m, 'champion_catalog_top1'))}, base {_pct(_v(m, 'base_catalog_top1'))} "
                                    f"on {_v(m, 'crops')} crops"),
     "registered_model": lambda m: (f"v{_v(m, 'version')} {'PROMOTED' if _v(m, 'promoted') else 'not promoted'}; "
-                                   f"champion v{_v(m, 'champion_version')}"),
+                                   f"champion v{_v(m, 'champion_version')}" if _v(m, "version") not in (None, "none")
+                                   else f"nothing registered, champion v{_v(m, 'champion_version')} kept: "
+                                        f"{str(_v(m, 'reason', '')).removeprefix('nothing registered: ')[:90]}"),
     "onnx_export": lambda m: f"champion v{_v(m, 'model_version')}, max |diff| vs PyTorch {_v(m, 'max_abs_diff'):.1e}",
     "sku_index": lambda m: (f"{_v(m, 'count')} vectors, {_v(m, 'skus')} SKUs, version {_v(m, 'version')}"
                             f"{'' if _v(m, 'published', True) else ' (unchanged)'}"),
@@ -184,7 +186,7 @@ class RunConsole:
 
 
 def _unchanged() -> str | None:
-    """The nightly rule, with the code location's own resources (EnvVars resolved)."""
+    """The nightly retrain policy, with the code location's own resources (EnvVars resolved)."""
     import dagster as dg
 
     from pipelines.automation import unchanged_since_champion
@@ -229,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Execute a skulens job with a one-line-per-asset console.")
     parser.add_argument("--job", default="main", help="job name (default: main)")
     parser.add_argument("--force", action="store_true",
-                        help="run `main` even when the catalog and training config equal the champion's")
+                        help="run `main` even when the nightly retrain policy would skip it")
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore", DeprecationWarning)
     if args.job == "main" and not args.force:

@@ -24,7 +24,7 @@ def catalog_frame(kept: pd.DataFrame) -> pd.DataFrame:
     df = kept[["sku", "key", "clean_path"]].copy()
     df["sku"] = df["sku"].astype(str)
     df["clean_path"] = df["clean_path"].astype(str)
-    df = df[df["clean_path"].map(lambda p: Path(p).is_file())]
+    df = df[df["clean_path"].map(lambda p: Path(p).is_file()).astype(bool)]  # bool: an empty mask selects rows too
     return df.sort_values(["sku", "clean_path"], kind="stable").reset_index(drop=True)
 
 
@@ -164,6 +164,18 @@ def build_champion_index(
                                 "source": "catalog", **(meta or {}),
                                 **({SOURCES_META: dict(sources)} if sources is not None else {})})
     return index, version
+
+
+def build_full_index(store, cleaned, meta: dict | None = None, **kw) -> tuple[SkuIndex, str]:
+    """The full build (``sku_index``): the indexable images of ``cleaned`` (a
+    :class:`skulens.data.clean.CleanResult` of the whole catalog; :func:`skulens.index.rules.indexable`)
+    embedded with the champion (:func:`build_champion_index`, ``kw``). The meta records every file looked
+    at (``sources``) and the rule (:func:`skulens.index.rules.build_meta`: thresholds, SKUs products.csv
+    does not list, cross-SKU duplicates), which ``index_update`` applies to the SKUs that change later."""
+    from skulens.index import rules
+
+    return build_champion_index(store, rules.indexable(cleaned), sources=rules.sources_of(cleaned),
+                                meta={**rules.build_meta(cleaned), **(meta or {})}, **kw)
 
 
 def publish_if_changed(client, bucket: str, index: SkuIndex, prefix: str = "index", start=_UNSET, rebase=None,

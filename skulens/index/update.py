@@ -16,8 +16,11 @@ SOURCES_META = "sources"  # index meta: {image key: etag} of every catalog file 
 
 @dataclass
 class IndexDelta:
-    changed_skus: list[str] = field(default_factory=list)  # new SKUs or SKUs with a new/changed/removed image
-    removed_skus: list[str] = field(default_factory=list)  # SKUs with no image left in the catalog
+    changed_skus: list[str] = field(default_factory=list)  # SKUs to re-check: new/changed/removed image, relisted,
+    #                                                        or sharing an ETag with one of those (cross-SKU copies)
+    removed_skus: list[str] = field(default_factory=list)  # SKUs with no image left, or no longer in products.csv
+    delisted_skus: list[str] = field(default_factory=list)  # of removed_skus: images unchanged, SKU left products.csv
+    unlisted_skus: list[str] = field(default_factory=list)  # catalog SKUs products.csv does not list (after the update)
 
     @property
     def empty(self) -> bool:
@@ -28,15 +31,78 @@ def _sku_of(key: str) -> str:
     return contract.parse_image_key(key, contract.CATALOG_IMAGES_PREFIX).sku
 
 
-def index_delta(current: dict, indexed: dict, deferred: set | frozenset = frozenset()) -> IndexDelta:
+def _etag_partners(current: dict, indexed: dict, seeds: set, sku_of, linking: set) -> set:
+    """``seeds`` plus the SKUs linked to them through an ETag in ``linking`` (equal ETags: equal bytes, a
+    cross-SKU duplicate, which the cleaning rule judges on all copies together), transitively. Old ETags
+    of the seeds count too: a SKU whose copy was dropped as a duplicate is re-checked when the other copy
+    goes away. ``linking`` holds the ETags of files that can take part in a duplicate (indexed images and
+    recorded cross-SKU duplicates), so broken uploads with equal bytes (empty files, one error page) link
+    nothing."""
+    group = set(seeds)
+    if not linking:
+        return group
+    by_etag: dict[str, set] = {}
+    etags_of: dict[str, set] = {}
+    for k, e in current.items():
+        if e in linking:
+            s = sku_of(k)
+            by_etag.setdefault(e, set()).add(s)
+            etags_of.setdefault(s, set()).add(e)
+    todo = [e for k, e in indexed.items() if e in linking and sku_of(k) in seeds]
+    todo += [e for s in seeds for e in etags_of.get(s, ())]
+    seen: set = set()
+    while todo:
+        e = todo.pop()
+        if e in seen:
+            continue
+        seen.add(e)
+        for s in by_etag.get(e, ()):
+            if s not in group:
+                group.add(s)
+                todo.extend(etags_of.get(s, ()))
+    return group
+
+
+def index_delta(current: dict, indexed: dict, deferred: set | frozenset = frozenset(),
+                listed: set | None = None, indexed_skus=(), unlisted: set | list | None = None,
+                linking: set | frozenset = frozenset()) -> IndexDelta:
     """Compare catalog images (key -> etag) with the index's sources (key -> etag), per SKU. SKUs in
-    ``deferred`` (a download of theirs failed: their catalog state is unknown) are left out."""
-    now_skus = {_sku_of(k) for k in current}
-    touched = {_sku_of(k) for k, e in current.items() if indexed.get(k) != e}
-    touched |= {_sku_of(k) for k in indexed if k not in current}
-    touched -= set(deferred)
-    removed = sorted(s for s in touched if s not in now_skus)
-    return IndexDelta(changed_skus=sorted(touched & now_skus), removed_skus=removed)
+    ``deferred`` (a download of theirs failed: their catalog state is unknown) are left out.
+
+    ``listed``: the SKUs of products.csv (None: no membership rule). A SKU of the index
+    (``indexed_skus``) that products.csv no longer lists is removed although its images did not change;
+    a SKU the index recorded as unlisted (``unlisted``, the index meta's) that products.csv lists now is
+    re-checked. An index that recorded no ``unlisted`` set re-checks every listed catalog SKU it lacks.
+    SKUs sharing an ETag in ``linking`` with a re-checked SKU are re-checked with it (see
+    :func:`_etag_partners`), as the full build sees every copy of a cross-SKU duplicate together."""
+    deferred = set(deferred)
+    sku_cache: dict[str, str] = {}
+
+    def sku_of(k):
+        s = sku_cache.get(k)
+        if s is None:
+            s = sku_cache[k] = _sku_of(k)
+        return s
+
+    def is_listed(s):
+        return listed is None or s in listed
+
+    now_skus = {sku_of(k) for k in current}
+    touched = {sku_of(k) for k, e in current.items() if indexed.get(k) != e}
+    touched |= {sku_of(k) for k in indexed if k not in current}
+    indexed_skus = {str(s) for s in indexed_skus}
+    if listed is not None:
+        before = set(unlisted) if unlisted is not None else now_skus - indexed_skus
+        touched |= {s for s in now_skus & before if is_listed(s)}
+    touched -= deferred
+    if touched:
+        touched = _etag_partners(current, indexed, touched, sku_of, set(linking)) - deferred
+    delisted = {s for s in indexed_skus & now_skus if not is_listed(s)} - touched - deferred
+    removed = {s for s in touched if s not in now_skus} | delisted
+    after = {s for s in now_skus if not is_listed(s)} - deferred
+    after |= set(unlisted or ()) & deferred
+    return IndexDelta(changed_skus=sorted(touched & now_skus), removed_skus=sorted(removed),
+                      delisted_skus=sorted(delisted), unlisted_skus=sorted(after))
 
 
 @dataclass
@@ -47,17 +113,23 @@ class UpdateReport:
     dropped_files: pd.DataFrame
     seconds: dict
     deferred_skus: list[str] = field(default_factory=list)  # a download failed: left as indexed, retried next time
+    delisted_skus: list[str] = field(default_factory=list)  # removed: no longer in products.csv
 
 
 def update_index(encoder, index, manifest: pd.DataFrame, work_dir: Path, model_version: str | None,
-                 batch_size: int = 64, failed_keys=()):
+                 batch_size: int = 64, failed_keys=(), products: pd.DataFrame | None = None,
+                 clean_config=None):
     """Embed only the SKUs whose images changed since ``index`` was built; drop deleted SKUs.
 
-    ``manifest``: the ingest manifest (sku, key, etag, bytes, path) of the whole catalog. Files are
-    checked with the cleaning rules first (a corrupt upload is dropped and reported, never indexed);
-    a single good image is enough for a SKU to be recognizable (RetailKLIP: one image per product).
+    ``manifest``: the ingest manifest (sku, key, etag, bytes, path) of the whole catalog. Which images are
+    indexed is the full build's rule (:mod:`skulens.index.rules`): the changed SKUs' files are checked with
+    the cleaning rules against ``products`` (products.csv; None: no membership check), with the thresholds
+    the index recorded (meta ``clean``; else ``clean_config``, default the CleanConfig defaults = params.yaml),
+    so a corrupt upload is dropped and reported, never indexed, and an image of a SKU missing from
+    products.csv is not indexed; a SKU that leaves products.csv leaves the index. A single good image is
+    enough for a SKU to be recognizable (RetailKLIP: one image per product).
     Sparse SKUs get the same shelf-like views as in the full build: the rule is read from the index
-    meta (``sparse``: below, views, seed), written by :func:`skulens.pipeline_eval.catalog_index`
+    meta (``sparse``: below, views, seed), written by :func:`skulens.index.build.catalog_index`
     (an index that records none gets ``DEFAULT_SPARSE_RULE``, which the update then records).
     ``failed_keys``: catalog keys whose download failed (ingest's ``failed``): their SKUs keep their
     index rows and sources as they are (a transient S3 error never removes a SKU) and are looked at
@@ -66,7 +138,7 @@ def update_index(encoder, index, manifest: pd.DataFrame, work_dir: Path, model_v
     """
     import numpy as np
 
-    from skulens.data.clean import CleanConfig, clean_catalog
+    from skulens.index import rules
     from skulens.index.build import DEFAULT_SPARSE_RULE, sparse_rows, view_labels, view_vectors
     from skulens.model.embed import embed_images
 
@@ -79,12 +151,19 @@ def update_index(encoder, index, manifest: pd.DataFrame, work_dir: Path, model_v
             deferred.add(_sku_of(key))
         except contract.CatalogError:
             pass
-    delta = index_delta(current, indexed, deferred)
+    listed = rules.listed_skus(products)
+    dups = dict(index.meta.get(rules.DUPLICATES_META) or {})
+    linking = {indexed[k] for k in set(index.keys.tolist()) if k in indexed} | set(dups.values())
+    delta = index_delta(current, indexed, deferred, listed=listed, indexed_skus=index.sku_list,
+                        unlisted=index.meta.get(rules.UNLISTED_META), linking=linking)
+    cfg = rules.config_from_rule(index.meta.get(rules.RULE_META), clean_config)
     rows = manifest[manifest["sku"].isin(delta.changed_skus)]
+    if products is not None:  # membership of the checked SKUs is all the check needs from products.csv
+        products = products[products["sku"].astype(str).str.strip().isin(delta.changed_skus)]
     t1 = time.perf_counter()
-    cleaned = clean_catalog(rows, None, Path(work_dir), CleanConfig(min_index_images=1, workers=1), progress=False)
+    cleaned = rules.check_images(rows, products, Path(work_dir), cfg)
     t2 = time.perf_counter()
-    kept = cleaned.kept
+    kept = rules.indexable(cleaned)
     vectors = embed_images(encoder, kept["clean_path"].tolist(), batch_size=batch_size) if len(kept) else None
     skus, keys = kept["sku"].tolist(), kept["key"].astype(str).tolist()
     rule = dict(index.meta.get("sparse") or DEFAULT_SPARSE_RULE)
@@ -106,8 +185,14 @@ def update_index(encoder, index, manifest: pd.DataFrame, work_dir: Path, model_v
     sources.update(dict(zip(rows["key"], rows["etag"])))
     new.meta[SOURCES_META] = sources
     new.meta.setdefault("sparse", rule)
+    new.meta[rules.RULE_META] = rules.rule_of(cfg)
+    new.meta[rules.UNLISTED_META] = delta.unlisted_skus
+    dups = {k: e for k, e in dups.items() if current.get(k) == e and sku_of[k] not in changed}
+    dups.update(rules.duplicates_of(cleaned))
+    new.meta[rules.DUPLICATES_META] = dups
     report = UpdateReport(changed_skus=delta.changed_skus, removed_skus=gone, embedded_images=len(kept),
                           dropped_files=cleaned.dropped_files, deferred_skus=sorted(deferred),
+                          delisted_skus=delta.delisted_skus,
                           seconds={"delta": round(t1 - t0, 3), "check": round(t2 - t1, 3),
                                    "embed": round(t3 - t2, 3), "total": round(time.perf_counter() - t0, 3)})
     return new, report
@@ -124,16 +209,17 @@ def _empty_index(dim: int, model_version: str | None):
 
 def publish_update(client, bucket: str, champion, manifest: pd.DataFrame, work_dir: Path, resync=None,
                    prefix: str = "index", cache_dir=None, batch_size: int = 64, reason: str = "manual",
-                   attempts: int = 5, failed_keys=()):
+                   attempts: int = 5, failed_keys=(), products: pd.DataFrame | None = None, clean_config=None):
     """The catalog sensor's update, published by compare-and-swap: ``(outcome, report)``.
 
     ``champion()`` returns ``(encoder, model_version, model_meta)``; it is asked again on every attempt,
     so a race lost to a rebuild with a newer champion continues with that one. Each attempt starts
     from the version in place (the winner's, after a lost race) and embeds only what differs between
-    it and the catalog: ``manifest`` (and ``failed_keys``, see :func:`update_index`) on the first
-    attempt, ``resync() -> (manifest, failed_keys)`` (a fresh incremental ingest) after a lost race,
-    so uploads the winner already saw are not taken back out. When the index uses
-    another model than the champion it is rebuilt from nothing with the champion. ``outcome`` is
+    it and the catalog: ``manifest``, ``failed_keys`` and ``products`` (see :func:`update_index`) on the first
+    attempt, ``resync() -> (manifest, failed_keys[, products])`` (a fresh incremental ingest) after a lost
+    race, so uploads the winner already saw are not taken back out. When the index uses
+    another model than the champion it is rebuilt from nothing with the champion (``clean_config``: the
+    thresholds then, default the CleanConfig defaults). ``outcome`` is
     :func:`skulens.index.publish.publish_with_retry`'s (``published`` False: catalog and index agree)."""
     from skulens.index.publish import publish_with_retry
 
@@ -141,13 +227,17 @@ def publish_update(client, bucket: str, champion, manifest: pd.DataFrame, work_d
 
     def make(base):
         encoder, version, meta = champion()
-        rows, failed = (manifest, failed_keys) if base.attempt == 0 or resync is None else resync()
+        rows, failed, prods = manifest, failed_keys, products
+        if base.attempt > 0 and resync is not None:
+            got = resync()
+            rows, failed = got[0], got[1]
+            prods = got[2] if len(got) > 2 else products
         start = base.index
         if start is None or str(start.model_version) != str(version):
             start = _empty_index(encoder.embed_dim, version)
         start.meta.update(meta or {})
         new, report = update_index(encoder, start, rows, work_dir, version, batch_size=batch_size,
-                                   failed_keys=failed)
+                                   failed_keys=failed, products=prods, clean_config=clean_config)
         reports.append(report)
         if not report.changed_skus and not report.removed_skus and base.pointer is not None:
             return None
@@ -160,13 +250,15 @@ def publish_update(client, bucket: str, champion, manifest: pd.DataFrame, work_d
 
 
 def rebase_build(encoder, built, base, manifest: pd.DataFrame, work_dir: Path, champion_version: str | None,
-                 batch_size: int = 64):
+                 batch_size: int = 64, products: pd.DataFrame | None = None):
     """A full build that lost the race to ``base`` (another publisher's version), brought up to the
     catalog now: ``built`` plus the SKUs that changed since its snapshot (``manifest``: a fresh
-    ingest), embedded with the build's model. ``None`` (publish nothing) when the winner uses another
-    model and the champion is no longer the build's: the winner is the newer index."""
+    ingest, ``products``: products.csv now), embedded with the build's model, by the build's rule (recorded
+    in its meta). ``None`` (publish nothing) when the winner uses another model and the champion is no
+    longer the build's: the winner is the newer index."""
     winner_model = str((base.pointer or {}).get("model_version"))
     if winner_model != str(built.model_version) and str(champion_version) != str(built.model_version):
         return None
-    new, _ = update_index(encoder, built, manifest, work_dir, built.model_version, batch_size=batch_size)
+    new, _ = update_index(encoder, built, manifest, work_dir, built.model_version, batch_size=batch_size,
+                          products=products)
     return new

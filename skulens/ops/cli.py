@@ -239,7 +239,8 @@ def data_balance(clean_dir: Path, out: Path, params_file: Path) -> None:
               help="Load the demo catalog when the bucket has no catalog yet.")
 @click.option("--verbose", is_flag=True, help="Echo every Dagster event and traceback (they are always in the log file).")
 @click.option("--force", is_flag=True,
-              help="Run `main` even when the catalog and training config equal the champion's (else it is skipped).")
+              help="Run `main` even when the nightly retrain policy would skip it (nothing trainable changed since "
+                   "the champion).")
 def run_cmd(job: str, demo: bool, verbose: bool, force: bool) -> None:
     """Start the services, load the demo catalog if the bucket is empty, and run the pipeline.
 
@@ -277,7 +278,7 @@ def run_cmd(job: str, demo: bool, verbose: bool, force: bool) -> None:
                                       echo_all=verbose)
     took = time.monotonic() - t0
     if rc == SKIPPED_EXIT:
-        click.echo(f"\njob {job!r} skipped: nothing changed since the champion was trained.")
+        click.echo(f"\njob {job!r} skipped: retraining would not pay (reason above).")
         return
     if rc != 0:
         what = error or f"job {job!r} failed (exit {rc}); see the run in the UI (make ui)"
@@ -296,7 +297,7 @@ def run_cmd(job: str, demo: bool, verbose: bool, force: bool) -> None:
 ERROR_MARK = "skulens error: "  # assets raise dg.Failure("skulens error: <what happened and what to do>")
 MARK = "::skulens:: "  # a console line of `python -m pipelines.console` (the job runner)
 PROGRESS = "::skulens-progress:: "  # a progress line: rewritten in place on a terminal
-SKIPPED_EXIT = 100  # the runner skipped the job (nothing changed since the champion)
+SKIPPED_EXIT = 100  # the runner skipped the job (the retrain policy: nothing to retrain since the champion)
 
 
 def _run_logged(cmd: list[str], env: dict, cwd: Path, log_path: Path,

@@ -368,9 +368,13 @@ def log_encoder(client, run_id: str, encoder_path: str | os.PathLike) -> str:
 def _version_by_alias(client, model_name: str, alias: str):
     from mlflow.exceptions import MlflowException
 
+    from skulens.registry.store import transient_mlflow_error
+
     try:
         return client.get_model_version_by_alias(model_name, alias)
     except MlflowException as e:
+        if transient_mlflow_error(e):  # down or failing: "no alias" must not be assumed (its URL names "alias")
+            raise
         if _is_not_found(e) or "alias" in str(e).lower():
             return None
         raise

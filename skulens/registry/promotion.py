@@ -86,6 +86,13 @@ def training_run_tags(tracking_uri: str, run_id: str | None) -> dict:
     return {k: v for k, v in tags.items() if k.startswith(CARRIED_TAG_PREFIXES)}
 
 
+#: training-run tags with the promotion decision of its challenger (also when no version was registered)
+RUN_DECISION_TAG = "skulens.promotion_decision"
+RUN_DECISION_REASON_TAG = "skulens.promotion_decision_reason"
+KEPT_CHAMPION = "kept-champion"
+PROMOTED = "promoted"
+
+
 def register_and_decide(
     tracking_uri: str,
     model_name: str,
@@ -100,20 +107,30 @@ def register_and_decide(
     tags: dict | None = None,
     timeout_s: float = 10.0,
     retries: int = 2,
+    register_rejected: bool = False,
 ) -> dict:
-    """Register the challenger (alias ``challenger``) with lineage, then promote it to ``champion``
-    only if it beats the champion evaluated in the same run on the same crops.
+    """Decide whether the challenger beats the champion evaluated in the same run on the same crops; register
+    it (alias ``challenger``) with lineage and promote it to ``champion`` when it does.
 
     Never promotes when: data checks failed, the challenger metric is missing, the champion could
     not be evaluated on these crops, the champion alias moved since the evaluation (another run
-    promoted meanwhile), or the challenger is not better by ``margin``. A tie is not promoted.
+    promoted meanwhile), or the challenger is not better by ``margin``. A tie is not promoted. The
+    first model (no champion yet) is promoted when the checks passed.
 
-    Order (the champion alias is the commit point): register (or find again) the version, decide,
-    record the decision tags and the version's description, mark it ``skulens.registration=complete``,
-    set ``challenger``, then ``previous-champion`` and ``champion``, then the model's description. An
-    MLflow failure at any step raises :class:`skulens.registry.model_registry.RegistrationError` (URI,
-    step, "nothing was promoted; re-run the step"); the retry completes the same version, and a champion
-    alias that already names it (moved by the failed attempt) counts as this version's promotion.
+    A challenger that is not promoted is not registered (``register_rejected=False``, the default): no
+    model version is created; its training run is tagged ``skulens.promotion_decision=kept-champion`` and
+    ``skulens.promotion_decision_reason``, and the registered model's description still names the
+    champion. The result has ``version`` None and ``registered`` False. With ``register_rejected=True`` it is
+    registered and marked ``kept-champion`` (version tags and description), as a promoted one is.
+
+    Order (the champion alias is the commit point): decide (before any version exists), register (or find
+    again) the version, record the decision tags and the version's description, mark it
+    ``skulens.registration=complete``, set ``challenger``, then ``previous-champion`` and ``champion``, then
+    the model's description. An MLflow failure at any step raises
+    :class:`skulens.registry.model_registry.RegistrationError` (URI, step, "nothing was promoted; re-run the
+    step"); the retry completes the same version, and a champion alias that already names a version of this
+    training run and encoder (moved by the failed attempt) counts as this version's promotion. A version a
+    failed attempt created is completed (marked kept-champion) when the retry decides not to promote.
     """
     from skulens.registry.model_registry import (
         CHALLENGER,
@@ -121,19 +138,19 @@ def register_and_decide(
         PREVIOUS,
         RegistrationError,
         _client,
+        _find_version,
         _mark_complete,
         _redact,
         _Steps,
         _version_by_alias,
-        get_champion,
         log_and_register,
     )
-    from skulens.registry.promotion import decide_promotion
-    from skulens.registry.store import _bounded_http
+    from skulens.registry.store import SHA_TAG, _bounded_http
 
     encoder_path = trained["encoder_path"]  # the verified local copy (ModelStore.fetch of encoder_uri)
+    file_sha = file_sha256(encoder_path)
     sha = evaluation.get("challenger_sha256")
-    if sha and file_sha256(encoder_path) != sha:
+    if sha and file_sha != sha:
         raise RuntimeError(f"{encoder_path} changed since it was evaluated (another training run?): "
                            "re-run model_evaluation before registering")
     if gallery not in evaluation["models"]["challenger"]["metrics"]:
@@ -143,31 +160,24 @@ def register_and_decide(
     spec, cfg = saved_spec(encoder_path) or trained.get("spec") or {}, trained.get("train_config") or {}
     params = {**{f"model.{k}": v for k, v in spec.items()}, **{f"train.{k}": v for k, v in cfg.items()},
               "eval.gallery": gallery, "eval.metric": metric, "eval.k": evaluation.get("k")}
+    run_id = trained.get("mlflow_run_id")
     steps = _Steps(tracking_uri, model_name)
     with _bounded_http(timeout_s, retries):
-        with steps.step("reading the training run's tags"):
-            run_tags = training_run_tags(tracking_uri, trained.get("mlflow_run_id"))
-        version = log_and_register(
-            tracking_uri, model_name, encoder_path,
-            metrics=registration_metrics(trained, evaluation, gallery), params=params,
-            tags={**run_tags, "run_name": f"register-{spec.get('name', 'encoder')}", "skulens.stage": "register",
-                  **(tags or {})},
-            lineage=lineage(trained, evaluation, extra_lineage), experiment=experiment,
-            run_id=trained.get("mlflow_run_id"),  # the training run: the version's source run has the curves
-            complete=False, timeout_s=timeout_s, retries=retries, _steps=steps,
-        )
-        steps.version = version
         client = _client(tracking_uri)
-
+        # 1. the decision, before any version is created
         evaluated = evaluation.get("champion_version")
         with steps.step("reading the champion alias"):
-            current = get_champion(tracking_uri, model_name)
-        current_version = current[0] if current else None
+            champ_mv = _version_by_alias(client, model_name, CHAMPION)
+        current_version = str(champ_mv.version) if champ_mv is not None else None
+        # a failed attempt of this registration moved the alias already (same training run and encoder)
+        already = bool(champ_mv is not None and run_id and champ_mv.run_id == run_id
+                       and (champ_mv.tags or {}).get(SHA_TAG) == file_sha)
         champion_metric = None
-        already = current_version == version  # a failed attempt of this registration moved the alias already
+        previous = current_version
         if already:
+            version = current_version
             with steps.step("reading the version's decision"):
-                recorded = client.get_model_version(model_name, version).tags or {}
+                recorded = champ_mv.tags or {}
                 before = _version_by_alias(client, model_name, PREVIOUS)
             promote_it = True
             reason = recorded.get("promotion_decision_reason") or recorded.get("promotion_reason") or \
@@ -183,7 +193,7 @@ def register_and_decide(
             promote_it, reason = False, (f"champion changed during the run (evaluated v{evaluated}, now "
                                          f"v{current_version}): not comparable, keeping the champion; run again to "
                                          "compare on the same crops")
-        elif current is None:
+        elif champ_mv is None:
             promote_it, reason = decide_promotion(challenger, None, metric=metric, margin=margin,
                                                   checks_passed=checks_passed)
         else:
@@ -196,13 +206,43 @@ def register_and_decide(
                                                   checks_passed=checks_passed)
             if not champ_eval and evaluation.get("champion_error"):
                 reason += f" (champion v{evaluated} could not be evaluated: {evaluation['champion_error']})"
-        if not already:
-            previous = current_version
 
-        # 1. everything about the version, while no alias names it as champion yet
+        register = promote_it or register_rejected
+        if not register and run_id:  # a failed attempt that decided otherwise may have created it: complete it
+            with steps.step("looking for this run's model version"):
+                register = _find_version(client, model_name, run_id, file_sha, "") is not None
+        if not register:
+            return _keep_champion_unregistered(
+                client, steps, model_name, run_id, reason, current_version, metric, gallery, margin, eval_set,
+                challenger, champion_metric, checks_passed, trained)
+
+        # 2. register (or find again) the version
+        with steps.step("reading the training run's tags"):
+            run_tags = training_run_tags(tracking_uri, run_id)
+        version = log_and_register(
+            tracking_uri, model_name, encoder_path,
+            metrics=registration_metrics(trained, evaluation, gallery), params=params,
+            tags={**run_tags, "run_name": f"register-{spec.get('name', 'encoder')}", "skulens.stage": "register",
+                  **(tags or {})},
+            lineage=lineage(trained, evaluation, extra_lineage), experiment=experiment,
+            run_id=run_id,  # the training run: the version's source run has the curves
+            complete=False, timeout_s=timeout_s, retries=retries, _steps=steps,
+        )
+        steps.version = version
+        if promote_it and not already:  # the alias may have moved while the version was registered
+            with steps.step("reading the champion alias"):
+                now_mv = _version_by_alias(client, model_name, CHAMPION)
+            now_version = str(now_mv.version) if now_mv is not None else None
+            if now_version != current_version:
+                promote_it, reason = False, (f"champion changed during the registration (was v{current_version}, "
+                                             f"now v{now_version}): not comparable, keeping the champion; run again "
+                                             "to compare on the same crops")
+                current_version = previous = now_version
+
+        # 3. everything about the version, while no alias names it as champion yet
         with steps.step("recording the promotion decision"):
             client.set_model_version_tag(model_name, version, "promotion_decision",
-                                         "promoted" if promote_it else "kept-champion")
+                                         PROMOTED if promote_it else KEPT_CHAMPION)
             client.set_model_version_tag(model_name, version, "promotion_decision_reason", reason[:5000])
             if promote_it and not already:
                 client.set_model_version_tag(model_name, version, "promoted_at",
@@ -213,6 +253,8 @@ def register_and_decide(
                 for k in ("promoted_at", "promotion_reason"):
                     if k in stale:
                         client.delete_model_version_tag(model_name, version, k)
+            if run_id:
+                _tag_run_decision(client, run_id, PROMOTED if promote_it else KEPT_CHAMPION, reason)
         with steps.step("updating the version description"):
             client.update_model_version(model_name, version, description=version_description(
                 promote_it, reason, metric=metric, gallery=gallery, challenger=challenger.get(metric),
@@ -221,7 +263,7 @@ def register_and_decide(
             _mark_complete(client, model_name, version)
         with steps.step("setting the challenger alias"):
             client.set_registered_model_alias(model_name, CHALLENGER, version)
-        # 2. the commit point: previous-champion, then champion, last
+        # 4. the commit point: previous-champion, then champion, last
         if promote_it and not already:
             if current_version is not None:
                 with steps.step("moving the previous-champion alias"):
@@ -231,27 +273,61 @@ def register_and_decide(
                     client.set_registered_model_alias(model_name, CHAMPION, version)
             except RegistrationError as e:  # did it move anyway (the answer was lost)?
                 try:
-                    now = get_champion(tracking_uri, model_name)
-                    steps.promoted, steps.uncertain = bool(now and now[0] == version), False
+                    now = _version_by_alias(client, model_name, CHAMPION)
+                    steps.promoted, steps.uncertain = bool(now is not None and str(now.version) == version), False
                 except Exception:  # noqa: BLE001 - still down: say that we cannot tell
                     steps.uncertain = True
                 if steps.promoted or steps.uncertain:
                     raise steps.error(e.step, e.__cause__) from e.__cause__
                 raise
         steps.promoted = bool(promote_it)
-        # 3. after the commit: the model's description names the champion
+        # 5. after the commit: the model's description names the champion
         with steps.step("updating the registered model's description"):
-            after = get_champion(tracking_uri, model_name)
-            client.update_registered_model(model_name, description=model_description(
-                after[0] if after else None, metric, gallery))
+            after = _version_by_alias(client, model_name, CHAMPION)
+            after_version = str(after.version) if after is not None else None
+            client.update_registered_model(model_name, description=model_description(after_version, metric, gallery))
     return {
-        "version": version, "promoted": bool(promote_it), "reason": reason,
-        "champion_version": after[0] if after else None,
+        "version": version, "registered": True, "promoted": bool(promote_it), "reason": reason,
+        "decision": PROMOTED if promote_it else KEPT_CHAMPION,
+        "champion_version": after_version,
         "previous_champion": previous,
         "metric": metric, "gallery": gallery, "margin": float(margin), "eval_set": eval_set,
         "challenger_metric": challenger.get(metric), "champion_metric": champion_metric,
         "checks_passed": bool(checks_passed), "model_name": model_name,
         "clean_md5": (trained.get("dataset_version") or {}).get("clean_md5"),
+    }
+
+
+def _tag_run_decision(client, run_id: str, decision: str, reason: str) -> None:
+    from mlflow.entities import RunTag
+
+    from skulens.registry.model_registry import _redact
+
+    client.log_batch(run_id, tags=[RunTag(RUN_DECISION_TAG, decision),
+                                   RunTag(RUN_DECISION_REASON_TAG, _redact(reason)[:5000])])
+
+
+def _keep_champion_unregistered(client, steps, model_name: str, run_id: str | None, reason: str,
+                                champion_version: str | None, metric: str, gallery: str, margin: float,
+                                eval_set: str, challenger: dict, champion_metric, checks_passed: bool,
+                                trained: dict) -> dict:
+    """The not-promoted challenger, not registered: the decision on its training run, the model's
+    description naming the champion (idempotent: a retry writes the same)."""
+    if run_id:
+        with steps.step("recording the decision on the training run"):
+            _tag_run_decision(client, run_id, KEPT_CHAMPION, reason)
+    if champion_version is not None:  # the registered model exists
+        with steps.step("updating the registered model's description"):
+            client.update_registered_model(model_name, description=model_description(champion_version, metric,
+                                                                                     gallery))
+    return {
+        "version": None, "registered": False, "promoted": False, "reason": reason, "decision": KEPT_CHAMPION,
+        "champion_version": champion_version, "previous_champion": champion_version,
+        "metric": metric, "gallery": gallery, "margin": float(margin), "eval_set": eval_set,
+        "challenger_metric": challenger.get(metric), "champion_metric": champion_metric,
+        "checks_passed": bool(checks_passed), "model_name": model_name,
+        "clean_md5": (trained.get("dataset_version") or {}).get("clean_md5"),
+        "training_run_id": run_id,
     }
 
 
@@ -324,3 +400,48 @@ def model_description(champion_version, metric: str, gallery: str) -> str:
     return (f"skulens product image encoder (open_clip image tower fine-tuned with ArcFace). {head} A new version "
             f"becomes champion only when it beats the champion on {gallery}/{metric} over the same shelf crops; "
             "each version's description says why it was or was not promoted.")
+
+
+# ====================================================================== the nightly retrain policy's inputs
+def _run_record(client, run_id: str) -> dict | None:
+    """The run's ``catalog_state.json`` (None when it has none)."""
+    import tempfile
+
+    from skulens.catalog.state import CATALOG_STATE_ARTIFACT
+
+    if not any(a.path == CATALOG_STATE_ARTIFACT for a in client.list_artifacts(run_id)):
+        return None
+    with tempfile.TemporaryDirectory() as td:
+        return json.loads(Path(client.download_artifacts(run_id, CATALOG_STATE_ARTIFACT, td)).read_text())
+
+
+def champion_training_state(tracking_uri: str, model_name: str, experiment: str | None = None,
+                            train_config_hash: str | None = None) -> dict | None:
+    """What :func:`skulens.catalog.state.retrain_decision` needs from MLflow, or None when there is no
+    champion: ``version``, ``run_id`` and ``tags`` of the champion's training run, its ``record``
+    (``catalog_state.json``, None for a model trained before it was recorded) and ``rejected``: the latest
+    training run of ``experiment`` with this config hash that was evaluated against this champion and not
+    promoted (``{"run_id", "reason", "fingerprint", "record"}``, or None)."""
+    from skulens.registry.model_registry import CHAMPION, _client, _version_by_alias
+
+    client = _client(tracking_uri)
+    mv = _version_by_alias(client, model_name, CHAMPION)
+    if mv is None:
+        return None
+    version, run_id = str(mv.version), mv.run_id
+    tags = dict(client.get_run(run_id).data.tags) if run_id else {}
+    record = _run_record(client, run_id) if run_id else None
+    rejected = None
+    exp = client.get_experiment_by_name(experiment or model_name) if train_config_hash else None
+    if exp is not None:
+        found = client.search_runs(
+            [exp.experiment_id], max_results=1, order_by=["attribute.start_time DESC"],
+            filter_string=(f"tags.`{RUN_DECISION_TAG}` = '{KEPT_CHAMPION}' and "
+                           f"tags.`train.config_hash` = '{train_config_hash}' and "
+                           f"tags.`eval.champion_version` = '{version}'"))
+        if found:
+            run = found[0]
+            rejected = {"run_id": run.info.run_id, "reason": run.data.tags.get(RUN_DECISION_REASON_TAG, "")[:200],
+                        "fingerprint": run.data.tags.get("catalog.fingerprint"),
+                        "record": _run_record(client, run.info.run_id)}
+    return {"version": version, "run_id": run_id, "tags": tags, "record": record, "rejected": rejected}

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import threading
 import uuid
-from pathlib import Path
 from urllib.parse import urlparse
 
 import numpy as np

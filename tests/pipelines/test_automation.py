@@ -99,6 +99,8 @@ def test_new_sku_recognizable_and_deleted_sku_gone_without_training(s3, mlflow_s
                 primary=(10, 200, 120), secondary=(250, 20, 200), pattern="dots", logo="star", size="1 l")
     for v in range(2):
         (new_dir / f"{v}.jpg").write_bytes(_jpeg_bytes(render_packshot(p, view=v), 92))
+    products = (src / "products.csv").read_text()
+    (src / "products.csv").write_text(products + "brand-new,New,snacks,NEWBRAND,1 l\n")  # listed: indexable
     importer.import_catalog(s3.client(), bucket, src, progress=False).raise_for_failures()
     second = index_update.execute_in_process(resources=resources)
     out2 = second.output_for_node("update_sku_index")
@@ -124,6 +126,18 @@ def test_new_sku_recognizable_and_deleted_sku_gone_without_training(s3, mlflow_s
     assert gone not in rec.index.sku_list
     probe = rec.recognize([str(src / "images" / gone / "01.jpg")], k=5)[0]
     assert all(s != gone for s, _ in [(t["sku"], t["score"]) for t in probe["topk"]])
+
+    # a SKU delisted in products.csv, its images still in S3: it leaves the index at the next update
+    delisted = "demo-003"
+    shutil.rmtree(src / "images" / gone)  # the local copy of the catalog agrees with the bucket
+    (src / "products.csv").write_text("".join(ln for ln in (src / "products.csv").read_text().splitlines(True)
+                                              if not ln.startswith(f"{delisted},")))
+    importer.import_catalog(s3.client(), bucket, src, progress=False).raise_for_failures()
+    assert s3.client().list_objects_v2(Bucket=bucket, Prefix=f"catalog/images/{delisted}/")["KeyCount"] > 0
+    out4 = index_update.execute_in_process(resources=resources).output_for_node("update_sku_index")
+    assert out4["removed_skus"] == out4["delisted_skus"] == [delisted] and out4["changed_skus"] == []
+    rec.maybe_reload(force=True)
+    assert delisted not in rec.index.sku_list and "brand-new" in rec.index.sku_list
 
 
 def test_champion_sensor_fires_once_per_new_champion(s3, mlflow_server, tmp_path):
@@ -197,3 +211,70 @@ def test_skulens_run_runner_skips_main_when_nothing_changed_since_the_champion(s
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith(MARK))
     assert f"unchanged since champion v{version}" in line and "--force" in line
     assert not list((tmp_path / "dagster").rglob("*.db"))  # no run was started
+
+
+def test_nightly_retrains_only_when_enough_trainable_skus_changed(s3, mlflow_server, demo_dir, tmp_path, monkeypatch):
+    """The retrain policy through the schedule: the champion's training run records its catalog per SKU
+    (catalog_state.json). A packshot-only launch never counts; one new trainable SKU is below a threshold of 2
+    (skip, with the count and the threshold) and reaches the default of 1 (a run request carrying the reason);
+    a challenger already trained on this catalog and config and not promoted makes the schedule skip."""
+    import datetime
+
+    from mlflow.tracking import MlflowClient
+
+    from skulens.catalog import ingest
+    from skulens.catalog.state import CATALOG_STATE_ARTIFACT, catalog_state, training_record
+    from skulens.registry.model_registry import experiment_id
+
+    bucket = s3.new_bucket("policy")
+    model_name = f"p-{bucket}"
+    c = s3.client()
+    importer.import_catalog(c, bucket, demo_dir / "catalog", progress=False).raise_for_failures()
+    version = _register_champion(mlflow_server.uri, model_name, tmp_path)
+    ml = MlflowClient(mlflow_server.uri)
+    run_id = ml.get_model_version(model_name, version).run_id
+    state = catalog_state(c, bucket)
+    products = ingest.fetch_products(c, bucket)
+    trained = list(products["sku"])  # stand-in: every listed SKU was a training class
+    ml.log_dict(run_id, training_record(state.images, set(products["sku"]), trained, state.fingerprint),
+                CATALOG_STATE_ARTIFACT)
+    ml.set_tag(run_id, "catalog.fingerprint", state.fingerprint)
+    cfg = automation.training_config_hash()
+    ml.set_tag(run_id, "train.config_hash", cfg)
+    resources = {"s3": _s3(s3, bucket), "mlflow": MlflowResource(tracking_uri=mlflow_server.uri,
+                                                                 model_name=model_name, experiment=model_name)}
+    schedule = automation.nightly_schedule(dg.define_asset_job("main"))
+
+    def tick():
+        return schedule.evaluate_tick(dg.build_schedule_context(
+            resources=resources, scheduled_execution_time=datetime.datetime(2026, 11, 22, 2)))
+
+    assert "unchanged since champion" in tick().skip_message
+
+    # a packshot-only launch (listed) and a new SKU with 3 images (listed): only the latter is trainable
+    img = next((demo_dir / "catalog" / "images").rglob("00.jpg")).read_bytes()
+    c.put_object(Bucket=bucket, Key="catalog/images/launch-1/0.jpg", Body=img + b"\0")
+    for i in range(3):
+        c.put_object(Bucket=bucket, Key=f"catalog/images/rich-1/{i}.jpg", Body=img + bytes([i + 1]))
+    rows = products.iloc[:2].assign(sku=["launch-1", "rich-1"])
+    import pandas as pd
+
+    c.put_object(Bucket=bucket, Key="catalog/products.csv",
+                 Body=pd.concat([products, rows]).to_csv(index=False).encode())
+    monkeypatch.setenv("SKULENS_RETRAIN_MIN_CHANGED_SKUS", "2")
+    skipped = tick()
+    assert skipped.skip_message == (f"1 trainable SKU new or changed since champion v{version} (retrain threshold 2): "
+                                    "index_update keeps them recognizable; nothing to retrain")
+    monkeypatch.delenv("SKULENS_RETRAIN_MIN_CHANGED_SKUS")
+    (req,) = tick().run_requests
+    assert req.tags["skulens/retrain_reason"].startswith(f"1 trainable SKU new or changed since champion v{version}")
+
+    # a challenger trained on this catalog and config was kept out (a tie): retraining would repeat it
+    now = catalog_state(c, bucket).fingerprint
+    ml.create_run(experiment_id(ml, model_name), run_name="train-tie", tags={
+        "skulens.promotion_decision": "kept-champion", "skulens.promotion_decision_reason": "top1 tie",
+        "catalog.fingerprint": now, "train.config_hash": cfg, "eval.champion_version": version})
+    again = tick()
+    assert "would repeat it" in again.skip_message and "top1 tie" in again.skip_message
+    with dg.build_resources(resources) as res:  # `skulens run` applies the same rule
+        assert automation.unchanged_since_champion(res.s3, res.mlflow) == again.skip_message

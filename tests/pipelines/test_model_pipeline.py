@@ -105,6 +105,11 @@ def test_model_pipeline_promotes_first_keeps_champion_over_worse_and_serves(
     assert digests["skulens-clean"] == trained1["dataset_version"]["clean_md5"].removesuffix(".dir")[:36]
     assert ml.get_experiment(reg_run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     assert reg_run.data.tags.get("catalog.fingerprint")  # carried over for the nightly schedule
+    # what it was trained on, per SKU: the nightly retrain policy compares the catalog with it
+    record = json.loads(Path(ml.download_artifacts(mv1.run_id, "catalog_state.json", str(tmp_path))).read_text())
+    assert record["fingerprint"] == reg_run.data.tags["catalog.fingerprint"]
+    assert record["trained"] == sorted(r1.output_for_node("balanced_dataset")["train"]["sku"].unique())
+    assert set(record["skus"]) == set(r1.output_for_node("catalog_images")["sku"])
 
     # the registered version is a real MLflow model: pyfunc loads it by alias and embeds image bytes, with the
     # same vectors skulens computes from the verified encoder file
@@ -169,19 +174,26 @@ def test_model_pipeline_promotes_first_keeps_champion_over_worse_and_serves(
     worse = ev2["models"]["challenger"]["metrics"]["catalog"]["top1"]
     assert worse < champ2["top1"] - 0.1, (worse, champ2)  # really worse, on the same crops
 
-    assert reg2["version"] == "2" and not reg2["promoted"] and "regression" in reg2["reason"]
+    # a regression registers nothing (PromotionSettings.register_rejected=False): the registry stays as it was,
+    # the decision and its reason go on the challenger's training run
+    assert reg2["version"] is None and not reg2["registered"] and not reg2["promoted"]
+    assert "regression" in reg2["reason"]
     assert reg2["champion_version"] == "1" and reg2["checks_passed"]
+    assert [mv.version for mv in ml.search_model_versions(f"name='{name}'")] == ["1"]
     assert ml.get_model_version_by_alias(name, "champion").version == "1"
-    assert ml.get_model_version_by_alias(name, "challenger").version == "2"
-    assert ml.get_model_version(name, "2").tags["promotion_decision"] == "kept-champion"
+    assert ml.get_model_version_by_alias(name, "challenger").version == "1"
+    run2 = ml.get_run(r2.output_for_node("trained_encoder")["mlflow_run_id"]).data.tags
+    assert run2["skulens.promotion_decision"] == "kept-champion" and "regression" in run2[
+        "skulens.promotion_decision_reason"]
     # the decision and its reason are the versions' descriptions; the model's says which version serves
-    desc2 = ml.get_model_version(name, "2").description
-    assert desc2.startswith("**Not promoted (champion kept)**: ") and "regression" in desc2 and "challenger 0." in desc2
     assert ml.get_model_version(name, "1").description.startswith("**Promoted to champion**: ")
     assert "Champion: **v1**" in ml.get_registered_model(name).description
     meta2 = _meta(r2, "registered_model")
     assert meta2["checks"]["dropped_share_below_threshold"] == "succeeded"
-    assert meta2["promoted"] is False and "regression" in meta2["decision"]
+    assert meta2["promoted"] is False and meta2["version"] == "none" and "regression" in meta2["decision"]
+    from pipelines.console import key_figure
+
+    assert key_figure("registered_model", meta2).startswith("nothing registered, champion v1 kept: regression")
     # the index still comes from the champion: same content, nothing re-published
     assert idx2["model_version"] == "1" and not idx2["published"] and idx2["version"] == idx1["version"]
 
@@ -248,30 +260,42 @@ def test_register_and_decide_never_promotes_without_a_fair_comparison(mlflow_ser
     def decide(ev, **kw):
         return register_and_decide(uri, name, trained, {**ev, "challenger_sha256": file_sha256(path)}, **kw)
 
-    # failed data checks: even the first model is not promoted
+    ml = MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+    def versions():
+        return [mv.version for mv in ml.search_model_versions(f"name='{name}'")]
+
+    # failed data checks: even the first model is not promoted (and, not promoted, not registered)
     r = decide(_evaluation("E1", {"challenger": 0.5}), checks_passed=False)
     assert not r["promoted"] and "checks" in r["reason"] and get_champion(uri, name) is None
-    r = decide(_evaluation("E1", {"challenger": 0.5}))
-    assert r["promoted"] and r["champion_version"] == r["version"] == "2"
-    # the champion alias moved after the evaluation (evaluated none, now v2): not comparable
+    assert r["version"] is None and not r["registered"] and versions() == []
+    r = decide(_evaluation("E1", {"challenger": 0.5}))  # the first model: registered and promoted
+    assert r["promoted"] and r["registered"] and r["champion_version"] == r["version"] == "1"
+    # the champion alias moved after the evaluation (evaluated none, now v1): not comparable
     r = decide(_evaluation("E1", {"challenger": 0.9}))
     assert not r["promoted"] and "changed during the run" in r["reason"]
     # the champion was not scored on these crops (include_champion=False / could not be loaded)
     r = decide(_evaluation("E1", {"challenger": 0.9}, checked=False))
     assert not r["promoted"] and "not evaluated" in r["reason"]
-    r = decide(_evaluation("E1", {"challenger": 0.9}, champion_version="2", champion_error="OSError: gone"))
+    r = decide(_evaluation("E1", {"challenger": 0.9}, champion_version="1", champion_error="OSError: gone"))
     assert not r["promoted"] and "OSError" in r["reason"]
-    # a tie or less than the margin is not promoted; a real improvement is
-    r = decide(_evaluation("E1", {"challenger": 0.5, "champion": 0.5}, champion_version="2"))
-    assert not r["promoted"]
-    r = decide(_evaluation("E1", {"challenger": 0.55, "champion": 0.5}, champion_version="2"), margin=0.1)
-    assert not r["promoted"] and "margin" in r["reason"]
-    r = decide(_evaluation("E1", {"challenger": 0.7, "champion": 0.5}, champion_version="2"), margin=0.1)
-    assert r["promoted"] and r["previous_champion"] == "2" and get_champion(uri, name)[0] == r["version"] == "8"
-    assert MlflowClient(uri).get_model_version_by_alias(name, "previous-champion").version == "2"
+    # a tie or less than the margin is not promoted, and registers nothing: the registry stays readable
+    r = decide(_evaluation("E1", {"challenger": 0.5, "champion": 0.5}, champion_version="1"))
+    assert not r["promoted"] and r["version"] is None and r["champion_version"] == "1"
+    r = decide(_evaluation("E1", {"challenger": 0.55, "champion": 0.5}, champion_version="1"), margin=0.1)
+    assert not r["promoted"] and "margin" in r["reason"] and r["version"] is None
+    assert versions() == ["1"] and "Champion: **v1**" in ml.get_registered_model(name).description
+    # register_rejected=True: a tie is registered, marked kept-champion, and the champion stays
+    r = decide(_evaluation("E1", {"challenger": 0.5, "champion": 0.5}, champion_version="1"), register_rejected=True)
+    assert not r["promoted"] and r["registered"] and r["version"] == "2" and get_champion(uri, name)[0] == "1"
+    assert ml.get_model_version(name, "2").tags["promotion_decision"] == "kept-champion"
+    assert ml.get_model_version(name, "2").description.startswith("**Not promoted (champion kept)**: ")
+    r = decide(_evaluation("E1", {"challenger": 0.7, "champion": 0.5}, champion_version="1"), margin=0.1)
+    assert r["promoted"] and r["previous_champion"] == "1" and get_champion(uri, name)[0] == r["version"] == "3"
+    assert ml.get_model_version_by_alias(name, "previous-champion").version == "1"
     # the encoder file changed after the evaluation: refuse to register it
     with pytest.raises(RuntimeError, match="changed since it was evaluated"):
-        register_and_decide(uri, name, trained, {**_evaluation("E1", {"challenger": 0.9}, champion_version="8"),
+        register_and_decide(uri, name, trained, {**_evaluation("E1", {"challenger": 0.9}, champion_version="3"),
                                                  "challenger_sha256": "0" * 64})
 
 

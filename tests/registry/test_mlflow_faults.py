@@ -258,9 +258,16 @@ CASES = [
      "moving the champion alias", True),
     ("model description after the move", [Fault(method="PATCH", path=r"/registered-models/update$", status=503)],
      0.8, "updating the registered model's description", True),
-    ("regression, set-tag 503", [Fault(method="POST", path=r"/model-versions/set-tag$", status=503)], 0.4,
-     "recording the promotion decision", False),
+    ("regression registered (register_rejected), set-tag 503",
+     [Fault(method="POST", path=r"/model-versions/set-tag$", status=503)], 0.4, "recording the promotion decision", False),
+    ("regression not registered, run tags 503", [Fault(method="POST", path=r"/runs/log-batch$", status=503)], 0.4,
+     "recording the decision on the training run", False),
+    ("regression not registered, version search reset",
+     [Fault(method="GET", path=r"/model-versions/search", reset=True)], 0.4, "looking for this run's model version",
+     False),
 ]
+#: cases whose challenger is registered although it is not promoted (PromotionSettings.register_rejected)
+REGISTER_REJECTED = {"regression registered (register_rejected), set-tag 503"}
 
 
 @pytest.mark.parametrize("case, faults, top1, step, moved", CASES, ids=[c[0] for c in CASES])
@@ -271,7 +278,9 @@ def test_registration_fails_clearly_and_the_retry_completes_the_same_version(mlf
     (the MLflow URI, the step, "nothing was promoted; re-run the step" - or, after the alias moved, that
     it is champion already) and no alias names an incomplete version; the retry, MLflow healed,
     completes it: exactly one version for the run, tagged complete, promoted (champion = it,
-    previous-champion = v1) unless it is a regression (champion stays v1, decision kept-champion)."""
+    previous-champion = v1) unless it is a regression (champion stays v1, decision kept-champion). A
+    regression is not registered at all by default (register_rejected=False): the retry creates no version
+    and records the decision on the training run."""
     from skulens.registry.model_registry import RegistrationError
     from skulens.registry.promotion import register_and_decide
     from skulens.registry.store import REGISTRATION_TAG
@@ -285,14 +294,16 @@ def test_registration_fails_clearly_and_the_retry_completes_the_same_version(mlf
     assert v1["promoted"] and v1["version"] == "1"
     run_id = _new_run(uri, "challenger")
     trained, ev = _trained(encoders[1], run_id), _evaluation(encoders[1], top1, 0.6, "1")
+    kw = {"register_rejected": case in REGISTER_REJECTED}
+    registered = top1 > 0.6 or kw["register_rejected"]
 
     proxy.add(*faults)
     if step is None:  # the lost answer is recovered inside the attempt
-        res = register_and_decide(proxy.endpoint, name, trained, ev)
+        res = register_and_decide(proxy.endpoint, name, trained, ev, **kw)
         assert proxy.count("POST", r"/model-versions/create$") == 1  # sent once: no client retry of the POST
     else:
         with pytest.raises(RegistrationError) as err:
-            register_and_decide(proxy.endpoint, name, trained, ev)
+            register_and_decide(proxy.endpoint, name, trained, ev, **kw)
         msg = str(err.value)
         assert proxy.injected(), "the fault was not hit"
         assert proxy.endpoint in msg and step in msg and err.value.step == step, msg
@@ -306,8 +317,20 @@ def test_registration_fails_clearly_and_the_retry_completes_the_same_version(mlf
             mv = c.get_model_version_by_alias(name, alias)
             assert mv.tags.get(REGISTRATION_TAG, "complete") == "complete", (alias, mv.version, mv.tags)
         proxy.clear()
-        res = register_and_decide(proxy.endpoint, name, trained, ev)
+        res = register_and_decide(proxy.endpoint, name, trained, ev, **kw)
 
+    if not registered:  # the default for a regression: no version, the decision on the training run
+        assert res["version"] is None and not res["registered"] and not res["promoted"], res
+        assert "regression" in res["reason"] and res["champion_version"] == "1", res
+        assert not c.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+        assert c.get_model_version_by_alias(name, "champion").version == "1"
+        assert c.get_model_version_by_alias(name, "challenger").version == "1"
+        tags = c.get_run(run_id).data.tags
+        assert tags["skulens.promotion_decision"] == "kept-champion" and "regression" in tags[
+            "skulens.promotion_decision_reason"]
+        assert "Champion: **v1**" in c.get_registered_model(name).description
+        assert len(c.search_model_versions(f"name='{name}'")) == 1
+        return
     versions = c.search_model_versions(f"name='{name}' and run_id='{run_id}'")
     assert [mv.version for mv in versions] == ["2"], [(mv.version, mv.tags) for mv in versions]  # no duplicate
     mv = c.get_model_version(name, "2")
@@ -392,7 +415,8 @@ def test_registered_model_asset_turns_mlflow_down_into_one_failure_and_succeeds_
     assert failure.step_key == "registered_model"
     desc = failure.step_failure_data.user_failure_data.description
     assert desc.startswith("skulens error: MLflow at " + proxy.endpoint), desc
-    assert "creating the registration run" in desc and "nothing was promoted; re-run the step" in desc, desc
+    # the decision comes first, before any version exists: the first MLflow call reads the champion alias
+    assert "reading the champion alias" in desc and "nothing was promoted; re-run the step" in desc, desc
     c = _client(mlflow_server.uri)
     assert not c.search_registered_models(f"name='{name}'")
 

@@ -152,3 +152,58 @@ def test_interrupted_registration_is_pending_refused_by_the_store_and_completed_
     assert client.get_model_version_by_alias(name, "challenger").version == v
     assert [m.value for m in client.get_metric_history(run_id, "top1")] == [0.5]  # the retry logged no duplicate
     assert store.version(v).sha256 == file_sha256(path)
+
+
+def test_a_tie_registers_nothing_and_marks_the_training_run(mlflow_server, saved_encoder):
+    """A challenger from a training run that ties the champion: no model version is created (register_rejected
+    False, the default); the run is tagged with the decision and its reason, the model's description still
+    names the champion, and a retry does the same (nothing registered twice). When an earlier attempt did
+    create a version for the run (register_rejected=True), a retry without it completes that version, marked
+    kept-champion, instead of leaving it behind."""
+    from mlflow import MlflowClient
+
+    from skulens.registry.model_registry import experiment_id
+    from skulens.registry.promotion import register_and_decide
+    from skulens.registry.store import file_sha256
+
+    _, path = saved_encoder
+    uri, name = mlflow_server.uri, f"skulens-tie-{uuid.uuid4().hex[:8]}"
+    c = MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+    def ev(champion_version, challenger, champion):
+        models = {"challenger": {"metrics": {"catalog": {"top1": challenger}}}}
+        if champion is not None:
+            models["champion"] = {"metrics": {"catalog": {"top1": champion}}}
+        return {"eval_set": "E", "n_crops": 4, "k": 5, "models": models, "champion_version": champion_version,
+                "champion_error": None, "challenger_sha256": file_sha256(path)}
+
+    def trained(run_id):
+        return {"encoder_path": str(path), "spec": {"name": "tiny-test"}, "train_config": {}, "metrics": {},
+                "dataset_version": {}, "mlflow_run_id": run_id}
+
+    def new_run():
+        return c.create_run(experiment_id(c, name), run_name="train").info.run_id
+
+    first = register_and_decide(uri, name, trained(new_run()), ev(None, 0.6, None))
+    assert first["promoted"] and first["version"] == "1"
+    run_id = new_run()
+    for _ in range(2):  # the retry of a finished non-registration changes nothing
+        r = register_and_decide(uri, name, trained(run_id), ev("1", 0.6, 0.6))
+        assert r["version"] is None and not r["registered"] and not r["promoted"] and r["champion_version"] == "1"
+        assert "does not beat margin" in r["reason"]
+    tags = c.get_run(run_id).data.tags
+    assert tags["skulens.promotion_decision"] == "kept-champion"
+    assert tags["skulens.promotion_decision_reason"] == r["reason"]
+    assert [mv.version for mv in c.search_model_versions(f"name='{name}'")] == ["1"]
+    assert "Champion: **v1**" in c.get_registered_model(name).description
+    assert c.get_model_version_by_alias(name, "challenger").version == "1"
+
+    other = new_run()
+    kept = register_and_decide(uri, name, trained(other), ev("1", 0.5, 0.6), register_rejected=True)
+    assert kept["version"] == "2" and kept["registered"] and not kept["promoted"] and "regression" in kept["reason"]
+    assert c.get_model_version(name, "2").tags["promotion_decision"] == "kept-champion"
+    again = register_and_decide(uri, name, trained(other), ev("1", 0.5, 0.6))  # a version of this run exists
+    assert again["version"] == "2" and not again["promoted"]
+    assert sorted(mv.version for mv in c.search_model_versions(f"name='{name}'")) == ["1", "2"]
+    assert c.get_model_version_by_alias(name, "champion").version == "1"
+    assert c.get_model_version(name, "2").tags["skulens.registration"] == "complete"
