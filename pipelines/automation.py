@@ -13,12 +13,35 @@ NIGHTLY_CRON = os.environ.get("SKULENS_NIGHTLY_CRON", "0 2 * * *")
 TIMEZONE = os.environ.get("SKULENS_TIMEZONE", "UTC")
 SKIP_UNCHANGED = os.environ.get("SKULENS_SKIP_UNCHANGED", "1") not in ("0", "false", "no")
 SENSOR_INTERVAL = int(os.environ.get("SKULENS_SENSOR_INTERVAL", "15"))
+NIGHTLY_CONFIG = os.environ.get("SKULENS_NIGHTLY_CONFIG")  # a YAML run config for the nightly run, e.g. training knobs
 
 
-def training_config_hash() -> str:
+def nightly_run_config() -> dict:
+    """The nightly run's config: ``$SKULENS_NIGHTLY_CONFIG`` (a YAML run config as in the launchpad, e.g.
+    ``ops: {trained_encoder: {config: {epochs: 8}}}``), or none (the asset defaults)."""
+    if not NIGHTLY_CONFIG:
+        return {}
+    import yaml
+    from pathlib import Path
+
+    path = Path(NIGHTLY_CONFIG)
+    try:
+        cfg = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"SKULENS_NIGHTLY_CONFIG={NIGHTLY_CONFIG}: not a readable YAML run config ({e})") from e
+    if not isinstance(cfg, dict):
+        raise ValueError(f"SKULENS_NIGHTLY_CONFIG={NIGHTLY_CONFIG}: a run config is a mapping, got {type(cfg).__name__}")
+    return cfg
+
+
+def training_config_hash(run_config: dict | None = None) -> str:
+    """The hash ``trained_encoder`` tags its run with (``train.config_hash``), for the training settings of
+    ``run_config`` (default: the nightly run's)."""
     from assets.training import TrainSettings
 
-    return config_hash(TrainSettings().model_dump())
+    run_config = nightly_run_config() if run_config is None else run_config
+    cfg = ((run_config.get("ops") or {}).get("trained_encoder") or {}).get("config") or {}
+    return config_hash(TrainSettings(**cfg).model_dump())
 
 
 def retrain_thresholds() -> tuple[int, float]:
@@ -54,7 +77,8 @@ def nightly_schedule(job) -> dg.ScheduleDefinition:
             if not decision.retrain:
                 return dg.SkipReason(decision.reason)
             tags["skulens/retrain_reason"] = decision.reason[:200]
-        return dg.RunRequest(run_key=f"nightly-{tick}-{state.fingerprint[:12]}-{cfg}", tags=tags)
+        return dg.RunRequest(run_key=f"nightly-{tick}-{state.fingerprint[:12]}-{cfg}", tags=tags,
+                             run_config=nightly_run_config())
 
     return nightly_retrain
 
