@@ -164,6 +164,24 @@ def build_timeline(skus: list[str], days: int, initial: int, launches_per_day: i
 
 
 # ================================================================================== the stack
+def scratch_project(path: Path) -> Path:
+    """A git + DVC checkout of the project's pipeline files only, so the simulated runs version their datasets
+    there (``SKULENS_PROJECT_DIR``) and never touch this checkout's ``dvc.lock`` or ``data/``."""
+    if (path / ".dvc").is_dir():
+        return path
+    path.mkdir(parents=True, exist_ok=True)
+    for f in ("dvc.yaml", "params.yaml", "dvc.lock", ".gitignore"):
+        shutil.copy(ROOT / f, path / f)
+    dvc = str(Path(sys.executable).parent / "dvc")
+    subprocess.run(["git", "init", "-q"], cwd=path, check=True)
+    subprocess.run([dvc, "init", "-q"], cwd=path, check=True)
+    shutil.copy(ROOT / ".dvc" / "config", path / ".dvc" / "config")  # the committed remote (endpoint: config.local)
+    subprocess.run(["git", "add", "-A"], cwd=path, check=True)
+    subprocess.run(["git", "-c", "user.email=sim@skulens", "-c", "user.name=skulens-sim", "commit", "-q", "-m",
+                    "simulation project"], cwd=path, check=True)
+    return path
+
+
 class Stack:
     """S3 + MLflow + Dagster webserver + daemon under ``home``, started by skulens' ServiceManager."""
 
@@ -384,6 +402,7 @@ def simulate(args) -> dict:
         train["train_image_size"] = args.train_image_size
     nightly_cfg.write_text(json.dumps({"ops": {"trained_encoder": {"config": train}}}))
     env = {"SKULENS_SENSOR_INTERVAL": str(args.sensor_interval), "SKULENS_NIGHTLY_CONFIG": str(nightly_cfg),
+           "SKULENS_PROJECT_DIR": str(scratch_project(out / "project")),
            "SKULENS_RETRAIN_MIN_CHANGED_SKUS": str(args.retrain_min_changed)}
     stack = Stack(out / "home", env).up()
     days_rows, uploads, returned_delisted = [], [], []

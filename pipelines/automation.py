@@ -21,8 +21,9 @@ def nightly_run_config() -> dict:
     ``ops: {trained_encoder: {config: {epochs: 8}}}``), or none (the asset defaults)."""
     if not NIGHTLY_CONFIG:
         return {}
-    import yaml
     from pathlib import Path
+
+    import yaml
 
     path = Path(NIGHTLY_CONFIG)
     try:
