@@ -131,12 +131,16 @@ class _Gated:
     """A Recognizer that waits for ``gate`` before answering (to hold a request in flight)."""
 
     def __init__(self, inner, gate, wait_s: float = 30.0):
+        import threading
+
         self.inner, self.gate, self.wait_s = inner, gate, wait_s
+        self.entered = threading.Event()  # set once a request is inside (holding its queue slot)
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
     def recognize(self, images, k=5):
+        self.entered.set()
         self.gate.wait(self.wait_s)
         return self.inner.recognize(images, k=k)
 
@@ -170,13 +174,9 @@ def test_token_queue_timeout_and_access_log(tiny, gallery, caplog):
         first = {}
         t = threading.Thread(target=lambda: first.update(r=c.post("/recognize", files=body, headers=auth)))
         t.start()
-        deadline = time.monotonic() + 5
-        busy = None
-        while time.monotonic() < deadline:  # the first request holds the only slot
-            busy = c.post("/recognize", files=body, headers=auth)
-            if busy.status_code == 429:
-                break
-        assert busy is not None and busy.status_code == 429 and busy.headers["retry-after"] == "1"
+        assert rec.entered.wait(10), "the first request never reached the recognizer"
+        busy = c.post("/recognize", files=body, headers=auth)  # the first request holds the only slot
+        assert busy.status_code == 429 and busy.headers["retry-after"] == "1"
         t.join(10)
         assert first["r"].status_code == 504 and "longer than 1s" in first["r"].json()["detail"]
         gate.set()  # the slot frees when the abandoned work ends; then requests are answered again
