@@ -388,6 +388,8 @@ def _failed_checks(instance, run_id: str) -> list[str]:
 
 
 def simulate(args) -> dict:
+    from skulens.catalog.state import catalog_state
+
     out = Path(args.out)
     if out.exists() and args.fresh:
         shutil.rmtree(out)
@@ -431,8 +433,6 @@ def simulate(args) -> dict:
                 if sku in cat.live:
                     cat.bad_file(sku, kind, day.index)
             cat.write_products()
-            from skulens.catalog.state import catalog_state
-
             fp = catalog_state(stack.client(), stack.settings.bucket).fingerprint
             t_uploaded = time.monotonic()
 

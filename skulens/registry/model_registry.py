@@ -204,13 +204,13 @@ def log_and_register(
     finishes it). MLflow calls are bounded by ``timeout_s`` / ``retries``; a failure raises
     :class:`RegistrationError`.
     """
-    from skulens.registry.store import _bounded_http
+    from skulens.registry.store import bounded_http
 
     encoder_path = Path(encoder_path)
     if not encoder_path.exists():
         raise FileNotFoundError(encoder_path)
     steps = _steps or _Steps(tracking_uri, model_name)
-    with _bounded_http(timeout_s, retries):
+    with bounded_http(timeout_s, retries):
         version = _log_and_register(steps, tracking_uri, model_name, encoder_path, metrics, params, tags, lineage,
                                     experiment, run_id, timeout_s)
         steps.version = version
@@ -331,10 +331,10 @@ def _create_version(client, model_name: str, source: str, run_id: str, sha: str 
                     timeout_s: float, own_run: bool):
     """``create_model_version`` sent once (no client retries: a retried POST whose answer was lost registers
     a second version). When the answer is lost the server may still have created it: look it up before failing."""
-    from skulens.registry.store import _bounded_http, transient_mlflow_error
+    from skulens.registry.store import bounded_http, transient_mlflow_error
 
     try:
-        with _bounded_http(timeout_s, 0, force_retries=True):
+        with bounded_http(timeout_s, 0, force_retries=True):
             return client.create_model_version(model_name, source=source, run_id=run_id, tags=tags)
     except Exception as e:
         if own_run or not transient_mlflow_error(e):

@@ -145,7 +145,7 @@ def register_and_decide(
         _version_by_alias,
         log_and_register,
     )
-    from skulens.registry.store import SHA_TAG, _bounded_http
+    from skulens.registry.store import SHA_TAG, bounded_http
 
     encoder_path = trained["encoder_path"]  # the verified local copy (ModelStore.fetch of encoder_uri)
     file_sha = file_sha256(encoder_path)
@@ -162,7 +162,7 @@ def register_and_decide(
               "eval.gallery": gallery, "eval.metric": metric, "eval.k": evaluation.get("k")}
     run_id = trained.get("mlflow_run_id")
     steps = _Steps(tracking_uri, model_name)
-    with _bounded_http(timeout_s, retries):
+    with bounded_http(timeout_s, retries):
         client = _client(tracking_uri)
         # 1. the decision, before any version is created
         evaluated = evaluation.get("champion_version")

@@ -94,7 +94,7 @@ def _read_json(path: Path) -> dict | None:
 
 
 @contextlib.contextmanager
-def _bounded_http(timeout_s: float, retries: int, force_retries: bool = False):
+def bounded_http(timeout_s: float, retries: int, force_retries: bool = False):
     """MLflow's client retries for minutes by default (7 retries, 120 s timeout): bound it here.
 
     An explicit user setting of ``MLFLOW_HTTP_REQUEST_*`` wins, except with ``force_retries``: the
@@ -117,8 +117,6 @@ def _bounded_http(timeout_s: float, retries: int, force_retries: bool = False):
             else:
                 os.environ[k] = v
 
-
-bounded_http = _bounded_http
 
 
 def mlflow_error_text(exc: BaseException, limit: int = 200) -> str:
@@ -238,7 +236,7 @@ class ModelStore:
             return ModelRef(self.model_name, version, sha256, None, None)
         from mlflow.exceptions import MlflowException
 
-        with _bounded_http(self.timeout_s, self.retries):
+        with bounded_http(self.timeout_s, self.retries):
             client = self._registry(f"model {self.model_name} v{version}")
             try:
                 mv = client.get_model_version(self.model_name, version)
@@ -260,7 +258,7 @@ class ModelStore:
         ``offline_ok`` an unreachable registry falls back to the alias last seen here (logged)."""
         from mlflow.exceptions import MlflowException
 
-        with _bounded_http(self.timeout_s, self.retries):
+        with bounded_http(self.timeout_s, self.retries):
             why = self._unreachable()
             if why:
                 rec = _read_json(self._alias_record(alias)) if offline_ok else None
@@ -352,7 +350,7 @@ class ModelStore:
             return _download_s3(uri, dst)
         import mlflow.artifacts
 
-        with _bounded_http(self.timeout_s, self.retries):
+        with bounded_http(self.timeout_s, self.retries):
             why = self._unreachable()
             if why:
                 raise ModelUnavailable(f"{uri}: {why}, and the file is not in the local model cache {self.root}")
