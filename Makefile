@@ -10,7 +10,7 @@ export GX_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: install run test test-sim ui down status lint lock clean-state snapshot screenshots
+.PHONY: install run test simulate ui down status lint lock clean-state snapshot screenshots
 
 $(STAMP): pyproject.toml requirements-lock.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,8 +26,8 @@ run: install  ## start local S3 + MLflow, load the demo catalog if empty, run th
 test: install  ## the whole test suite (starts its own services on free ports)
 	$(BIN)/python -m pytest -q
 
-test-sim: install  ## the reduced catalog-days simulation (bench/simulate_days.py, 3 days, tiny model; ~6 min)
-	$(BIN)/python -m pytest -q -m simulation tests/pipelines/test_simulation.py
+simulate: install  ## 30 catalog days on GroZi-120 through the real daemon (bench/simulate_days.py; ~1.5 h on 2 cores)
+	$(BIN)/python bench/simulate_days.py --out .skulens/simulation --fresh $(SIM_ARGS)
 
 ui: install  ## Dagster webserver + daemon on 127.0.0.1:3000, and MLflow
 	$(BIN)/skulens services up --ui

@@ -117,10 +117,51 @@ class GroziSource:
         frames = self.df[self.df["sku"] == sku].sort_values("rank")
         n = len(frames)
         paths = frames["clean_path"].tolist()
-        catalog = [Path(p).read_bytes() for p in paths[: 1 if packshot_only else min(self.k, n // 2)]]
+        # the catalog half: frames at least min_side px on both sides first (a product DB holds usable
+        # images; GroZi's in-situ frames go down to 20 px), the packshot the largest of them
+        half = paths[: max(1, n // 2)]
+        sizes = {p: _size(p) for p in half}
+        usable = [p for p in half if min(sizes[p]) >= MIN_SIDE] or sorted(half, key=lambda p: -min(sizes[p]))
+        if packshot_only:
+            chosen = [max(usable, key=lambda p: sizes[p][0] * sizes[p][1])]
+        else:
+            chosen = usable[: min(self.k, max(1, n // 2))]
+        catalog = [Path(p).read_bytes() for p in chosen]
         shelf_paths = paths[n // 2:]
         return Look(sku, self.names[sku], "grocery", catalog, lambda j: Path(shelf_paths[j % len(shelf_paths)]).read_bytes(),
                     packshot_only)
+
+
+MIN_SIDE = 32  # params.yaml clean.min_side
+
+
+def _size(path) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.size
+
+
+def not_indexable(look: Look, work: Path) -> str | None:
+    """Why none of ``look``'s catalog files would be indexed, by the pipeline's own rule
+    (skulens.index.rules, the params.yaml thresholds), or None when one would."""
+    import pandas as pd
+
+    from skulens.data.clean import CleanConfig
+    from skulens.index import rules
+
+    rows = []
+    for i, data in enumerate(look.catalog):
+        path = work / look.sku / f"{i:02d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        rows.append((look.sku, f"catalog/images/{look.sku}/{i:02d}.jpg", f"e{i}", len(data), str(path)))
+    cleaned = rules.check_images(pd.DataFrame(rows, columns=["sku", "key", "etag", "bytes", "path"]), None,
+                                 work / "checked", CleanConfig(workers=1))
+    if len(rules.indexable(cleaned)):
+        return None
+    d = cleaned.dropped_files
+    return "; ".join(f"{r.reason} ({r.detail})" for r in d.itertuples()) if len(d) else "no file kept"
 
 
 # ================================================================================== the timeline
@@ -387,7 +428,9 @@ def _failed_checks(instance, run_id: str) -> list[str]:
     return out
 
 
-def simulate(args) -> dict:
+def simulate(args, before_down=None) -> dict:
+    """Run the timeline; ``before_down(stack)``, if given, is called with the live services after the last day
+    (the test suite inspects the webserver's view of the runs there)."""
     from skulens.catalog.state import catalog_state
 
     out = Path(args.out)
@@ -402,7 +445,10 @@ def simulate(args) -> dict:
     train = {"model": args.model, "epochs": args.epochs, "batch_size": args.batch_size}
     if args.train_image_size:
         train["train_image_size"] = args.train_image_size
-    nightly_cfg.write_text(json.dumps({"ops": {"trained_encoder": {"config": train}}}))
+    nightly = {"ops": {"trained_encoder": {"config": train}}}
+    if args.in_process:  # every step in the run's own process (no process per step): the reduced test's speed-up
+        nightly["execution"] = {"config": {"in_process": {}}}
+    nightly_cfg.write_text(json.dumps(nightly))
     env = {"SKULENS_SENSOR_INTERVAL": str(args.sensor_interval), "SKULENS_NIGHTLY_CONFIG": str(nightly_cfg),
            "SKULENS_PROJECT_DIR": str(scratch_project(out / "project")),
            "SKULENS_RETRAIN_MIN_CHANGED_SKUS": str(args.retrain_min_changed)}
@@ -417,16 +463,18 @@ def simulate(args) -> dict:
             t_day = time.monotonic()
             when = START + timedelta(days=day.index)
             # ---- the day's catalog changes, straight into S3
-            probes = {}
+            probes, looks = {}, {}
             for sku, packshot_only in day.launches:
                 look = source.look(sku, 0, packshot_only)
                 cat.add(look)
                 probes[sku] = ("new", look.catalog[0])
+                looks[sku] = look
             for sku in day.redesigns:
                 versions[sku] = versions.get(sku, 0) + 1
                 look = source.look(sku, versions[sku])
                 cat.redesign(look, f"v{versions[sku]}")
                 probes[sku] = ("redesigned", look.catalog[0])
+                looks[sku] = look
             for sku in day.delists:
                 cat.delist(sku)
             for sku, kind in day.bad:
@@ -471,8 +519,10 @@ def simulate(args) -> dict:
             for sku in day.delists:
                 delisted_done.add(sku)
             for sku, (group, _) in (probes.items() if day.index > 0 else ()):  # day 0 is the starting catalog
+                dropped = None if sku in seen else not_indexable(looks[sku], out / "checks" / f"day{day.index}")
                 uploads.append({"day": day.index, "sku": sku, "group": group,
                                 "seconds_to_recognizable": round(seen[sku], 1) if sku in seen else None,
+                                "not_indexable": dropped,
                                 "update_run": run.run_id, "update_ok": update_ok})
 
             # ---- the nightly schedule at 02:00 the next morning
@@ -524,11 +574,16 @@ def simulate(args) -> dict:
                 for g in ("all", "new", "redesigned", "stable"):
                     row[f"top1_{g}_{tag}"] = None if sc is None else sc.get(g)
             days_rows.append(row)
+            # written after every day, so an interrupted run keeps what it measured
+            _write_outputs(out, days_rows, uploads, returned_delisted,
+                           _summarize(days_rows, uploads, returned_delisted), args)
             print(f"day {day.index:2d}: live {row['live_skus']:3d} | +{row['launched']} ~{row['redesigned']} "
                   f"-{row['delisted']} | recognizable {row['recognizable']} | top1 pre {row['top1_all_pre']} "
                   f"post {row['top1_all_post']} | nightly {row['nightly']}"
                   f"{' ' + str(decision) if decision else ''} ({(reason or '')[:90]}) | {row['wall_seconds']} s",
                   flush=True)
+        if before_down is not None:
+            before_down(stack)
     finally:
         stack.down()
     summary = _summarize(days_rows, uploads, returned_delisted)
@@ -573,11 +628,17 @@ def _pct(values: list, q: float):
 
 def _summarize(days: list, uploads: list, returned: list) -> dict:
     secs = [u["seconds_to_recognizable"] for u in uploads if u["seconds_to_recognizable"] is not None]
+    refused = [u for u in uploads if u.get("not_indexable")]
     regress = [d["day"] for d in days if d["top1_all_pre"] is not None and d["top1_all_post"] is not None
                and d["champion_after"] != d["champion_before"] and d["top1_all_post"] < d["top1_all_pre"]]
     return {
         "days": len(days),
         "uploads_probed": len(uploads), "recognizable": len(secs),
+        # every file of the upload dropped by the data checks (a recorded drop, never indexed)
+        "not_indexable": len(refused),
+        "not_indexable_reasons": sorted({u["not_indexable"] for u in refused}),
+        "indexable_not_recognized": sum(1 for u in uploads if u["seconds_to_recognizable"] is None
+                                        and not u.get("not_indexable")),
         "seconds_to_recognizable_p50": _pct(secs, 0.5), "seconds_to_recognizable_p95": _pct(secs, 0.95),
         "seconds_to_recognizable_max": max(secs) if secs else None,
         "delisted_returned": len(returned),
@@ -666,7 +727,7 @@ sensor interval {args.sensor_interval} s; retrain threshold {args.retrain_min_ch
     (out / "report.html").write_text(doc)
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, type=Path, help="working folder: services' home, CSVs, report.html")
     ap.add_argument("--days", type=int, default=30)
@@ -691,8 +752,14 @@ def main(argv=None) -> int:
     ap.add_argument("--update-timeout", type=float, default=300)
     ap.add_argument("--main-timeout", type=float, default=3600)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--in-process", action="store_true",
+                    help="nightly runs execute every step in the run's process (faster; default: a process per step)")
     ap.add_argument("--fresh", action="store_true", help="delete --out first")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     t0 = time.monotonic()
     summary = simulate(args)
     print(json.dumps(summary, indent=2))

@@ -1,7 +1,9 @@
 """Catalog days, simulated end to end (bench/simulate_days.py, reduced): the real daemon, the catalog
-sensor, the nightly schedule evaluated per simulated day, a tiny model. Asserts the invariants of issue 11:
-new and redesigned SKUs recognizable after their update, delisted SKUs never returned, no regression
-promoted, training skipped (with its reason) when it would not pay."""
+sensor, the nightly schedule evaluated per simulated day and launched through the webserver's GraphQL API
+(the launchpad's ``launchRun``), a tiny model. Asserts the invariants of issue 11: new and redesigned SKUs
+recognizable after their update, delisted SKUs never returned, no regression promoted, training skipped (with
+its reason) when it would not pay; then what the Dagster UI shows of the last nightly run: the asset graph,
+the run's steps and checks, and an asset's typed metadata."""
 
 from __future__ import annotations
 
@@ -14,6 +16,39 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+ASSETS = {"catalog_products", "catalog_images", "shelf_crops", "cleaned_catalog", "balanced_dataset",
+          "dataset_version", "trained_encoder", "model_evaluation", "registered_model", "onnx_export", "sku_index"}
+
+GRAPH = """
+{
+  assetNodes {
+    assetKey { path }
+    description groupName kinds
+    owners { ... on TeamAssetOwner { team } ... on UserAssetOwner { email } }
+    tags { key value }
+    dependencyKeys { path }
+  }
+}"""
+
+RUN = """
+query($id: ID!) {
+  runOrError(runId: $id) {
+    ... on Run { status stepStats { stepKey status } }
+  }
+}"""
+
+ASSET = """
+query($key: AssetKeyInput!) {
+  assetOrError(assetKey: $key) {
+    ... on Asset {
+      assetMaterializations(limit: 1) { runId metadataEntries { label __typename } }
+      definition {
+        assetChecksOrError { ... on AssetChecks { checks { name blocking
+          executionForLatestMaterialization { status } } } }
+      }
+    }
+  }
+}"""
 
 
 def _simulator():
@@ -40,25 +75,38 @@ def test_timeline_is_seeded_and_deterministic():
         live = (live - set(d.delists)) | {s for s, _ in d.launches}
 
 
-@pytest.mark.simulation
-def test_three_simulated_days_keep_the_recognizer_current(tmp_path):
-    """About 6 minutes on 2 cores (3 days, two `main` runs through the daemon): `make test-sim`."""
+def _ui_view(stack) -> dict:
+    """What the Dagster UI shows of the last nightly `main` run, read through the webserver's GraphQL API."""
+    import dagster as dg
+
+    run = stack.instance.get_runs(filters=dg.RunsFilter(job_name="main"), limit=1)[0]
+    view = {"run_id": run.run_id, "run": stack.gql(RUN, {"id": run.run_id})["runOrError"],
+            "nodes": {"/".join(n["assetKey"]["path"]): n for n in stack.gql(GRAPH)["assetNodes"]},
+            "cleaned": stack.gql(ASSET, {"key": {"path": ["cleaned_catalog"]}})["assetOrError"]}
+    return view
+
+
+@pytest.mark.timeout(900)
+def test_three_simulated_days_keep_the_recognizer_current_and_the_ui_shows_them(tmp_path):
+    """About 4 minutes on 2 cores: 3 days, two `main` runs launched through the webserver and run by the daemon."""
     sim = _simulator()
     out = tmp_path / "sim"
     argv = ["--out", str(out), "--source", "demo", "--products", "12", "--initial", "6", "--days", "3",
             "--launches-per-day", "2", "--packshot-every", "2", "--redesign-every", "1", "--delist-every", "2",
             "--bad-every", "1", "--model", "tiny-test", "--epochs", "1", "--batch-size", "8",
-            "--shelf-per-sku", "1", "--retrain-min-changed", "4", "--sensor-interval", "3"]
-    assert sim.main(argv) == 0
-    summary = json.loads((out / "summary.json").read_text())
+            "--shelf-per-sku", "1", "--retrain-min-changed", "4", "--sensor-interval", "2", "--in-process"]
+    ui = {}
+    summary = sim.simulate(sim.parse_args(argv), before_down=lambda stack: ui.update(_ui_view(stack)))
     days = list(csv.DictReader(open(out / "days.csv")))
     uploads = list(csv.DictReader(open(out / "uploads.csv")))
+    assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary))
     assert summary["days"] == 3 and len(days) == 3
     assert summary["update_failures"] == 0 and summary["main_failures"] == 0
     # every launch (a packshot-only one too) and every redesign is recognizable after its update
     assert {u["group"] for u in uploads} == {"new", "redesigned"}
     assert all(u["seconds_to_recognizable"] not in ("", None) for u in uploads), uploads
     assert summary["recognizable"] == summary["uploads_probed"] == 6
+    assert summary["not_indexable"] == summary["indexable_not_recognized"] == 0
     # delisted on day 2: never returned afterwards
     assert summary["delisted_returned"] == 0 and int(days[2]["delisted"]) == 1
     # day 0 trains the first champion; day 1 changes 3 trainable SKUs (a launch, a redesign, a SKU with a bad
@@ -69,3 +117,30 @@ def test_three_simulated_days_keep_the_recognizer_current(tmp_path):
     # whatever day 2 decided, a promotion never lowered top-1 on the day's crops
     assert summary["days_a_promotion_lowered_top1"] == []
     assert (out / "report.html").read_text().count("data:image/png;base64") == 3
+
+    # ---- the UI's view of day 2's nightly run (launched like the launchpad does, run by the daemon)
+    steps = {s["stepKey"]: s["status"] for s in ui["run"]["stepStats"]}
+    assert ui["run"]["status"] == "SUCCESS", steps
+    assert ASSETS <= set(steps) and all(v == "SUCCESS" for v in steps.values()), steps
+    assert "cleaned_catalog_great_expectations_suite" in steps  # a check's own step
+    nodes = ui["nodes"]
+    assert set(nodes) == ASSETS
+    for name, n in nodes.items():
+        assert n["description"] and n["kinds"] and n["owners"] == [{"team": "ml-platform"}], name
+        assert {"skulens/domain", "skulens/compute"} <= {t["key"] for t in n["tags"]}, name
+    deps = {name: {"/".join(d["path"]) for d in n["dependencyKeys"]} for name, n in nodes.items()}
+    assert deps["cleaned_catalog"] >= {"catalog_images", "catalog_products"}
+    assert "balanced_dataset" in deps["trained_encoder"] and "trained_encoder" in deps["model_evaluation"]
+    assert "registered_model" in deps["sku_index"]
+    mat = ui["cleaned"]["assetMaterializations"][0]
+    assert mat["runId"] == ui["run_id"]
+    types = {e["label"]: e["__typename"] for e in mat["metadataEntries"]}
+    assert types["files_kept"] == "IntMetadataEntry" and types["dropped_files_csv"] == "PathMetadataEntry"
+    assert types["sku_roles"] == "MarkdownMetadataEntry"
+    checks = {c["name"]: c for c in ui["cleaned"]["definition"]["assetChecksOrError"]["checks"]}
+    assert checks["dropped_share_below_threshold"]["blocking"]  # bad data stops training
+    assert not checks["skus_with_enough_images"]["blocking"]  # a one-packshot SKU is indexed, not a failure
+    status = {n: c["executionForLatestMaterialization"]["status"] for n, c in checks.items()}
+    # the bad uploads are recorded drops under the threshold; packshot-only launches make the roles check warn
+    assert all(v == "SUCCEEDED" for n, v in status.items() if checks[n]["blocking"]), status
+    assert status["skus_with_enough_images"] in ("SUCCEEDED", "FAILED"), status
