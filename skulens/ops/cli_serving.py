@@ -128,21 +128,35 @@ def recognize_cmd(images: tuple[Path, ...], k: int, as_json: bool, device: str) 
               help="Seconds between checks of index/CURRENT.json (a HEAD request); a new index, and the "
                    "model version that built it, are swapped in without a restart.")
 @click.option("--max-upload-mb", default=10.0, show_default=True, type=float, help="Largest accepted upload.")
-@click.option("--max-pending", default=32, show_default=True, type=int,
-              help="Recognitions queued or running at once; more are answered 429 (Retry-After: 1).")
+@click.option("--max-pending", default=128, show_default=True, type=int,
+              help="Recognitions decoding, queued or running at once; more are answered 429 (Retry-After: 1).")
 @click.option("--timeout", "timeout_s", default=30.0, show_default=True, type=float,
               help="Seconds a recognition may take before the request is answered 504.")
+@click.option("--max-batch", default=32, show_default=True, type=click.IntRange(1, 1024),
+              envvar="SKULENS_SERVE_MAX_BATCH", show_envvar=True,
+              help="Largest batch of concurrent requests embedded and searched in one call (1 = no batching).")
+@click.option("--max-wait-ms", default=5.0, show_default=True, type=click.FloatRange(0, 1000),
+              envvar="SKULENS_SERVE_MAX_WAIT_MS", show_envvar=True,
+              help="Longest a request waits for others to join its batch; under load batches fill without waiting.")
+@click.option("--decode-threads", default=2, show_default=True, type=click.IntRange(1, 64),
+              envvar="SKULENS_SERVE_DECODE_THREADS", show_envvar=True,
+              help="Threads decoding uploads, off the event loop and in parallel with inference.")
 def serve_cmd(host: str, port: int, device: str, reload_interval: float, max_upload_mb: float, max_pending: int,
-              timeout_s: float) -> None:
+              timeout_s: float, max_batch: int, max_wait_ms: float, decode_threads: int) -> None:
     """Serve recognition over HTTP (FastAPI + uvicorn).
 
     \b
     POST /recognize?k=5   multipart form, image in the field `file` -> top-k SKUs, versions, latency
     GET  /health          model/index versions and index size (503 until loaded)
+    GET  /metrics         batch-size distribution, queue depth, request counters (JSON)
     GET  /docs            interactive API docs (served offline)
 
     With SKULENS_SERVE_TOKEN set, /recognize needs 'Authorization: Bearer <token>' (401 otherwise).
     Each request is logged as one JSON line (logger skulens.access; no headers, no token).
+
+    Concurrent requests are batched: uploads are decoded in --decode-threads threads, then one
+    inference thread embeds and searches up to --max-batch queued images in one call, waiting at
+    most --max-wait-ms for a batch to fill. GET /metrics shows the batch sizes served.
 
     The recognizer loads the published index and its model at startup and follows
     index/CURRENT.json: when the pipeline publishes a new index (or promotes a new champion and
@@ -162,7 +176,9 @@ def serve_cmd(host: str, port: int, device: str, reload_interval: float, max_upl
     token = os.environ.get(TOKEN_ENV) or None
     app = create_app(lambda: _load_recognizer(settings, device, reload_interval_s=reload_interval, warmup=True),
                      max_upload_bytes=int(max_upload_mb * MiB), token=token, max_pending=max_pending,
-                     timeout_s=timeout_s)
+                     timeout_s=timeout_s, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                     decode_threads=decode_threads)
     click.echo(f"serving {settings.model_name} + s3://{settings.bucket}/index on http://{host}:{port} "
-               f"(docs: http://{host}:{port}/docs; token {'required' if token else 'off'})")
+               f"(docs: http://{host}:{port}/docs; token {'required' if token else 'off'}; "
+               f"batches of up to {max_batch}, {max_wait_ms:g} ms wait)")
     uvicorn.run(app, host=host, port=port, log_level="info")

@@ -5,6 +5,10 @@ first request that needs it (or at startup via the lifespan), so importing this 
 
 * ``POST /recognize?k=5`` - multipart form with one image file (field ``file``) -> top-k JSON.
 * ``GET /health`` - model/index versions and index size; 503 until the recognizer is loaded.
+* ``GET /metrics`` - batching statistics (batch-size distribution, queue depth) and request counters.
+
+Concurrent requests are micro-batched (:mod:`skulens.serving.batcher`): each upload is decoded in a
+thread, then queued; one inference thread embeds and searches up to ``max_batch`` queued images at once.
 
 Errors: 413 upload larger than ``max_upload_bytes`` or image over ``max_pixels``; 415 not a
 decodable image; 400 missing file or corrupt image data; 422 bad ``k``.
@@ -64,6 +68,8 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
 
 
 TOKEN_ENV = "SKULENS_SERVE_TOKEN"  # optional bearer token for /recognize (read from the environment, never logged)
+MAX_BATCH_ENV = "SKULENS_SERVE_MAX_BATCH"  # largest inference batch (1 = no batching)
+MAX_WAIT_MS_ENV = "SKULENS_SERVE_MAX_WAIT_MS"  # how long a request waits for others to join its batch
 
 
 def create_app(
@@ -72,28 +78,38 @@ def create_app(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     load_on_startup: bool = True,
     token: str | None = None,
-    max_pending: int = 32,
+    max_pending: int = 128,
     timeout_s: float = 30.0,
+    max_batch: int = 32,
+    max_wait_ms: float = 5.0,
+    decode_threads: int = 2,
 ):
     """FastAPI app serving ``recognizer_factory()`` (a :class:`skulens.serving.recognize.Recognizer`).
 
     ``token``: when set, ``/recognize`` needs ``Authorization: Bearer <token>`` (401 otherwise; compared in
     constant time). ``max_pending``: recognitions queued or running at once; more get 429 with Retry-After.
     ``timeout_s``: a recognition that takes longer is answered 504. Every request is logged as one JSON line
-    on the ``skulens.access`` logger (method, path, status, milliseconds, client; no headers, no token)."""
+    on the ``skulens.access`` logger (method, path, status, milliseconds, client; no headers, no token).
+
+    Batching (:class:`skulens.serving.batcher.MicroBatcher`): uploads are decoded in ``decode_threads``
+    threads (off the event loop, in parallel with inference); one inference thread runs up to ``max_batch``
+    queued images in one ``recognize`` call, waiting at most ``max_wait_ms`` for a batch to fill.
+    ``max_batch=1`` answers one image per call. ``GET /metrics`` reports the batch sizes seen."""
     import asyncio
     import hmac
     import json as _json
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
     from contextlib import asynccontextmanager
 
     from fastapi import HTTPException, Query, Request
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import JSONResponse
 
+    from skulens.serving.batcher import BatcherClosed, MicroBatcher
+
     access = logging.getLogger("skulens.access")
     pending = threading.BoundedSemaphore(max_pending) if max_pending > 0 else None
-    workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="skulens-recognize")
+    decoders = ThreadPoolExecutor(max_workers=max(1, int(decode_threads)), thread_name_prefix="skulens-decode")
 
     holder: dict = {}
     lock = threading.Lock()
@@ -108,6 +124,9 @@ def create_app(
                     holder["rec"] = rec
         return rec
 
+    batcher = MicroBatcher(get_recognizer, max_batch=max_batch, max_wait_ms=max_wait_ms)
+    counts = {"served": 0, "rejected_busy": 0, "timed_out": 0}
+
     @asynccontextmanager
     async def lifespan(app):
         if load_on_startup:
@@ -115,13 +134,16 @@ def create_app(
                 await run_in_threadpool(get_recognizer)
             except Exception as e:  # noqa: BLE001 - serve /health as 503 and retry on the next request
                 log.error("recognizer failed to load at startup: %s", e)
+        batcher.start()
         yield
-        workers.shutdown(wait=False, cancel_futures=True)  # the recognition threads go with the app
+        batcher.close(timeout=5.0)  # queued requests are failed, the batch in flight finishes
+        decoders.shutdown(wait=False, cancel_futures=True)
 
     from fastapi_offline import FastAPIOffline  # Swagger UI / ReDoc served from local files: /docs works offline
 
     app = FastAPIOffline(title="skulens", version="1", lifespan=lifespan)
     app.state.get_recognizer = get_recognizer
+    app.state.batcher = batcher
 
     @app.middleware("http")
     async def access_log(request: Request, call_next):
@@ -163,9 +185,17 @@ def create_app(
             except Exception as e:  # noqa: BLE001
                 return JSONResponse({"status": "unavailable", "error": f"{type(e).__name__}",
                                      "detail": str(e)[:500]}, status_code=503)
-        rec.maybe_reload()
+        with batcher.exclusive():  # a reload from here never overlaps a batch in flight
+            rec.maybe_reload()
         return {"status": "ok", "model_version": rec.model_version, "index_version": rec.index_version,
                 "index_count": len(rec.index), "n_skus": len(rec.index.sku_list)}
+
+    @app.get("/metrics")
+    def metrics():
+        """Batching statistics (batch-size distribution, queue depth) and request counters, as JSON."""
+        return {"batching": batcher.stats(), "requests": dict(counts),
+                "pending": (max_pending - pending._value) if pending is not None else None,  # noqa: SLF001
+                "max_pending": max_pending, "decode_threads": int(decode_threads), "timeout_s": timeout_s}
 
     @app.post("/recognize")
     async def recognize(request: Request, k: int = Query(5, ge=1, le=MAX_K)):
@@ -192,39 +222,65 @@ def create_app(
                 raise HTTPException(413, f"upload larger than the limit of {max_upload_bytes} bytes")
         finally:
             await form.close()
-        rec = _loaded()
-
-        def work():
-            img = decode_image(data, max_pixels)
-            rec.maybe_reload()
-            t0 = time.perf_counter()
-            res = rec.recognize([img], k=k)[0]
-            res["latency_ms"] = round((time.perf_counter() - t0) * 1000, 2)
-            return res
-
+        _loaded()  # 503 while the recognizer cannot load
         if pending is not None and not pending.acquire(blocking=False):
+            counts["rejected_busy"] += 1
             raise HTTPException(429, f"busy: {max_pending} recognitions already queued; retry shortly",
                                 headers={"Retry-After": "1"})
+        t_start = time.perf_counter()
+        result: Future = Future()
+        released = threading.Lock()
 
-        def bounded():
+        def release(_=None):  # once: when the work ends (also after a timeout answered the client)
+            if pending is not None and released.acquire(blocking=False):
+                pending.release()
+
+        def decode_and_queue():
             try:
-                return work()
-            finally:
-                if pending is not None:
-                    pending.release()  # when the work ends, also after a timeout answered the client
+                img = decode_image(data, max_pixels)
+            except BaseException as e:  # noqa: BLE001 - handed to the request
+                if not result.cancelled():
+                    try:
+                        result.set_exception(e)
+                    except InvalidStateError:
+                        pass
+                release()
+                return
+            result.add_done_callback(release)  # runs now if the client already gave up
+            if result.cancelled():
+                return
+            try:
+                batcher.submit(img, k, future=result)
+            except BatcherClosed as e:
+                try:
+                    result.set_exception(e)
+                except InvalidStateError:
+                    pass
 
         try:
-            # a plain executor future: on timeout the client is answered while the thread finishes its work
-            res = await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(workers, bounded), timeout_s)
+            decoders.submit(decode_and_queue)
+        except RuntimeError:  # executor shut down
+            release()
+            raise HTTPException(503, "the service is shutting down")
+        try:
+            # cancelling on timeout drops the request if it is still queued; a batch in flight finishes
+            res = await asyncio.wait_for(asyncio.wrap_future(result), timeout_s)
         except asyncio.TimeoutError:
+            counts["timed_out"] += 1
             raise HTTPException(504, f"recognition took longer than {timeout_s:g}s")
         except _Reject as r:
             raise HTTPException(r.status, r.detail)
+        except BatcherClosed:
+            raise HTTPException(503, "the service is shutting down")
+        except Exception as e:  # noqa: BLE001 - this request's recognition failed (the others are served)
+            log.error("recognition failed: %s: %s", type(e).__name__, e)
+            raise HTTPException(500, f"recognition failed: {type(e).__name__}")
+        counts["served"] += 1
         return {
             "sku": res["sku"], "name": res["name"], "score": res["score"],
             "results": res["topk"], "k": k,
             "model_version": res["model_version"], "index_version": res["index_version"],
-            "latency_ms": res["latency_ms"],
+            "latency_ms": round((time.perf_counter() - t_start) * 1000, 2), "batch_size": res.get("batch_size"),
         }
 
     return app
@@ -248,4 +304,6 @@ def app_from_env():
                                         store=ModelStore(settings.cache_dir / "models", settings.mlflow_uri,
                                                          settings.model_name))
 
-    return create_app(factory, token=os.environ.get(TOKEN_ENV) or None)
+    return create_app(factory, token=os.environ.get(TOKEN_ENV) or None,
+                      max_batch=int(os.environ.get(MAX_BATCH_ENV) or 32),
+                      max_wait_ms=float(os.environ.get(MAX_WAIT_MS_ENV) or 5.0))
