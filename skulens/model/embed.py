@@ -1,21 +1,106 @@
 """Embed product images with an encoder: L2-normalised float32 vectors, eval mode, no autograd.
 
-``encoder`` is a ``skulens.model`` Encoder (an ``nn.Module`` with ``.preprocess``: PIL -> tensor eval
-transform, and ``forward(x) -> (B, D)``). Images are file paths or PIL images; every image is converted
-to RGB before preprocessing (grayscale, palette, RGBA and CMYK photos all occur in real catalogs).
+``encoder`` is either a ``skulens.model`` Encoder (an ``nn.Module`` with ``.preprocess``: PIL -> tensor
+eval transform, and ``forward(x) -> (B, D)``; training's validation uses this) or a compiled
+:class:`skulens.model.engine.InferenceEngine` (``.preprocess``: PIL -> numpy, ``.run(batch)``; every
+inference path uses this, and then no torch is imported here). Images are file paths or PIL images;
+every image is converted to RGB before preprocessing (grayscale, palette, RGBA and CMYK photos all
+occur in real catalogs).
 """
 
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from skulens.data.images import ImageLike, load_rgb
+from PIL import Image
 
-__all__ = ["ImageLike", "embed_images", "l2_normalize", "load_rgb"]
+from skulens.data.images import ImageLike, load_rgb, to_rgb
+
+__all__ = ["ImageLike", "embed_images", "is_engine", "l2_normalize", "load_rgb"]
+
+
+def is_engine(encoder) -> bool:
+    """Is ``encoder`` a compiled inference engine (``.run`` on numpy batches) rather than a torch module?"""
+    return callable(getattr(encoder, "run", None)) and hasattr(encoder, "backend")
+
+
+def _load_for(image: ImageLike, preprocess) -> "Image.Image":  # noqa: F821 - PIL, via load_rgb
+    """:func:`load_rgb`, letting a JPEG decode at reduced size (``Image.draft``) when the numpy
+    preprocess allows it (``preprocess.draft``; off by default)."""
+    draft_size = getattr(preprocess, "draft_size", None)
+    if draft_size is None or isinstance(image, Image.Image) or not getattr(preprocess, "draft", False):
+        return load_rgb(image)
+    with Image.open(image) as f:
+        if f.format == "JPEG":
+            size = draft_size(*f.size)
+            if size is not None:
+                f.draft("RGB", size)
+        f.load()
+        out = to_rgb(f)
+        return f.copy() if out is f else out
+
+
+def _decode_threads() -> int:
+    raw = os.environ.get("SKULENS_DECODE_THREADS")
+    if raw:
+        return max(1, int(raw))
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def _embed_engine(engine, images: list, batch_size: int, progress: bool, threads: int | None,
+                  prefetch: int = 2) -> np.ndarray:
+    """Decode + preprocess in a thread pool (PIL releases the GIL in decode and resize) while the
+    engine runs the previous batch; up to ``prefetch`` batches are prepared ahead."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pre = engine.preprocess
+    n = len(images)
+    starts = list(range(0, n, batch_size))
+    threads = threads or _decode_threads()
+
+    def one(im):
+        return pre(_load_for(im, pre))
+
+    out = np.empty((n, engine.embed_dim), dtype=np.float32)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(starts), desc=f"embed ({engine.backend})", unit="batch")
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="skulens-decode") as pool:
+        pending: deque = deque()
+
+        def submit(i):
+            chunk = images[starts[i]:starts[i] + batch_size]
+            pending.append((starts[i], [pool.submit(one, im) for im in chunk]))
+
+        nxt = 0
+        while nxt < len(starts) and nxt < prefetch + 1:
+            submit(nxt)
+            nxt += 1
+        try:
+            while pending:
+                start, futs = pending.popleft()
+                batch = np.stack([f.result() for f in futs])
+                if nxt < len(starts):  # keep the decoders busy while the engine runs this batch
+                    submit(nxt)
+                    nxt += 1
+                feats = engine.run(batch)
+                out[start:start + len(batch)] = feats
+                if bar is not None:
+                    bar.update(1)
+        finally:
+            for _, futs in pending:
+                for f in futs:
+                    f.cancel()
+            if bar is not None:
+                bar.close()
+    return l2_normalize(out)
 
 
 class _ImageDataset:
@@ -79,12 +164,20 @@ def embed_images(
     ``amp_dtype`` (e.g. ``torch.bfloat16``) runs the forward pass under autocast; the output is float32.
     This is the one embedding loop: training's validation and prototypes, evaluation, the index,
     ``index_update``, ``recognize`` and ``serve`` all call it.
-    """
-    import torch
 
+    With an engine (:mod:`skulens.model.engine`) decoding and preprocessing run in threads
+    (``num_workers`` of them, default ``$SKULENS_DECODE_THREADS`` or min(4, cores)), overlapping
+    inference; ``device`` and ``amp_dtype`` are the engine's business and ignored; torch is not imported.
+    """
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     images = list(images)
+    if is_engine(encoder):
+        if not images:
+            return np.zeros((0, encoder.embed_dim), dtype=np.float32)
+        return _embed_engine(encoder, images, batch_size, progress, num_workers or None)
+    import torch
+
     preprocess = getattr(encoder, "preprocess", None)
     if preprocess is None:
         raise TypeError("encoder has no .preprocess transform (PIL -> tensor)")

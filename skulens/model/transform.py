@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from PIL import Image
 
-__all__ = ["MAX_HUE", "eval_transform", "train_transform"]
+__all__ = ["MAX_HUE", "EvalTransformNP", "eval_transform", "eval_transform_np", "train_transform"]
 
 MAX_HUE = 0.02
 
@@ -74,6 +74,86 @@ def eval_transform(
             T.Normalize(tuple(mean), tuple(std)),
         ]
     )
+
+
+class EvalTransformNP:
+    """The eval transform without torch: PIL -> float32 numpy ``(3, S, S)``, equal to
+    :func:`eval_transform` (same PIL resize call, same centre-crop rounding, same normalisation) to
+    float rounding. Picklable (plain attributes), so it can run in worker processes.
+
+    ``draft=True`` lets PIL's JPEG decoder downscale by 1/2, 1/4 or 1/8 in the DCT (``Image.draft``)
+    when the decoded image stays at least twice the resize target on its short side (then bicubic
+    does the rest). That is several times faster on large photos, but the pixels are not identical
+    to a full decode, so it is off by default (see bench/bench_embed.py for its effect)."""
+
+    def __init__(self, image_size: int = 224, mean: Sequence[float] = (0.5, 0.5, 0.5),
+                 std: Sequence[float] = (0.5, 0.5, 0.5), interpolation: str = "bicubic",
+                 crop_pct: float = 0.875, draft: bool = False):
+        import numpy as np
+
+        self.image_size = int(image_size)
+        self.resize = round(self.image_size / float(crop_pct))
+        self.resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}[interpolation]
+        # (x / 255 - mean) / std == x * scale + shift, per channel
+        std_a = np.asarray(std, dtype=np.float32)
+        self.scale = (1.0 / (255.0 * std_a)).astype(np.float32).reshape(1, 1, 3)
+        self.shift = (-np.asarray(mean, dtype=np.float32) / std_a).astype(np.float32).reshape(1, 1, 3)
+        self.mean = np.asarray(mean, dtype=np.float32)
+        self.std = std_a
+        self.draft = bool(draft)
+
+    def _resized_size(self, w: int, h: int) -> tuple[int, int]:
+        # torchvision.transforms.functional._compute_resized_output_size for an int size
+        short, long = (w, h) if w <= h else (h, w)
+        new_short, new_long = self.resize, int(self.resize * long / short)
+        return (new_short, new_long) if w <= h else (new_long, new_short)
+
+    def draft_size(self, w: int, h: int) -> tuple[int, int] | None:
+        """The size to ask ``Image.draft`` for (a JPEG of ``w x h``), or None when no DCT downscale
+        keeps at least twice the resize target on the short side (or ``draft`` is off)."""
+        if not self.draft or min(w, h) < 4 * self.resize:
+            return None
+        k = 2 * self.resize / min(w, h)
+        return max(1, int(w * k + 0.999)), max(1, int(h * k + 0.999))
+
+    def pil(self, img: Image.Image) -> Image.Image:
+        """Resize + centre crop (the PIL part), RGB in, RGB ``S x S`` out."""
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        w, h = img.size
+        nw, nh = self._resized_size(w, h)
+        if (nw, nh) != (w, h):
+            img = img.resize((nw, nh), self.resample)
+        s = self.image_size
+        if nw < s or nh < s:  # torchvision pads with zeros before cropping
+            pad = Image.new("RGB", (max(nw, s), max(nh, s)))
+            pad.paste(img, ((max(nw, s) - nw) // 2, (max(nh, s) - nh) // 2))
+            img, nw, nh = pad, max(nw, s), max(nh, s)
+        top = int(round((nh - s) / 2.0))
+        left = int(round((nw - s) / 2.0))
+        return img.crop((left, top, left + s, top + s))
+
+    def __call__(self, img: Image.Image):
+        import numpy as np
+
+        a = np.asarray(self.pil(img), dtype=np.float32)
+        a = a * self.scale + self.shift
+        return np.ascontiguousarray(a.transpose(2, 0, 1))
+
+    def __repr__(self) -> str:
+        return (f"EvalTransformNP(size={self.image_size}, resize={self.resize}, draft={self.draft})")
+
+
+def eval_transform_np(
+    image_size: int = 224,
+    mean: Sequence[float] = (0.5, 0.5, 0.5),
+    std: Sequence[float] = (0.5, 0.5, 0.5),
+    interpolation: str = "bicubic",
+    crop_pct: float = 0.875,
+    draft: bool = False,
+) -> EvalTransformNP:
+    """:func:`eval_transform` in numpy + PIL only (no torch import): see :class:`EvalTransformNP`."""
+    return EvalTransformNP(image_size, mean, std, interpolation, crop_pct, draft)
 
 
 def train_transform(

@@ -1,0 +1,475 @@
+"""One inference engine per model version: the encoder compiled once for the fastest runtime that
+reproduces PyTorch, cached next to the model file, loaded without torch afterwards.
+
+Backends (``backend=``):
+
+* ``openvino``    - OpenVINO on the CPU (IR converted from the ONNX export, ``PERFORMANCE_HINT``
+  ``THROUGHPUT``, one async infer request per stream, the batch split across them; FP32 by default);
+* ``onnxruntime`` - onnxruntime on the CPU (one intra-op thread per core);
+* ``torch``       - PyTorch (``channels_last``), on CUDA when ``device`` is a CUDA device;
+* ``auto``        - CUDA: ``torch``; CPU: the first of ``openvino``, ``onnxruntime``, ``torch`` that is
+  installed, compiles and passes the parity check (each one skipped is recorded with why, in
+  ``engine.fallbacks``). Measured on the 2-core machine, batch 64, EfficientNet-Lite0 at 224 px:
+  OpenVINO ~200 images/s, onnxruntime ~105, PyTorch eager ~22 (bench/bench_embed.py).
+
+Cache, next to the model file ``<model>`` (for the :class:`~skulens.registry.store.ModelStore`, the
+blob directory of its sha256)::
+
+    <model>.engine/engine.json       spec, per-backend compile/parity record, runtime versions
+    <model>.engine/reference.npz     a fixed random batch and PyTorch's (CPU, FP32) output for it
+    <model>.engine/model.onnx        the ONNX export (dynamic batch)
+    <model>.engine/openvino/         model.xml + model.bin (FP32 IR)
+    <model>.engine/ov_cache/         OpenVINO's compiled-blob cache (CACHE_DIR)
+
+Parity: at compile time PyTorch embeds ``reference.npz``'s batch on the CPU and every backend must
+reproduce it (``max |engine - torch|`` <= ``atol`` and ``max (1 - cosine)`` <= ``cos_tol``). A
+process that finds the artifact cached re-checks it against the stored reference (milliseconds,
+no torch), so a runtime upgrade that changes the numbers is caught, not trusted. The result is
+``engine.parity``.
+
+Importing this module imports neither torch nor a runtime; with the artifact cached, an
+``openvino``/``onnxruntime`` engine never imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from .factory import ModelSpec
+from .transform import eval_transform_np
+
+log = logging.getLogger(__name__)
+
+__all__ = ["BACKENDS", "CHOICES", "ENV_BACKEND", "EngineError", "InferenceEngine", "backend_setting",
+           "engine_dir", "get_engine", "load_engine", "parity_stats"]
+
+BACKENDS = ("openvino", "onnxruntime", "torch")
+CHOICES = ("auto", *BACKENDS)
+#: the environment variable that sets the default backend (``auto`` when unset)
+ENV_BACKEND = "SKULENS_INFERENCE_BACKEND"
+FORMAT = "skulens-engine/1"
+PARITY_BATCH = 4
+#: (atol, cos_tol) per precision: FP32 runtimes measure ~1e-5 / 1e-7 on EfficientNet-Lite0; BF16
+#: (opt-in, ~2.5x faster on AMX CPUs) ~0.1 / 5e-4
+TOLERANCE = {"f32": (1e-3, 1e-5), "bf16": (0.25, 2e-3)}
+
+
+class EngineError(RuntimeError):
+    """No backend could be had (not installed, failed to compile, or failed the parity check)."""
+
+
+def backend_setting(value: str | None = None) -> str:
+    """``value``, else ``$SKULENS_INFERENCE_BACKEND``, else ``auto``; checked against :data:`CHOICES`."""
+    b = (value or os.environ.get(ENV_BACKEND) or "auto").strip().lower()
+    if b not in CHOICES:
+        raise ValueError(f"inference backend {b!r}: one of {', '.join(CHOICES)} ({ENV_BACKEND})")
+    return b
+
+
+def engine_dir(model_path: str | os.PathLike) -> Path:
+    p = Path(model_path)
+    return p.with_name(p.name + ".engine")
+
+
+def parity_stats(got: np.ndarray, ref: np.ndarray) -> dict:
+    """``max_abs_diff`` and ``max_cos_diff`` (max over rows of 1 - cosine) of two (B, D) arrays."""
+    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+    if got.shape != ref.shape:
+        return {"max_abs_diff": float("inf"), "max_cos_diff": float("inf"),
+                "error": f"shape {got.shape} != {ref.shape}"}
+    n = np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1)
+    cos = np.sum(got * ref, axis=1) / np.maximum(n, 1e-12)
+    return {"max_abs_diff": float(np.max(np.abs(got - ref))) if got.size else 0.0,
+            "max_cos_diff": float(np.max(1.0 - cos)) if len(cos) else 0.0,
+            "ref_max_abs": float(np.max(np.abs(ref))) if ref.size else 0.0}
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("openvino", "onnxruntime", "torch"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _available(backend: str) -> str | None:
+    """None if ``backend``'s runtime can be imported, else why not."""
+    import importlib.util
+
+    mod = {"openvino": "openvino", "onnxruntime": "onnxruntime", "torch": "torch"}[backend]
+    return None if importlib.util.find_spec(mod) is not None else f"{mod} is not installed"
+
+
+# ====================================================================== runners
+class _OpenVINORunner:
+    def __init__(self, xml: Path, cache_dir: Path, precision: str = "f32", hint: str = "THROUGHPUT"):
+        import openvino as ov
+
+        core = ov.Core()
+        cfg = {"PERFORMANCE_HINT": hint, "INFERENCE_PRECISION_HINT": precision}
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            cfg["CACHE_DIR"] = str(cache_dir)
+        except OSError:  # a read-only cache: compile without the blob cache
+            pass
+        self.compiled = core.compile_model(str(xml), "CPU", cfg)
+        self.n = max(1, int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+        self.requests = [self.compiled.create_infer_request() for _ in range(self.n)]
+        self.lock = threading.Lock()
+        self.info = {"device": "CPU", "hint": hint, "precision": precision, "infer_requests": self.n}
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        chunks = np.array_split(x, min(self.n, len(x)))
+        with self.lock:  # the requests are shared: one batch at a time, spread over the streams
+            for r, c in zip(self.requests, chunks):
+                r.start_async({0: np.ascontiguousarray(c)})
+            outs = []
+            for r in self.requests[:len(chunks)]:
+                r.wait()
+                outs.append(np.array(r.get_output_tensor(0).data, dtype=np.float32, copy=True))
+        return np.concatenate(outs, axis=0)
+
+
+class _OrtRunner:
+    def __init__(self, onnx_path: Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = int(threads or os.cpu_count() or 1)
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+        self.info = {"device": "CPU", "intra_op_threads": so.intra_op_num_threads}
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(self.sess.run(["embedding"], {"image": x})[0], dtype=np.float32)
+
+
+class _TorchRunner:
+    def __init__(self, encoder, device: str, channels_last: bool = True):
+        import torch
+
+        self.torch = torch
+        self.device = torch.device(device)
+        self.encoder = encoder.to(self.device).eval()
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            self.encoder.to(memory_format=torch.channels_last)
+        self.info = {"device": str(self.device), "channels_last": self.channels_last}
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        torch = self.torch
+        t = torch.from_numpy(x).to(self.device, non_blocking=True)
+        if self.channels_last:
+            t = t.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            y = self.encoder(t)
+        return y.float().cpu().numpy()
+
+
+# ====================================================================== the engine
+class InferenceEngine:
+    """What embedding callers use from an Encoder, on a compiled backend.
+
+    ``spec``, ``preprocess`` (PIL -> float32 ``(3, S, S)`` numpy, no torch), ``embed_dim``,
+    ``image_size``, ``backend``, ``device``, ``parity`` (dict), ``fallbacks`` (backends skipped and
+    why), ``run(batch)``: float32 NCHW batch -> ``(B, D)`` unnormalised features (like
+    ``Encoder.forward``). Thread-safe.
+    """
+
+    training = False  # an engine is always in eval mode (callers that toggle encoders see a no-op)
+
+    def __init__(self, spec: ModelSpec, backend: str, device: str, runner, parity: dict,
+                 artifact: Path | None = None, fallbacks: list | None = None, seconds: float | None = None):
+        self.spec = spec
+        self.backend = backend
+        self.device = device
+        self._runner = runner
+        self.parity = parity
+        self.artifact = artifact
+        self.fallbacks = list(fallbacks or [])
+        self.load_seconds = seconds
+        self.preprocess = eval_transform_np(spec.image_size, spec.mean, spec.std, spec.interpolation,
+                                            spec.crop_pct)
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.spec.embed_dim)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.spec.image_size)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(batch, dtype=np.float32)
+        if x.ndim != 4 or x.shape[1:] != (3, self.image_size, self.image_size):
+            raise ValueError(f"expected a (B, 3, {self.image_size}, {self.image_size}) batch, got {x.shape}")
+        if len(x) == 0:
+            return np.zeros((0, self.embed_dim), np.float32)
+        return self._runner(x)
+
+    __call__ = run
+
+    def eval(self) -> InferenceEngine:
+        return self
+
+    def train(self, mode: bool = True) -> InferenceEngine:
+        return self
+
+    def info(self) -> dict:
+        """A flat summary for metadata and logs."""
+        return {"backend": self.backend, "device": self.device,
+                "parity_max_abs_diff": self.parity.get("max_abs_diff"),
+                "parity_max_cos_diff": self.parity.get("max_cos_diff"),
+                "parity_ok": self.parity.get("ok"),
+                "fallbacks": "; ".join(f"{f['backend']}: {f['reason']}" for f in self.fallbacks) or "none",
+                **{f"runtime_{k}": v for k, v in (getattr(self._runner, "info", None) or {}).items()}}
+
+    def __repr__(self) -> str:
+        return (f"InferenceEngine({self.spec.name}, backend={self.backend}, device={self.device}, "
+                f"max|diff|={self.parity.get('max_abs_diff')})")
+
+
+# ====================================================================== compile / load
+def _read_json(p: Path) -> dict:
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_json(p: Path, obj: dict) -> None:
+    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}.{threading.get_ident()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, p)
+
+
+def _spec_of(model_path: Path, record: dict) -> ModelSpec | None:
+    if record.get("spec"):
+        return ModelSpec.from_dict(record["spec"])
+    side = _read_json(model_path.with_name(model_path.name + ".json"))
+    return ModelSpec.from_dict(side["spec"]) if side.get("spec") else None
+
+
+class _Compiler:
+    """Everything about one model file's engine directory; torch is loaded only when needed."""
+
+    def __init__(self, model_path: Path, load_torch: Callable[[str], object] | None):
+        self.model_path = Path(model_path)
+        self.dir = engine_dir(model_path)
+        self._load_torch = load_torch
+        self._encoders: dict = {}
+        self.record = _read_json(self.dir / "engine.json")
+
+    # torch, on demand
+    def encoder(self, device: str = "cpu"):
+        if device not in self._encoders:
+            if self._load_torch is not None:
+                self._encoders[device] = self._load_torch(device)
+            else:
+                from .io import load_encoder
+
+                self._encoders[device] = load_encoder(self.model_path, device=device)
+        return self._encoders[device]
+
+    def spec(self) -> ModelSpec:
+        spec = _spec_of(self.model_path, self.record)
+        return spec if spec is not None else self.encoder("cpu").spec
+
+    def reference(self) -> tuple[np.ndarray, np.ndarray]:
+        p = self.dir / "reference.npz"
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                return z["x"], z["y"]
+        except (OSError, ValueError, KeyError):
+            pass
+        import torch
+
+        enc = self.encoder("cpu")
+        size = int(enc.spec.image_size)
+        x = np.random.default_rng(0).standard_normal((PARITY_BATCH, 3, size, size)).astype(np.float32)
+        was = enc.training
+        enc.eval()
+        with torch.inference_mode():
+            y = enc(torch.from_numpy(x).to(next(enc.parameters()).device)).float().cpu().numpy()
+        enc.train(was)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(f".{p.name}.tmp{os.getpid()}.npz")
+        np.savez(tmp, x=x, y=y)
+        os.replace(tmp, p)
+        self._save(spec=enc.spec.to_dict())
+        return x, y
+
+    def _save(self, **kw) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        rec = _read_json(self.dir / "engine.json")
+        rec.setdefault("format", FORMAT)
+        backends = {**rec.get("backends", {}), **kw.pop("backends", {})}
+        rec.update(kw)
+        rec["backends"] = backends
+        _write_json(self.dir / "engine.json", rec)
+        self.record = rec
+
+    # artifacts
+    def onnx(self) -> Path:
+        p = self.dir / "model.onnx"
+        if not p.is_file():
+            from .export import export_onnx
+
+            export_onnx(self.encoder("cpu"), p, check=False)
+        return p
+
+    def openvino_ir(self) -> Path:
+        xml = self.dir / "openvino" / "model.xml"
+        if xml.is_file() and xml.with_suffix(".bin").is_file():
+            return xml
+        import openvino as ov
+
+        model = ov.Core().read_model(str(self.onnx()))
+        tmp = self.dir / f".openvino.tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        ov.save_model(model, str(tmp / "model.xml"), compress_to_fp16=False)
+        try:
+            os.replace(tmp, xml.parent)
+        except OSError:  # another process wrote it first
+            shutil.rmtree(tmp, ignore_errors=True)
+        return xml
+
+    def runner(self, backend: str, device: str, precision: str, hint: str):
+        if backend == "openvino":
+            return _OpenVINORunner(self.openvino_ir(), self.dir / "ov_cache", precision, hint), self.dir / "openvino"
+        if backend == "onnxruntime":
+            return _OrtRunner(self.onnx()), self.dir / "model.onnx"
+        return _TorchRunner(self.encoder(device), device), self.model_path
+
+    def try_backend(self, backend: str, device: str, precision: str, hint: str):
+        """``(runner, artifact, parity)``; raises :class:`EngineError` with the reason it cannot be used."""
+        why = _available(backend)
+        if why:
+            raise EngineError(why)
+        key = backend if backend != "openvino" or precision == "f32" else f"openvino-{precision}"
+        vers = _versions()
+        prev = self.record.get("backends", {}).get(key) or {}
+        if prev.get("ok") is False and prev.get("runtime") == vers.get(backend):  # failed before, same runtime
+            raise EngineError(f"{prev.get('reason')} (recorded in {self.dir / 'engine.json'})")
+        t0 = time.perf_counter()
+        cached = backend != "torch" and all(
+            (self.dir / f).is_file() for f in ("reference.npz", "engine.json")) and bool(prev.get("ok"))
+        try:
+            x, y = self.reference()
+            runner, artifact = self.runner(backend, device, precision, hint)
+            stats = parity_stats(runner(x), y)
+        except EngineError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a backend that fails to compile/run is skipped, with why
+            reason = f"compile/run failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            self._save(backends={key: {"ok": False, "reason": reason, "runtime": vers.get(backend)}})
+            raise EngineError(reason) from e
+        atol, cos_tol = TOLERANCE.get(precision if backend == "openvino" else "f32", TOLERANCE["f32"])
+        if backend == "torch" and str(device).startswith("cuda"):  # TF32/cuDNN algorithms: looser, still checked
+            atol, cos_tol = TOLERANCE["bf16"]
+        ok = stats["max_abs_diff"] <= atol and stats["max_cos_diff"] <= cos_tol
+        parity = {"backend": backend, "device": device, "precision": precision if backend == "openvino" else "f32",
+                  **stats, "atol": atol, "cos_tol": cos_tol, "ok": bool(ok), "batch": int(len(x)),
+                  "checked": "load" if cached else "compile", "runtime": vers.get(backend),
+                  "reference": "torch CPU float32 eager, fixed random batch (seed 0)"}
+        if not ok:
+            reason = (f"parity failed: max |diff| {stats['max_abs_diff']:.3g} (atol {atol:g}), "
+                      f"max 1-cos {stats['max_cos_diff']:.3g} (tol {cos_tol:g})")
+            self._save(backends={key: {"ok": False, "reason": reason, "runtime": vers.get(backend), **parity}})
+            raise EngineError(reason)
+        parity["seconds"] = round(time.perf_counter() - t0, 3)
+        if not cached and backend != "torch":
+            self._save(backends={key: {**parity, "compiled_with": vers}})
+        return runner, artifact, parity
+
+
+_memo: OrderedDict = OrderedDict()
+_memo_lock = threading.Lock()
+_build_locks: dict = {}
+
+
+def load_engine(model_path: str | os.PathLike, backend: str | None = None, device: str = "cpu",
+                load_torch: Callable[[str], object] | None = None, precision: str = "f32",
+                hint: str = "THROUGHPUT") -> InferenceEngine:
+    """Compile (or load from ``<model_path>.engine/``) the engine of a skulens encoder file.
+
+    ``backend``: ``auto`` | ``openvino`` | ``onnxruntime`` | ``torch`` (None: :func:`backend_setting`).
+    An explicit backend that cannot be used raises :class:`EngineError`; ``auto`` falls back in order
+    and records each skip in ``engine.fallbacks``. ``load_torch(device)`` returns the PyTorch encoder
+    (default :func:`skulens.model.io.load_encoder` on the file); it is called only when something has
+    to be compiled or the backend is ``torch``. ``precision``: ``f32`` (default) or ``bf16``
+    (OpenVINO only, opt-in, looser parity tolerance)."""
+    t0 = time.perf_counter()
+    backend = backend_setting(backend)
+    if precision not in TOLERANCE:
+        raise ValueError(f"precision {precision!r}: one of {sorted(TOLERANCE)}")
+    device = str(device or "cpu")
+    comp = _Compiler(Path(model_path), load_torch)
+    cuda = device.startswith("cuda")
+    if cuda:
+        import torch
+
+        if not torch.cuda.is_available():
+            log.warning("CUDA requested but not available: the engine runs on the CPU")
+            device, cuda = "cpu", False
+    if backend == "auto":
+        order = ["torch"] if cuda else list(BACKENDS)
+    else:
+        order = [backend]
+    if cuda and backend in ("openvino", "onnxruntime"):
+        device = "cpu"  # these run on the CPU here
+    fallbacks = []
+    for b in order:
+        try:
+            runner, artifact, parity = comp.try_backend(b, device if b == "torch" else "cpu", precision, hint)
+        except EngineError as e:
+            if backend != "auto":
+                raise EngineError(f"inference backend {b!r} for {model_path}: {e}") from e
+            log.warning("inference backend %s skipped for %s: %s", b, Path(model_path).name, e)
+            fallbacks.append({"backend": b, "reason": str(e)})
+            continue
+        spec = _spec_of(comp.model_path, comp.record) or comp.spec()
+        return InferenceEngine(spec, b, device if b == "torch" else "cpu", runner, parity, artifact, fallbacks,
+                               round(time.perf_counter() - t0, 3))
+    raise EngineError(f"no inference backend for {model_path}: "
+                      + "; ".join(f"{f['backend']}: {f['reason']}" for f in fallbacks))
+
+
+def get_engine(model_path: str | os.PathLike, backend: str | None = None, device: str = "cpu",
+               load_torch: Callable[[str], object] | None = None, precision: str = "f32",
+               key: str | None = None) -> InferenceEngine:
+    """:func:`load_engine`, once per process and (file, backend, device, precision): later calls
+    return the same engine. ``key`` names the file (e.g. its sha256) when its path may be reused."""
+    backend = backend_setting(backend)
+    k = (key or str(Path(model_path).resolve()), backend, str(device), precision)
+    with _memo_lock:
+        eng = _memo.get(k)
+        if eng is not None:
+            _memo.move_to_end(k)
+            return eng
+        lock = _build_locks.setdefault(k, threading.Lock())
+    with lock:  # one compile per key, even with concurrent callers
+        with _memo_lock:
+            eng = _memo.get(k)
+        if eng is None:
+            eng = load_engine(model_path, backend, device, load_torch, precision)
+            with _memo_lock:
+                _memo[k] = eng
+                while len(_memo) > 4:  # challenger, champion, base... a few versions at most
+                    _memo.popitem(last=False)
+    return eng
