@@ -12,7 +12,11 @@ pointer, and every pointer names a complete, verified, immutable object: a reade
 half-written index. Readers verify the sha256 named in the pointer before using a download.
 
 The .npz file holds only plain arrays (no pickle): ``vectors`` float32 (N, D), ``skus`` and ``keys``
-as unicode arrays, and ``meta`` as a JSON string.
+as unicode arrays, ``meta`` as a JSON string and (format 2) ``ids`` int64, each row's stable id. An
+index with at least ``AnnConfig.threshold`` rows also stores its ANN structure (see
+:mod:`skulens.index.ann`): ``ann_index`` (uint8, ``faiss.serialize_index``) and ``ann_tombstones``
+(int64), with its parameters in ``meta["ann"]``. Format-1 files (no ids, no ANN) still load: ids are
+0..N-1 and the ANN structure is built on first use.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ import hashlib
 import io
 import json
 import os
+import logging
 import tempfile
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -29,7 +35,11 @@ from pathlib import Path
 
 import numpy as np
 
-FORMAT_VERSION = 1
+from skulens.index.ann import AnnConfig, AnnIndex
+
+FORMAT_VERSION = 2
+
+log = logging.getLogger(__name__)
 
 
 class IndexIntegrityError(RuntimeError):
@@ -68,6 +78,12 @@ class SkuIndex:
 
     ``search`` aggregates rows by SKU (a SKU's score is its best row's cosine similarity), so a SKU
     with many gallery images counts once.
+
+    Each row has a stable int64 id (``ids``; default 0..N-1, kept by :meth:`with_updates`, new rows
+    get fresh ids). From ``ann.threshold`` rows on (:class:`~skulens.index.ann.AnnConfig`, default
+    50,000; ``SKULENS_ANN_*`` environment variables override it), ``search`` asks a FAISS structure
+    keyed by those ids for candidate rows, re-scores them exactly and aggregates per SKU; below it,
+    search is exact. :meth:`search_exact` and :meth:`sku_scores` are always exact.
     """
 
     vectors: np.ndarray
@@ -75,6 +91,8 @@ class SkuIndex:
     keys: np.ndarray
     model_version: str | None = None
     meta: dict = field(default_factory=dict)
+    ids: np.ndarray | None = None
+    ann: AnnConfig | dict | None = None
 
     def __post_init__(self):
         v = np.asarray(self.vectors, dtype=np.float32)
@@ -93,11 +111,16 @@ class SkuIndex:
         n = self.vectors.shape[0]
         if len(self.skus) != n or len(self.keys) != n:
             raise ValueError(f"vectors ({n}), skus ({len(self.skus)}) and keys ({len(self.keys)}) differ in length")
+        self.ids = np.arange(n, dtype=np.int64) if self.ids is None else np.asarray(self.ids, dtype=np.int64).reshape(-1)
+        if len(self.ids) != n:
+            raise ValueError(f"ids ({len(self.ids)}) and vectors ({n}) differ in length")
+        if n > 1 and len(np.unique(self.ids)) != n:
+            raise ValueError("row ids must be unique")
         if n > 1 and not np.all(self.skus[:-1] <= self.skus[1:]):
             # rows are kept grouped by SKU (stable sort) so search needs no gather per query
             order = np.argsort(self.skus, kind="stable")
             self.vectors = np.ascontiguousarray(self.vectors[order])
-            self.skus, self.keys = self.skus[order], self.keys[order]
+            self.skus, self.keys, self.ids = self.skus[order], self.keys[order], self.ids[order]
         if self.model_version is not None:
             self.model_version = str(self.model_version)
         meta = dict(self.meta or {})
@@ -108,7 +131,13 @@ class SkuIndex:
         meta["model_version"] = self.model_version
         meta["format_version"] = FORMAT_VERSION
         self.meta = meta
+        if not isinstance(self.ann, AnnConfig):  # an explicit AnnConfig is used as given
+            self.ann = AnnConfig.resolve(self.ann if self.ann is not None else (meta.get("ann") or {}).get("config"))
         self._groups = None
+        self._ann: AnnIndex | None = None
+        self._ann_lock = threading.Lock()
+        self._id_order = None   # (sorted ids, row of each) for id -> row lookups
+        self._row_group = None  # SKU group number of each row
 
     # ------------------------------------------------------------------ basics
     def __len__(self) -> int:
@@ -159,9 +188,22 @@ class SkuIndex:
     def search(self, queries: np.ndarray, k: int = 5, chunk: int = 1024) -> list[list[tuple[str, float]]]:
         """Top-``k`` SKUs per query as ``[(sku, score), ...]`` sorted by descending cosine similarity.
 
-        ``queries`` is (Q, D) or (D,); they are L2-normalised here. Queries are processed in chunks
-        of ``chunk`` rows to bound memory (Q x N similarities per chunk).
+        ``queries`` is (Q, D) or (D,); they are L2-normalised here. At or above the ANN threshold the
+        candidate rows come from the ANN structure (built on first use if the index has none) and
+        are re-scored exactly, so scores are exact cosines and only the candidate set is
+        approximate; below it this is :meth:`search_exact`.
         """
+        if not self.uses_ann:
+            return self.search_exact(queries, k=k, chunk=chunk)
+        if k < 1:
+            raise ValueError("k must be >= 1")
+        q = self._prep_queries(queries)
+        ann = self.ensure_ann()
+        return [r for s in range(0, q.shape[0], chunk) for r in self._search_ann(ann, q[s:s + chunk], k)]
+
+    def search_exact(self, queries: np.ndarray, k: int = 5, chunk: int = 1024) -> list[list[tuple[str, float]]]:
+        """Exact top-``k`` SKUs (brute force over every row), whatever the index size. Queries are
+        processed in chunks of ``chunk`` rows to bound memory (Q x N similarities per chunk)."""
         if k < 1:
             raise ValueError("k must be >= 1")
         q = np.asarray(queries, dtype=np.float32)
@@ -187,6 +229,90 @@ class SkuIndex:
             for row_i, row_s in zip(top, top_scores):
                 results.append([(str(uniq[i]), float(sc)) for i, sc in zip(row_i, row_s)])
         return results
+
+    # ------------------------------------------------------------------ ANN
+    @property
+    def uses_ann(self) -> bool:
+        """Whether ``search`` goes through the ANN structure (kind not 'exact', size >= threshold)."""
+        return self.ann.kind != "exact" and len(self) >= self.ann.threshold
+
+    @property
+    def ann_index(self) -> AnnIndex | None:
+        """The ANN structure if one is built or loaded (None below the threshold or before first use)."""
+        return self._ann
+
+    def ensure_ann(self) -> AnnIndex | None:
+        """Build the ANN structure now if this index uses one and has none (thread-safe)."""
+        if not self.uses_ann:
+            return None
+        if self._ann is None:
+            with self._ann_lock:
+                if self._ann is None:
+                    import time
+
+                    t0 = time.perf_counter()
+                    self._ann = AnnIndex.build(self.vectors, self.ids, self.ann)
+                    log.info("built %s ANN structure over %d rows in %.1f s", self.ann.kind, len(self),
+                             time.perf_counter() - t0)
+        return self._ann
+
+    def _prep_queries(self, queries) -> np.ndarray:
+        q = np.asarray(queries, dtype=np.float32)
+        if q.ndim == 1:
+            q = q[None, :]
+        if q.shape[1] != self.embed_dim:
+            raise ValueError(f"query dim {q.shape[1]} != index dim {self.embed_dim}")
+        return _normalize(q)
+
+    def _rows_of(self, ids: np.ndarray) -> np.ndarray:
+        """Row positions of ``ids`` (-1 for ids not in this index)."""
+        if self._id_order is None:
+            order = np.argsort(self.ids, kind="stable")
+            self._id_order = (self.ids[order], order)
+        sorted_ids, order = self._id_order
+        pos = np.searchsorted(sorted_ids, ids)
+        pos_c = np.minimum(pos, len(sorted_ids) - 1)
+        ok = (pos < len(sorted_ids)) & (sorted_ids[pos_c] == ids)
+        return np.where(ok, order[pos_c], -1)
+
+    def _groups_of_rows(self) -> np.ndarray:
+        if self._row_group is None:
+            uniq, starts = self._grouping()
+            self._row_group = np.repeat(np.arange(len(uniq), dtype=np.int64), np.diff(np.append(starts, len(self))))
+        return self._row_group
+
+    def _aggregate(self, q: np.ndarray, rows: np.ndarray, k: int) -> list[tuple[str, float]]:
+        """Exact per-SKU best scores over candidate ``rows``: top ``k`` SKUs (ties by SKU name)."""
+        uniq, _ = self._grouping()
+        sc = self.vectors[rows] @ q
+        g = self._groups_of_rows()[rows]
+        order = np.lexsort((g, -sc))
+        _, first = np.unique(g[order], return_index=True)
+        pick = order[np.sort(first)][:k]
+        return [(str(uniq[g[i]]), float(sc[i])) for i in pick]
+
+    def _search_ann(self, ann: AnnIndex, q: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
+        n_skus = len(self._grouping()[0])
+        kk, n = min(k, n_skus), len(self)
+        fetch = min(n, max(self.ann.candidates, kk * self.ann.rows_per_sku))
+        out: list = [None] * q.shape[0]
+        todo = np.arange(q.shape[0])
+        while todo.size:
+            cand = ann.search(q[todo], fetch)
+            again = []
+            for qi, ids in zip(todo, cand):
+                rows = self._rows_of(ids[ids >= 0])
+                res = self._aggregate(q[qi], rows[rows >= 0], kk)
+                if len(res) < kk and fetch < ann.ntotal:
+                    again.append(qi)
+                else:
+                    out[qi] = res
+            todo, fetch = np.asarray(again, dtype=np.int64), fetch * 4
+            if todo.size and fetch >= n // 4:  # too wide for the graph: exact for these few queries
+                for qi, res in zip(todo, self.search_exact(q[todo], k=kk)):
+                    out[qi] = res
+                break
+        return out
 
     # ------------------------------------------------------------------ updates
     def with_updates(
@@ -219,57 +345,107 @@ class SkuIndex:
             raise ValueError("new_keys and new_skus differ in length")
         drop = set(new_skus.tolist()) | {str(s) for s in remove_skus}
         keep = ~np.isin(self.skus, list(drop)) if drop else np.ones(len(self), dtype=bool)
-        meta = {k: v for k, v in self.meta.items() if k not in ("created_at", "count", "n_skus", "embed_dim")}
+        meta = {k: v for k, v in self.meta.items() if k not in ("created_at", "count", "n_skus", "embed_dim", "ann")}
         meta["parent_content_hash"] = self.content_hash()
         meta["updated_skus"] = len(set(new_skus.tolist()))
         meta["removed_skus"] = len({str(s) for s in remove_skus} - set(new_skus.tolist()))
-        return SkuIndex(
-            vectors=np.concatenate([self.vectors[keep], new_vectors], axis=0),
+        next_id = int(self.ids.max()) + 1 if len(self) else 0
+        next_id = max(next_id, int(self.meta.get("next_id", 0)))  # ids of removed rows are never reused
+        fresh = np.arange(next_id, next_id + len(new_skus), dtype=np.int64)
+        meta["next_id"] = next_id + len(new_skus)
+        out = SkuIndex(
+            vectors=np.concatenate([self.vectors[keep], _normalize(new_vectors)], axis=0),
             skus=np.concatenate([self.skus[keep], new_skus]).astype(np.str_),
             keys=np.concatenate([self.keys[keep], new_keys]).astype(np.str_),
             model_version=self.model_version if model_version is None else str(model_version),
             meta=meta,
+            ids=np.concatenate([self.ids[keep], fresh]),
+            ann=self.ann,
         )
+        if self._ann is not None and out.uses_ann:
+            # incremental: the parent's structure (copied) minus the dropped rows' ids plus the new rows
+            out._ann = self._ann.updated(_normalize(new_vectors), fresh, self.ids[~keep])
+            if out._ann is None:
+                log.info("ANN tombstones above %.0f%%: the updated index rebuilds its structure on first use",
+                         100 * self.ann.max_tombstone_share)
+        return out
 
     # ------------------------------------------------------------------ persistence
+    def _arrays(self) -> dict:
+        """The arrays of the .npz file; builds the ANN structure first when the index uses one, so a
+        published index is served without rebuilding it."""
+        meta = dict(self.meta)
+        arrays = {"vectors": self.vectors, "skus": self.skus, "keys": self.keys, "ids": self.ids}
+        ann = self.ensure_ann()
+        if ann is not None:
+            arrays["ann_index"] = ann.serialize()
+            arrays["ann_tombstones"] = ann.tombstones
+            meta["ann"] = ann.describe()
+        else:
+            meta.pop("ann", None)
+            meta["ann_config"] = self.ann.to_dict()  # used when the index grows past the threshold
+        arrays["meta"] = np.asarray(json.dumps(meta, sort_keys=True))
+        return arrays
+
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
-        np.savez(
-            buf,
-            vectors=self.vectors,
-            skus=self.skus,
-            keys=self.keys,
-            meta=np.asarray(json.dumps(self.meta, sort_keys=True)),
-        )
+        np.savez(buf, **self._arrays())
         return buf.getvalue()
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> SkuIndex:
+    def from_bytes(cls, data: bytes, ann: AnnConfig | None = None) -> SkuIndex:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            return cls._from_npz(z)
+            return cls._from_npz(z, ann)
 
     @classmethod
-    def _from_npz(cls, z) -> SkuIndex:
+    def _from_npz(cls, z, ann: AnnConfig | None = None) -> SkuIndex:
         missing = {"vectors", "skus", "keys", "meta"} - set(z.files)
         if missing:
             raise ValueError(f"not a skulens index file (missing {sorted(missing)})")
         meta = json.loads(str(z["meta"]))
         if int(meta.get("format_version", 1)) > FORMAT_VERSION:
             raise ValueError(f"index format {meta['format_version']} is newer than this code ({FORMAT_VERSION})")
-        return cls(
+        info = meta.pop("ann", None)
+        cfg = meta.pop("ann_config", None)
+        if ann is None:
+            ann = AnnConfig.resolve((info or {}).get("config") or cfg)
+        index = cls(
             vectors=z["vectors"], skus=z["skus"], keys=z["keys"],
             model_version=meta.get("model_version"), meta=meta,
+            ids=z["ids"] if "ids" in z.files else None, ann=ann,
         )
+        if index.uses_ann and "ann_index" in z.files and info:
+            index._attach_loaded_ann(z["ann_index"], info, z["ann_tombstones"] if "ann_tombstones" in z.files else None)
+        elif index.uses_ann:
+            log.warning("index file has no ANN structure: it is built on first search (%d rows)", len(index))
+        return index
+
+    def _attach_loaded_ann(self, blob: np.ndarray, info: dict, tombstones) -> None:
+        """Use a stored ANN structure if it holds exactly this index's ids; otherwise warn and leave
+        it to be rebuilt on first search."""
+        try:
+            ann = AnnIndex.deserialize(blob, info, tombstones, config=self.ann)
+            if ann.config.kind != self.ann.kind or ann.dim != self.embed_dim:
+                raise ValueError(f"stored {ann.config.kind} (dim {ann.dim}), wanted {self.ann.kind} "
+                                 f"(dim {self.embed_dim})")
+            if ann.ntotal - ann.tombstones.size != len(self):
+                raise ValueError(f"stored structure holds {ann.ntotal - ann.tombstones.size} live rows, index {len(self)}")
+            if not np.array_equal(ann.live_ids(), np.sort(self.ids)):
+                raise ValueError("stored structure's ids differ from the index rows' ids")
+        except Exception as e:  # noqa: BLE001 - any unreadable/stale structure means a rebuild
+            log.warning("stored ANN structure not used (%s): it is rebuilt on first search", e)
+            return
+        self._ann = ann
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the .npz atomically (temp file in the same folder, then rename). Returns the path."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        data = self.to_bytes()
+        arrays = self._arrays()
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(data)
+                np.savez(f, **arrays)  # streamed to the file: no second in-memory copy of a large index
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -280,6 +456,6 @@ class SkuIndex:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> SkuIndex:
+    def load(cls, path: str | os.PathLike, ann: AnnConfig | None = None) -> SkuIndex:
         with np.load(path, allow_pickle=False) as z:
-            return cls._from_npz(z)
+            return cls._from_npz(z, ann)

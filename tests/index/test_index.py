@@ -107,8 +107,9 @@ def test_npz_round_trip_without_pickle(tmp_path):
                    meta={"variant": "retailklip", "n_aug": 2})
     p = idx.save(tmp_path / "sub" / "idx.npz")
     with np.load(p, allow_pickle=False) as z:  # plain arrays only: loads without pickle
-        assert set(z.files) == {"vectors", "skus", "keys", "meta"}
+        assert set(z.files) == {"vectors", "skus", "keys", "ids", "meta"}  # below the ANN threshold: no structure
         assert z["skus"].dtype.kind == "U" and z["keys"].dtype.kind == "U" and z["vectors"].dtype == np.float32
+        assert z["ids"].dtype == np.int64
     with zipfile.ZipFile(p) as zf:
         assert all(not n.endswith(".pkl") for n in zf.namelist())
     back = SkuIndex.load(p)

@@ -1,0 +1,266 @@
+"""Approximate nearest-neighbour layer of the SKU index (FAISS, lazy-imported).
+
+:class:`AnnIndex` wraps one FAISS structure over the index rows, addressed by stable int64 row ids
+(``SkuIndex.ids``), never by row position, so the rows of an :class:`~skulens.index.sku_index.SkuIndex`
+can be re-sorted by SKU without invalidating the structure. It only proposes candidate rows: the SKU
+index re-scores them exactly (float32 cosine) and aggregates per SKU, so the scores it returns are
+the exact ones and only the candidate set is approximate.
+
+Two structures, chosen by :class:`AnnConfig` ``kind``:
+
+``hnsw``  ``IndexIDMap2(IndexHNSWSQ)`` (graph over fp16 / int8 codes; ``storage="flat"`` keeps float32).
+          Adding is native; HNSW cannot delete, so removed ids become *tombstones* that the search
+          skips through an ``IDSelector`` (the graph still routes through them) until they exceed
+          ``max_tombstone_share`` of the structure, when the caller rebuilds.
+``ivf``   ``IndexIVFScalarQuantizer`` (k-means coarse quantizer, fp16 / int8 codes): adds and
+          removes ids natively (``remove_ids``), builds much faster than HNSW, answers slower.
+
+The structure is serialised with ``faiss.serialize_index`` into a uint8 array that the SKU index
+stores in its ``.npz`` file, so loading an index does not rebuild it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, fields, replace
+
+import numpy as np
+
+KINDS = ("hnsw", "ivf", "exact")
+STORAGES = ("fp16", "sq8", "flat")
+
+_ENV = {  # AnnConfig field -> environment variable that overrides it (serving-time tuning)
+    "kind": "SKULENS_ANN_KIND",
+    "threshold": "SKULENS_ANN_THRESHOLD",
+    "storage": "SKULENS_ANN_STORAGE",
+    "ef_search": "SKULENS_ANN_EF_SEARCH",
+    "nprobe": "SKULENS_ANN_NPROBE",
+    "candidates": "SKULENS_ANN_CANDIDATES",
+}
+
+
+@dataclass(frozen=True)
+class AnnConfig:
+    """Knobs of the ANN layer.
+
+    ``threshold``: the ANN structure is used when the index has at least this many rows (vectors);
+    below it exact numpy search is both exact and fast enough (about 12 ms a query at 50k x 1280 on
+    2 cores). ``kind="exact"`` never builds one.
+    ``candidates`` / ``rows_per_sku``: rows fetched per query = max(candidates, k * rows_per_sku),
+    widened 4x until k distinct SKUs are found.
+    Build knobs (``hnsw_m``, ``ef_construction``, ``ivf_nlist``, ``storage``) apply to a new
+    structure; search knobs (``ef_search``, ``nprobe``, ``candidates``) apply at once.
+    """
+
+    kind: str = "hnsw"
+    threshold: int = 50_000
+    storage: str = "fp16"
+    hnsw_m: int = 32
+    ef_construction: int = 40
+    ef_search: int = 64
+    ivf_nlist: int = 0            # 0: auto (about 2 * sqrt(n), a power of two, 64..4096)
+    nprobe: int = 32
+    candidates: int = 64
+    rows_per_sku: int = 8
+    max_tombstone_share: float = 0.2
+    train_sample: int = 65_536    # IVF k-means training rows (fp16/sq8 training uses at most this)
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"ann kind must be one of {KINDS}, got {self.kind!r}")
+        if self.storage not in STORAGES:
+            raise ValueError(f"ann storage must be one of {STORAGES}, got {self.storage!r}")
+        if self.threshold < 1 or self.candidates < 1 or self.rows_per_sku < 1:
+            raise ValueError("ann threshold, candidates and rows_per_sku must be >= 1")
+        if not 0.0 <= self.max_tombstone_share < 1.0:
+            raise ValueError("max_tombstone_share must be in [0, 1)")
+
+    @classmethod
+    def resolve(cls, base: AnnConfig | dict | None = None, env: bool = True, **overrides) -> AnnConfig:
+        """Defaults <- ``base`` (a config or the dict stored in an index file) <- SKULENS_ANN_* env
+        variables <- ``overrides``. Unknown keys in ``base`` are ignored (files from newer code)."""
+        names = {f.name: f.type for f in fields(cls)}
+        vals: dict = {}
+        if isinstance(base, AnnConfig):
+            vals.update(asdict(base))
+        elif isinstance(base, dict):
+            vals.update({k: v for k, v in base.items() if k in names})
+        if env:
+            for name, var in _ENV.items():
+                raw = os.environ.get(var)
+                if raw not in (None, ""):
+                    vals[name] = raw
+        vals.update({k: v for k, v in overrides.items() if v is not None})
+        defaults = cls()
+        for k, v in list(vals.items()):  # coerce env strings / JSON numbers to the field's type
+            vals[k] = type(getattr(defaults, k))(v)
+        return replace(defaults, **vals)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _faiss():
+    import faiss  # lazy: only indexes above the threshold need it
+
+    return faiss
+
+
+def _qtype(faiss, storage: str):
+    return {"fp16": faiss.ScalarQuantizer.QT_fp16, "sq8": faiss.ScalarQuantizer.QT_8bit}[storage]
+
+
+def auto_nlist(n: int) -> int:
+    return int(min(4096, max(64, 2 ** round(np.log2(max(2.0 * np.sqrt(max(n, 1)), 1.0))))))
+
+
+class AnnIndex:
+    """One FAISS structure over (vector, id) pairs plus the set of tombstoned ids (HNSW only).
+
+    Not modified after construction except by :meth:`updated`, which works on a copy, so an
+    :class:`AnnIndex` can be shared by readers (FAISS searches are thread-safe).
+    """
+
+    def __init__(self, index, config: AnnConfig, dim: int, tombstones: np.ndarray | None = None):
+        self.index = index
+        self.config = config
+        self.dim = int(dim)
+        self.tombstones = np.unique(np.asarray(tombstones if tombstones is not None else [], dtype=np.int64))
+        self._sel = None  # IDSelector over the tombstones (kept alive with the search params)
+
+    # ------------------------------------------------------------------ build
+    @classmethod
+    def build(cls, vectors: np.ndarray, ids: np.ndarray, config: AnnConfig, chunk: int = 65_536) -> AnnIndex:
+        """Build over L2-normalised float32 ``vectors`` with int64 ``ids`` (inner product = cosine)."""
+        faiss = _faiss()
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        n, d = vectors.shape
+        rng = np.random.default_rng(0)
+        sample = vectors[np.sort(rng.choice(n, size=min(n, config.train_sample), replace=False))] if n else vectors
+        if config.kind == "hnsw":
+            if config.storage == "flat":
+                inner = faiss.IndexHNSWFlat(d, config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            else:
+                inner = faiss.IndexHNSWSQ(d, _qtype(faiss, config.storage), config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            inner.hnsw.efConstruction = config.ef_construction
+            inner.hnsw.efSearch = config.ef_search
+            if not inner.is_trained:
+                inner.train(sample)
+            index = faiss.IndexIDMap2(inner)
+        elif config.kind == "ivf":
+            nlist = config.ivf_nlist or auto_nlist(n)
+            quantizer = faiss.IndexFlatIP(d)
+            if config.storage == "flat":
+                index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+            else:
+                index = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, _qtype(faiss, config.storage),
+                                                      faiss.METRIC_INNER_PRODUCT)
+            index.cp.niter = 10
+            index.cp.max_points_per_centroid = max(1, config.train_sample // nlist)
+            index.own_fields = True
+            quantizer.this.disown()  # the IVF index owns (and serialises) its quantizer
+            index.train(sample)
+            index.nprobe = config.nprobe
+        else:
+            raise ValueError(f"cannot build an ANN structure of kind {config.kind!r}")
+        for s in range(0, n, chunk):
+            index.add_with_ids(vectors[s:s + chunk], ids[s:s + chunk])
+        return cls(index, config, d)
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    def stored_ids(self) -> np.ndarray:
+        """All ids held by the structure (tombstoned ones included), sorted."""
+        faiss = _faiss()
+        if self.config.kind == "hnsw":
+            return np.sort(faiss.vector_to_array(self.index.id_map).astype(np.int64))
+        inv = self.index.invlists
+        parts = [faiss.rev_swig_ptr(inv.get_ids(l), inv.list_size(l)).copy()
+                 for l in range(self.index.nlist) if inv.list_size(l)]
+        return np.sort(np.concatenate(parts).astype(np.int64)) if parts else np.zeros(0, np.int64)
+
+    def live_ids(self) -> np.ndarray:
+        ids = self.stored_ids()
+        return ids[~np.isin(ids, self.tombstones)] if self.tombstones.size else ids
+
+    def _params(self, n: int):
+        faiss = _faiss()
+        if self.config.kind == "hnsw":
+            p = faiss.SearchParametersHNSW()
+            p.efSearch = max(int(self.config.ef_search), int(n))
+            if self.tombstones.size:
+                if self._sel is None:
+                    batch = faiss.IDSelectorBatch(self.tombstones)
+                    self._sel = (batch, faiss.IDSelectorNot(batch))
+                p.sel = self._sel[1]
+            return p
+        p = faiss.SearchParametersIVF()
+        p.nprobe = int(self.config.nprobe)
+        return p
+
+    def search(self, queries: np.ndarray, n: int) -> np.ndarray:
+        """Ids of up to ``n`` approximate nearest rows per query, (Q, n) int64, -1 where fewer."""
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        n = int(max(1, min(n, self.ntotal)))
+        _, ids = self.index.search(q, n, params=self._params(n))
+        return ids
+
+    # ------------------------------------------------------------------ updates
+    def updated(self, add_vectors: np.ndarray, add_ids: np.ndarray, remove_ids: np.ndarray) -> AnnIndex | None:
+        """A copy with ``remove_ids`` removed (IVF) or tombstoned (HNSW) and the new rows added, or
+        None when HNSW tombstones would exceed ``max_tombstone_share`` (rebuild instead)."""
+        faiss = _faiss()
+        remove_ids = np.unique(np.asarray(remove_ids, dtype=np.int64))
+        add_vectors = np.ascontiguousarray(add_vectors, dtype=np.float32).reshape(-1, self.dim)
+        add_ids = np.ascontiguousarray(add_ids, dtype=np.int64)
+        tomb = self.tombstones
+        if self.config.kind == "hnsw":
+            tomb = np.union1d(tomb, remove_ids)
+            total = self.ntotal + len(add_ids)
+            if total and len(tomb) / total > self.config.max_tombstone_share:
+                return None
+        index = faiss.clone_index(self.index)
+        if self.config.kind == "ivf" and remove_ids.size:
+            index.remove_ids(faiss.IDSelectorBatch(remove_ids))
+        if len(add_ids):
+            index.add_with_ids(add_vectors, add_ids)
+        return AnnIndex(index, self.config, self.dim, tomb)
+
+    # ------------------------------------------------------------------ persistence
+    def serialize(self) -> np.ndarray:
+        return _faiss().serialize_index(self.index)
+
+    def describe(self) -> dict:
+        """Parameters stored in the index file's meta next to the serialised structure."""
+        d = {"config": self.config.to_dict(), "ntotal": self.ntotal, "tombstones": int(self.tombstones.size),
+             "dim": self.dim}
+        if self.config.kind == "ivf":
+            d["nlist"] = int(self.index.nlist)
+        return d
+
+    @classmethod
+    def deserialize(cls, blob: np.ndarray, info: dict, tombstones: np.ndarray | None = None,
+                    config: AnnConfig | None = None) -> AnnIndex:
+        faiss = _faiss()
+        index = faiss.deserialize_index(np.ascontiguousarray(blob, dtype=np.uint8))
+        stored = AnnConfig.resolve(info.get("config"), env=False)
+        # build-time knobs come from the file; search-time knobs may be overridden by ``config``
+        if config is not None:
+            stored = replace(stored, ef_search=config.ef_search, nprobe=config.nprobe,
+                             candidates=config.candidates, rows_per_sku=config.rows_per_sku,
+                             max_tombstone_share=config.max_tombstone_share, threshold=config.threshold)
+        return cls(index, stored, int(info["dim"]), tombstones)
+
+    def nbytes(self) -> int:
+        """Approximate memory of the structure (codes + graph / lists + id map), bytes."""
+        faiss = _faiss()
+        if self.config.kind == "hnsw":
+            inner = faiss.downcast_index(self.index.index)
+            code = inner.storage.sa_code_size() if hasattr(inner.storage, "sa_code_size") else self.dim * 4
+            graph = inner.hnsw.neighbors.size() * 4 + inner.hnsw.offsets.size() * 8 + inner.hnsw.levels.size() * 4
+            return int(self.ntotal * code + graph + self.ntotal * 8 * 2)
+        return int(self.ntotal * (self.index.code_size + 8) + self.index.nlist * self.dim * 4)
