@@ -286,3 +286,186 @@ def test_recognizer_refuses_mismatched_model_and_keeps_serving(s3, tiny, gallery
     assert rec.index_version == ver2 and rec.model_version == "1"
     lat = measure_latency(rec, imgs[:3], repeats=2)
     assert lat["n"] == 6 and 0 < lat["p50_ms"] < 5000
+
+
+class _Poisoned:
+    """A Recognizer that fails any call holding an image of size ``bad_size`` (a corrupt input that decodes)."""
+
+    def __init__(self, inner, bad_size=(13, 13)):
+        self.inner, self.bad_size = inner, bad_size
+        self.calls: list[int] = []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def recognize(self, images, k=5):
+        self.calls.append(len(images))
+        if any(getattr(im, "size", None) == self.bad_size for im in images):
+            raise ValueError("cannot embed this image")
+        return self.inner.recognize(images, k=k)
+
+
+def _post_all(c, jobs, headers=None):
+    """POST each (params, files) job from its own thread at once; responses in job order."""
+    import threading
+
+    out = [None] * len(jobs)
+
+    def one(i, params, files):
+        out[i] = c.post("/recognize", params=params, files=files, headers=headers or {})
+
+    threads = [threading.Thread(target=one, args=(i, p, f)) for i, (p, f) in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    return threads, out
+
+
+def _wait_queued(c, n, what="requests"):
+    import time
+
+    for _ in range(300):
+        if c.get("/metrics").json()["batching"]["queued"] >= n:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{what} never queued: {c.get('/metrics').json()}")
+
+
+def test_concurrent_requests_share_batches_each_with_its_own_answer_and_k(tiny, gallery):
+    """While the inference thread is busy, concurrent requests queue and then run as one batch; each gets
+    its own top-1 and exactly its own k, equal to what a one-image recognize() answers."""
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from skulens.serving.http import create_app
+    from skulens.serving.recognize import Recognizer
+
+    imgs, index, products = gallery
+    inner = Recognizer(tiny, index, products, index_version="v-test")
+    gate = threading.Event()
+    rec = _Gated(inner, gate)
+    app = create_app(lambda: rec, max_batch=8, max_wait_ms=1.0)
+    with TestClient(app) as c:
+        first, out0 = _post_all(c, [({"k": 2}, {"file": ("c.png", _png(imgs[0]), "image/png")})])
+        assert rec.entered.wait(10)  # the first request holds the inference thread
+        jobs = [({"k": 1 + i % 5}, {"file": ("c.png", _png(imgs[i % 6], "JPEG" if i % 2 else "PNG"), "image/png")})
+                for i in range(11)]
+        threads, out = _post_all(c, jobs)
+        _wait_queued(c, 11)
+        gate.set()
+        for t in first + threads:
+            t.join(30)
+        assert out0[0].status_code == 200 and out0[0].json()["batch_size"] == 1
+        for i, r in enumerate(out):
+            assert r.status_code == 200, r.text
+            body = r.json()
+            k = 1 + i % 5
+            assert body["k"] == k and len(body["results"]) == k
+            assert body["sku"] == f"SKU{i % 6}" and body["results"][0]["sku"] == body["sku"]
+            alone = inner.recognize([Image.open(io.BytesIO(jobs[i][1]["file"][1])).convert("RGB")], k=k)[0]
+            assert [h["sku"] for h in body["results"]] == [h["sku"] for h in alone["topk"]]
+            assert [h["score"] for h in body["results"]] == pytest.approx([h["score"] for h in alone["topk"]],
+                                                                          abs=1e-5)
+        stats = c.get("/metrics").json()
+        batching = stats["batching"]
+        assert batching["images"] == 12 and batching["max_batch"] == 8
+        assert batching["batch_sizes"] == {"1": 1, "3": 1, "8": 1}  # 1 alone, then the 11 queued: 8 + 3
+        assert sorted(r.json()["batch_size"] for r in out) == [3] * 3 + [8] * 8
+        assert stats["requests"]["served"] == 12 and stats["pending"] == 0
+
+
+def test_a_bad_image_fails_only_its_own_request(tiny, gallery):
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from skulens.serving.http import create_app
+    from skulens.serving.recognize import Recognizer
+
+    imgs, index, products = gallery
+    gate = threading.Event()
+    poisoned = _Poisoned(Recognizer(tiny, index, products, index_version="v-test"))
+    rec = _Gated(poisoned, gate)
+    with TestClient(create_app(lambda: rec, max_batch=16, max_wait_ms=1.0)) as c:
+        first, out0 = _post_all(c, [({"k": 1}, {"file": ("c.png", _png(imgs[5]), "image/png")})])
+        assert rec.entered.wait(10)
+        bad = Image.new("RGB", (13, 13), (10, 200, 30))
+        jobs = [({"k": 2}, {"file": ("c.png", _png(imgs[i]), "image/png")}) for i in range(5)]
+        jobs.insert(2, ({"k": 2}, {"file": ("bad.png", _png(bad), "image/png")}))
+        threads, out = _post_all(c, jobs)
+        _wait_queued(c, 6)
+        gate.set()
+        for t in first + threads:
+            t.join(30)
+        assert out0[0].json()["sku"] == "SKU5"
+        assert out[2].status_code == 500 and "recognition failed" in out[2].json()["detail"]
+        good = [r for i, r in enumerate(out) if i != 2]
+        assert [r.status_code for r in good] == [200] * 5
+        assert [r.json()["sku"] for r in good] == [f"SKU{i}" for i in range(5)]
+        assert all(r.json()["batch_size"] == 1 for r in good)  # answered by the one-by-one retry
+        batching = c.get("/metrics").json()["batching"]
+        assert batching["retried_batches"] == 1 and batching["failed"] == 1
+        assert poisoned.calls == [1, 6, 1, 1, 1, 1, 1, 1]  # the first alone, the poisoned batch, 6 retries
+        # the service goes on batching afterwards
+        ok = c.post("/recognize", files={"file": ("c.png", _png(imgs[3]), "image/png")})
+        assert ok.status_code == 200 and ok.json()["sku"] == "SKU3"
+
+
+def test_queued_request_that_times_out_is_dropped_and_frees_its_slot(tiny, gallery):
+    """A request still queued when its timeout fires is answered 504 and never run; its queue slot frees at
+    once (429 only while the slots are really taken)."""
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from skulens.serving.http import create_app
+    from skulens.serving.recognize import Recognizer
+
+    imgs, index, products = gallery
+    gate = threading.Event()
+    poisoned = _Poisoned(Recognizer(tiny, index, products, index_version="v-test"))
+    rec = _Gated(poisoned, gate, wait_s=30.0)
+    body = {"file": ("c.png", _png(imgs[1]), "image/png")}
+    with TestClient(create_app(lambda: rec, max_pending=2, timeout_s=1.0, max_batch=4)) as c:
+        first, out0 = _post_all(c, [({}, body)])
+        assert rec.entered.wait(10)  # holds slot 1 and the inference thread
+        queued = c.post("/recognize", files=body)  # slot 2: queued behind it, times out
+        assert queued.status_code == 504
+        m = c.get("/metrics").json()
+        assert m["pending"] == 1  # the queued one gave its slot back; the running one still holds its own
+        assert c.post("/recognize", files=body).status_code == 504  # so a new one is accepted (then queued)
+        gate.set()
+        for t in first:
+            t.join(30)
+        assert out0[0].status_code == 504  # ran past the timeout inside the batch
+        for _ in range(100):
+            m = c.get("/metrics").json()
+            if m["pending"] == 0:
+                break
+            import time
+
+            time.sleep(0.05)
+        assert m["batching"]["dropped_cancelled"] == 2 and m["pending"] == 0
+        assert m["requests"]["timed_out"] == 3
+        assert poisoned.calls == [1]  # the timed-out queued request never reached the recognizer
+        ok = c.post("/recognize", params={"k": 1}, files=body)
+        assert ok.status_code == 200 and ok.json()["sku"] == "SKU1" and len(ok.json()["results"]) == 1
+
+
+def test_max_batch_one_runs_one_image_per_call(tiny, gallery):
+    """--max-batch 1 (the unbatched baseline): every call holds one image."""
+    from fastapi.testclient import TestClient
+
+    from skulens.serving.http import create_app
+    from skulens.serving.recognize import Recognizer
+
+    imgs, index, products = gallery
+    rec = _Poisoned(Recognizer(tiny, index, products, index_version="v-test"))
+    with TestClient(create_app(lambda: rec, max_batch=1, max_wait_ms=0)) as c:
+        threads, out = _post_all(c, [({"k": 3}, {"file": ("c.png", _png(imgs[i % 6]), "image/png")})
+                                     for i in range(8)])
+        for t in threads:
+            t.join(30)
+        assert [r.json()["sku"] for r in out] == [f"SKU{i % 6}" for i in range(8)]
+        assert set(rec.calls) == {1} and len(rec.calls) == 8
+        assert c.get("/metrics").json()["batching"]["batch_sizes"] == {"1": 8}
