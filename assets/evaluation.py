@@ -110,6 +110,19 @@ def model_evaluation(context: dg.AssetExecutionContext, config: EvalSettings, tr
                         meta[f"{role}_{g}_{key}"] = dg.MetadataValue.float(round(met[key], 4))
     if ev["champion_error"]:
         meta["champion_error"] = ev["champion_error"]
+    inf = ev.get("inference") or {}
+    backends = inf.get("backends") or {}
+    meta["inference_backend"] = ", ".join(f"{r}: {b}" for r, b in backends.items()) or "none"
+    par = inf.get("parity")
+    if par:  # the compiled engine vs PyTorch on a sample of these crops
+        meta["parity_backend"] = par["backend"]
+        meta["parity_crops"] = par["n"]
+        meta["parity_max_abs_diff"] = dg.MetadataValue.float(float(par["max_abs_diff"]))
+        meta["parity_min_cosine"] = dg.MetadataValue.float(float(par["min_cosine"]))
+        if par.get("top1_agreement") is not None:
+            meta["parity_top1_agreement"] = dg.MetadataValue.float(float(par["top1_agreement"]))
+        if par.get("engine_crops_per_s"):
+            meta["parity_crops_per_s"] = f"{par['backend']} {par['engine_crops_per_s']}, torch {par['torch_crops_per_s']}"
     return dg.MaterializeResult(value={k: v for k, v in ev.items() if k != "reports"}, metadata=meta)
 
 

@@ -44,7 +44,8 @@ def sku_index(context: dg.AssetExecutionContext, config: IndexSettings, cleaned_
         champion = store.champion()
         manifest = ingest.sync_images(client, s3.bucket, contract.CATALOG_IMAGES_PREFIX,
                                       state.path("cache", "catalog")).manifest
-        return update.rebase_build(store.encoder(store.version(version)), built, base, manifest,
+        return update.rebase_build(store.engine(store.version(version), device=embed.resolve_device(training.device)),
+                                   built, base, manifest,
                                    state.path("cache", "index-normalised"),
                                    champion.version if champion else None, batch_size=config.batch_size,
                                    products=ingest.fetch_products(client, s3.bucket))
@@ -64,6 +65,7 @@ def sku_index(context: dg.AssetExecutionContext, config: IndexSettings, cleaned_
                   "sparse_rule": f"< {sparse_views.below} images: + {sparse_views.views} views per image",
                   "sku_list": ", ".join(index.sku_list[:200]) + (" ..." if index.meta["n_skus"] > 200 else ""),
                   "embed_dim": index.embed_dim, "model_name": mlflow.model_name,
+                  "inference_backend": str(index.meta.get("inference_backend", "torch")),
                   "model_version": version, "pointer": pointer_url,
                   "object": f"s3://{s3.bucket}/{pointer['key']}", "sha256": pointer["sha256"],
                   "previous_version": str(pointer.get("previous")),

@@ -19,12 +19,13 @@ class IndexUpdateConfig(dg.Config):
 
 
 def champion_encoder(mlflow: MlflowResource, state: LocalStateResource):
-    """``(encoder, ref)`` of the champion, through the one model cache (skulens.registry.store)."""
+    """``(engine, ref)`` of the champion, through the one model cache (skulens.registry.store): the compiled
+    inference engine (``mlflow.inference_backend``), loaded from the engine cache after its first compile."""
     store = mlflow.store(state.cache_path("models"))
     ref = store.champion()
     if ref is None:
         raise dg.Failure(f"no champion for registered model {mlflow.model_name!r} yet: run the main job first")
-    return store.encoder(ref), store.complete(ref)
+    return store.engine(ref), store.complete(ref)
 
 
 @dg.op(tags={"kind": "index"})
@@ -50,7 +51,8 @@ def update_sku_index(context: dg.OpExecutionContext, config: IndexUpdateConfig, 
 
     def champion():
         encoder, ref = champion_encoder(mlflow, state)
-        return encoder, ref.version, {"model_name": mlflow.model_name, "model_uri": ref.uri, "model_sha256": ref.sha256}
+        return encoder, ref.version, {"model_name": mlflow.model_name, "model_uri": ref.uri, "model_sha256": ref.sha256,
+                                      "inference_backend": getattr(encoder, "backend", "torch")}
 
     def fresh():
         again = resync()

@@ -1,3 +1,5 @@
+import os
+
 import dagster as dg
 from pydantic import Field
 
@@ -11,6 +13,12 @@ class MlflowResource(dg.ConfigurableResource):
     timeout_s: float = Field(default=10.0, description="seconds per MLflow request from asset code (MLflow's "
                              "own default retries for minutes when the server is down)")
     retries: int = Field(default=2, description="retries per MLflow request from asset code")
+    inference_backend: str = Field(
+        default=os.environ.get("SKULENS_INFERENCE_BACKEND", "auto"),
+        description="how the models from this registry are run for embedding (evaluation, sku_index, index_update): "
+                    "auto (the fastest that passes the parity check against PyTorch: OpenVINO, then onnxruntime, then "
+                    "PyTorch; PyTorch on CUDA) | openvino | onnxruntime | torch. Default: $SKULENS_INFERENCE_BACKEND "
+                    "or auto")
 
     def bounded(self):
         """A context in which MLflow client calls give up after ``timeout_s`` x ``retries`` (an explicit
@@ -38,4 +46,7 @@ class MlflowResource(dg.ConfigurableResource):
         """The one model loader/cache (skulens.registry.store) for this registry, caching under ``cache_dir``."""
         from skulens.registry.store import ModelStore
 
-        return ModelStore(cache_dir, self.tracking_uri, self.model_name)
+        from skulens.model.engine import backend_setting
+
+        return ModelStore(cache_dir, self.tracking_uri, self.model_name,
+                          inference_backend=backend_setting(self.inference_backend))

@@ -98,9 +98,10 @@ def evaluate_model(encoder, crops: pd.DataFrame, catalog: pd.DataFrame, products
     q = embed_images(encoder, crops["path"].astype(str).tolist(), batch_size=batch_size)
     t_query = time.perf_counter() - t0
     reports: dict[str, EvalReport] = {}
+    catalog_gallery = None
     for g in galleries:
         if g == "catalog":
-            index = catalog_index(encoder, catalog, batch_size=batch_size, cache=cache, encoder_sha=encoder_sha,
+            index = catalog_gallery = catalog_index(encoder, catalog, batch_size=batch_size, cache=cache, encoder_sha=encoder_sha,
                                   sparse_below=sparse_below, sparse_views=sparse_views, aug_seed=aug_seed)
         elif g == "retailklip":
             index = retailklip_gallery(encoder, catalog, n_aug=n_aug, seed=aug_seed, image_col="clean_path",
@@ -116,7 +117,43 @@ def evaluate_model(encoder, crops: pd.DataFrame, catalog: pd.DataFrame, products
         "metrics": {g: report_metrics(r) for g, r in reports.items()},
         "seconds": round(time.perf_counter() - t0, 2),
         "crops_per_s": round(len(crops) / t_query, 1) if t_query > 0 else None,
+        "backend": str(getattr(encoder, "backend", None) or "torch"),
+        "catalog_index": catalog_gallery,
     }
+
+
+def backend_agreement(engine, encoder, crops: pd.DataFrame, index, n: int = 64, batch_size: int = 64) -> dict:
+    """How closely ``engine`` (a compiled :class:`skulens.model.engine.InferenceEngine`) reproduces PyTorch
+    (``encoder``, the same weights) on real evaluation crops: ``n`` crops spread evenly over the sorted
+    set, embedded by both; ``max_abs_diff`` / ``min_cosine`` of the L2-normalised embeddings and
+    ``top1_agreement``: the share of those crops whose top-1 SKU in ``index`` (the engine's catalog
+    gallery) is the same for both embeddings."""
+    import numpy as np
+
+    from skulens.model.embed import embed_images
+    from skulens.model.engine import parity_stats
+
+    paths = crops["path"].astype(str).tolist()
+    if not paths:
+        return {"backend": engine.backend, "n": 0}
+    idx = sorted(set(np.linspace(0, len(paths) - 1, min(n, len(paths))).round().astype(int).tolist()))
+    sample = [paths[i] for i in idx]
+    t0 = time.perf_counter()
+    qe = embed_images(engine, sample, batch_size=batch_size)
+    t_engine = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    qt = embed_images(encoder, sample, batch_size=batch_size)
+    t_torch = time.perf_counter() - t0
+    st = parity_stats(qe, qt)
+    agree = None
+    if index is not None and len(index):
+        he, ht = index.search(qe, k=1), index.search(qt, k=1)
+        agree = float(np.mean([(a[0][0] if a else None) == (b[0][0] if b else None) for a, b in zip(he, ht)]))
+    return {"backend": engine.backend, "device": engine.device, "n": len(sample),
+            "max_abs_diff": st["max_abs_diff"], "min_cosine": 1.0 - st["max_cos_diff"], "top1_agreement": agree,
+            "engine_crops_per_s": round(len(sample) / t_engine, 1) if t_engine > 0 else None,
+            "torch_crops_per_s": round(len(sample) / t_torch, 1) if t_torch > 0 else None,
+            "reference_batch": {k: engine.parity.get(k) for k in ("max_abs_diff", "max_cos_diff", "ok", "checked")}}
 
 
 def report_metrics(report: EvalReport) -> dict:
@@ -156,6 +193,8 @@ def evaluate_all(
     sparse_below: int = SPARSE_BELOW,
     sparse_views: int = SPARSE_VIEWS,
     base_spec=None,
+    backend: str | None = None,
+    parity_crops: int = 64,
 ) -> dict:
     """Evaluate the challenger (file), the current champion (``store``: a
     :class:`skulens.registry.store.ModelStore`; its ``champion`` alias, if any) and the
@@ -170,9 +209,22 @@ def evaluate_all(
     promotion decision then keeps the champion. A champion whose weights file is byte-identical to
     the challenger's is not embedded twice. ``cache_dir``: catalog embeddings of the challenger and
     champion are cached there (see :class:`EmbeddingCache`) for the index build.
+
+    Every model runs on the compiled inference engine (:mod:`skulens.model.engine`, ``backend``; None:
+    the store's default / ``$SKULENS_INFERENCE_BACKEND`` / auto), the challenger and the base tower
+    compiled from their files too. ``inference`` in the result: the backend of each role and, unless
+    the backend is PyTorch on the CPU, :func:`backend_agreement` of the first model evaluated against
+    PyTorch on ``parity_crops`` of the crops.
     """
     from skulens.model.factory import create_encoder
     from skulens.model.io import load_encoder
+
+    def engine_of(path):
+        if store is not None:
+            return store.engine(str(path), backend=backend, device=device)
+        from skulens.model.engine import get_engine
+
+        return get_engine(path, backend, device)
 
     if len(crops) == 0:
         raise ValueError("no shelf crops to evaluate on: upload labelled crops to shelf/crops/<sku>/ "
@@ -189,11 +241,20 @@ def evaluate_all(
                  "catalog_images": len(catalog), "catalog_skus": int(catalog["sku"].nunique()),
                  "k": int(k), "n_aug": int(n_aug), "aug_seed": int(aug_seed), "device": device,
                  "challenger_sha256": challenger_sha, "champion_checked": bool(include_champion),
-                 "models": {}, "reports": {}, "champion_version": None, "champion_error": None}
+                 "models": {}, "reports": {}, "champion_version": None, "champion_error": None,
+                 "inference": {"backends": {}, "parity": None}}
 
-    def run(role: str, encoder, version: str | None, sha: str | None = None) -> None:
+    def run(role: str, encoder, version: str | None, sha: str | None = None, torch_encoder=None) -> None:
         res = evaluate_model(encoder, crops, catalog, products, encoder_sha=sha, **kw)
         report(role, res, version)
+        out["inference"]["backends"][role] = res["backend"]
+        if (out["inference"]["parity"] is None and torch_encoder is not None and parity_crops > 0
+                and not (res["backend"] == "torch" and str(getattr(encoder, "device", "cpu")) == "cpu")):
+            p = backend_agreement(encoder, torch_encoder(), crops, res["catalog_index"], n=parity_crops,
+                                  batch_size=batch_size)
+            out["inference"]["parity"] = {"role": role, **p}
+            echo(f"{role}: {p['backend']} vs PyTorch on {p['n']} crops: max |diff| {p['max_abs_diff']:.2e}, "
+                 f"top-1 agreement {p['top1_agreement']}")
 
     def report(role: str, res: dict, version: str | None, note: str = "") -> None:
         out["reports"][role] = res["reports"]
@@ -203,9 +264,10 @@ def evaluate_all(
             f"{g} {r.summary()}" for g, r in res["reports"].items()))
 
     if challenger_path:  # None when training was skipped and the champion stays
-        challenger = load_encoder(challenger_path, device=device)
+        challenger = engine_of(challenger_path)
         base_spec = dataclasses.replace(challenger.spec)
-        run("challenger", challenger, None, challenger_sha)
+        run("challenger", challenger, None, challenger_sha,
+            torch_encoder=lambda: load_encoder(challenger_path, device=device))
         del challenger
 
     if include_champion and store is not None:
@@ -216,15 +278,16 @@ def evaluate_all(
             try:
                 path = store.path(ref)
                 sha = file_sha256(path)
+                engine = store.engine(ref, backend=backend, device=device)
                 if base_spec is None:
-                    base_spec = dataclasses.replace(store.encoder(ref, device=device).spec)
+                    base_spec = dataclasses.replace(engine.spec)
                 if sha == challenger_sha:  # same weights (e.g. a resumed, finished training): same numbers
                     same = out["models"]["challenger"]
                     report("champion", {"reports": out["reports"]["challenger"], "metrics": same["metrics"],
                                         "seconds": 0.0, "crops_per_s": same["crops_per_s"]}, version,
                            " (same weights as the challenger)")
                 else:
-                    run("champion", store.encoder(ref, device=device), version, sha)
+                    run("champion", engine, version, sha, torch_encoder=lambda: store.encoder(ref, device=device))
             except Exception as e:  # noqa: BLE001 - reported; the decision keeps the champion
                 out["champion_error"] = f"{type(e).__name__}: {e}"[:500]
                 echo(f"champion v{version} could not be evaluated: {out['champion_error']}")
@@ -235,9 +298,31 @@ def evaluate_all(
         if isinstance(base_spec, dict):
             base_spec = ModelSpec.from_dict(base_spec)
         _seeded(base_seed)
-        base = create_encoder(base_spec, device=device)
-        run("base", base, None)
+        base = create_encoder(base_spec, device="cpu")
+        run("base", _base_engine(base, store, cache_dir, backend, device, engine_of), None)
     return out
+
+
+def _base_engine(base, store, cache_dir, backend, device, engine_of):
+    """The base tower through the engine too: saved to a file (deterministic weights: the same file and
+    sha256 every run, so it is compiled once), compiled like any model; PyTorch when that fails."""
+    import tempfile
+
+    from skulens.model.io import save_encoder
+
+    try:
+        with tempfile.TemporaryDirectory(dir=cache_dir if cache_dir and Path(cache_dir).is_dir() else None) as td:
+            path = save_encoder(base, Path(td) / "encoder.pt")
+            if store is not None:
+                return engine_of(store.put(path)[0])
+            keep = Path(cache_dir or tempfile.gettempdir()) / "base-towers" / file_sha256(path)
+            keep.mkdir(parents=True, exist_ok=True)
+            for f in (path, path.with_name(path.name + ".json")):
+                if not (keep / f.name).exists():
+                    os.replace(f, keep / f.name)
+            return engine_of(keep / "encoder.pt")
+    except Exception:  # noqa: BLE001 - the base tower is a reference number: eager PyTorch still gives it
+        return base.to(device)
 
 
 # ====================================================================== reporting

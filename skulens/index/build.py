@@ -89,6 +89,17 @@ def view_vectors(encoder, rows: pd.DataFrame, views: int, seed: int = 0, batch_s
     return np.concatenate(vecs) if vecs else np.zeros((0, dim), np.float32)
 
 
+def embedding_key(encoder_sha: str | None, encoder) -> str | None:
+    """The :class:`EmbeddingCache` key of vectors computed by ``encoder`` from the file ``encoder_sha``:
+    the sha256 itself for PyTorch, else a hash of (sha256, backend, precision), so that vectors from
+    different backends (equal only to float tolerance) are never mixed in one index."""
+    backend = getattr(encoder, "backend", None)
+    if not encoder_sha or backend in (None, "torch"):
+        return encoder_sha
+    precision = (getattr(encoder, "parity", None) or {}).get("precision", "f32")
+    return hashlib.sha256(f"{encoder_sha}|{backend}|{precision}".encode()).hexdigest()
+
+
 def catalog_index(encoder, catalog: pd.DataFrame, model_version: str | None = None, batch_size: int = 64,
                   meta: dict | None = None, cache: EmbeddingCache | None = None,
                   encoder_sha: str | None = None, sparse_below: int = 0, sparse_views: int = 0,
@@ -101,6 +112,7 @@ def catalog_index(encoder, catalog: pd.DataFrame, model_version: str | None = No
 
     from skulens.model.embed import embed_images
 
+    encoder_sha = embedding_key(encoder_sha, encoder)
     fp = catalog_fingerprint(catalog) if cache is not None and encoder_sha else None
     vecs = cache.get(encoder_sha, fp, len(catalog)) if fp else None
     if vecs is None:
@@ -123,6 +135,7 @@ def catalog_index(encoder, catalog: pd.DataFrame, model_version: str | None = No
     m = dict(meta or {})
     m["sparse"] = {"below": int(sparse_below), "views": int(sparse_views), "seed": int(aug_seed),
                    "skus": int(rows["sku"].nunique()) if len(rows) else 0}
+    m.setdefault("inference_backend", str(getattr(encoder, "backend", None) or "torch"))
     return SkuIndex(vecs, skus, keys, model_version=model_version, meta=m)
 
 
@@ -138,9 +151,12 @@ def build_champion_index(
     sparse_below: int = SPARSE_BELOW,
     sparse_views: int = SPARSE_VIEWS,
     aug_seed: int = 0,
+    backend: str | None = None,
 ) -> tuple[SkuIndex, str]:
     """Embed every cleaned catalog image with the current ``champion`` of ``store`` (a
-    :class:`skulens.registry.store.ModelStore`): ``(index, version)``. The index meta names the model by
+    :class:`skulens.registry.store.ModelStore`), compiled by :meth:`~skulens.registry.store.ModelStore.engine`
+    (``backend``; None: the store's default): ``(index, version)``; the index meta records the backend
+    (``inference_backend``). The index meta names the model by
     version, sha256 and URI, so readers load it from their cache without the registry.
 
     ``sources`` ({catalog key: etag} of every file the cleaning looked at, kept or dropped) is stored
@@ -154,7 +170,7 @@ def build_champion_index(
     if ref is None:
         raise LookupError(f"registered model {store.model_name!r} has no 'champion' alias")
     sha = store.complete(ref).sha256  # the cache names the file by its checked sha256: no re-hash
-    encoder = store.encoder(ref, device=device)
+    encoder = store.engine(ref, backend=backend, device=device)
     version = ref.version
     cache = EmbeddingCache(cache_dir) if cache_dir is not None else None
     index = catalog_index(encoder, catalog, model_version=version, batch_size=batch_size,

@@ -167,12 +167,15 @@ class ModelStore:
     _loaded: dict = {}  # (sha256, device) -> encoder, shared by the stores of one process
 
     def __init__(self, cache_dir: str | os.PathLike, tracking_uri: str | None = None,
-                 model_name: str | None = "skulens-encoder", timeout_s: float = 10.0, retries: int = 2):
+                 model_name: str | None = "skulens-encoder", timeout_s: float = 10.0, retries: int = 2,
+                 inference_backend: str | None = None):
         self.root = Path(cache_dir)
         self.tracking_uri = tracking_uri
         self.model_name = model_name
         self.timeout_s = float(timeout_s)
         self.retries = int(retries)
+        #: the default backend of :meth:`engine` (None: $SKULENS_INFERENCE_BACKEND, else ``auto``)
+        self.inference_backend = inference_backend
 
     # ------------------------------------------------------------------ the registry, bounded
     def _unreachable(self) -> str | None:
@@ -395,6 +398,25 @@ class ModelStore:
                     self._loaded.pop(next(iter(self._loaded)))
                 self._loaded[key] = enc
         return enc
+
+
+    def engine(self, ref: ModelRef | str | os.PathLike, backend: str | None = None, device: str = "cpu"):
+        """The compiled inference engine (:mod:`skulens.model.engine`) of ``ref`` (a :class:`ModelRef`, or
+        the path of a local encoder file, e.g. a challenger just trained): one per process, version,
+        backend and device. Compiled once per file into ``<blob>/encoder.pt.engine/``; a later process
+        loads that (torch is imported only when something has to be compiled, or for the torch backend).
+        ``backend`` None: the store's ``inference_backend``, else ``$SKULENS_INFERENCE_BACKEND``, else auto."""
+        from skulens.model.engine import get_engine
+
+        if isinstance(ref, ModelRef):
+            path = self.path(ref)
+        else:
+            path = Path(ref)
+            if not (path.parent.parent == self.root / "sha256" and path.name == ENCODER_FILE):
+                path = self.put(path)[0]  # into the cache: the engine is compiled next to the cached file
+        sha = path.parent.name
+        return get_engine(path, backend if backend is not None else self.inference_backend, device,
+                          load_torch=lambda dev: self.encoder(ModelRef(self.model_name, None, sha, str(path)), dev))
 
 
 def _local_path(uri: str) -> Path | None:
