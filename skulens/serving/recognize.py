@@ -175,7 +175,7 @@ class Recognizer:
                 raise LookupError(f"registered model {store.model_name!r} has no 'champion' alias")
         else:
             ref = store.version(index.model_version, sha256=index.meta.get("model_sha256"))
-        return store.encoder(ref, device=src.device), ref.version
+        return store.engine(ref, device=src.device), ref.version  # compiled backend (skulens.model.engine)
 
     # ------------------------------------------------------------------ properties
     @property
