@@ -4,7 +4,19 @@ Storage layout under ``<prefix>/`` (default ``index/``) in the bucket::
 
     index/versions/<version>.npz    immutable index files, never overwritten, never deleted (history)
     index/versions/<version>.json   manifest written next to each file (same content as the pointer)
+    index/deltas/<version>.npz      immutable deltas (rows of added/replaced SKUs, removed SKUs, meta patch)
+    index/deltas/<version>.json     manifest written next to each delta
     index/CURRENT.json              small pointer {version, key, model_version, count, sha256, ...}
+
+The pointer names either a full version (format 1: ``key``/``sha256`` are the version's .npz), or a
+chain (``format`` 2): a full ``base`` plus the ordered ``deltas`` on top of it, each with its key,
+sha256 and the content hash of the index after it; ``key``/``sha256`` then name the newest delta, which
+is not an index file, so a reader that predates deltas fails clearly (``not a skulens index file``)
+instead of serving the base without the changes. ``version`` is always the newest state (a full
+version or the last delta). A reader that has the base applies only the deltas it lacks
+(:func:`advance`); :func:`publish_with_retry` (``deltas="auto"``) publishes a small delta on top of
+the current chain and a new full version when the chain would grow past ``max_deltas`` deltas or
+``max_delta_ratio`` of the base's size (compaction), when the model changes, or on request.
 
 Publishing writes and verifies the version object first and only then replaces the pointer with a
 single PUT. A PUT replaces an S3 object atomically, so a reader sees either the old or the new
@@ -30,6 +42,14 @@ import time
 from pathlib import Path
 
 from skulens.index.sku_index import IndexIntegrityError, SkuIndex, _iso, _utcnow
+
+POINTER_FORMAT = 2  # 1: the pointer names one full version; 2: a full base plus ordered deltas
+DELTA_KIND = "skulens-index-delta"
+DELTA_FORMAT = 1
+#: compaction: a delta publish writes a full version instead when the chain would hold more deltas than
+#: this, or deltas larger in total than this share of the base's size
+MAX_DELTAS = int(os.environ.get("SKULENS_INDEX_MAX_DELTAS", "32"))
+MAX_DELTA_RATIO = float(os.environ.get("SKULENS_INDEX_MAX_DELTA_RATIO", "0.10"))
 
 POINTER_NAME = "CURRENT.json"
 
@@ -135,11 +155,15 @@ def publish_index(client, bucket: str, index: SkuIndex, prefix: str = "index", v
         "created_at": index.meta.get("created_at"),
         "published_at": _iso(now),
         "previous": base.get("version") if base else None,
+        "format": POINTER_FORMAT,
+        "base": None,
+        "deltas": [],
     }
     body = json.dumps(pointer, indent=2, sort_keys=True).encode()
     client.put_object(Bucket=bucket, Key=_key(prefix, "versions", f"{version}.json"), Body=body,
                       ContentType="application/json")
     swap_pointer(client, bucket, body, base, prefix)
+    _remember(client, bucket, prefix, pointer, index)
     return version
 
 
@@ -208,9 +232,12 @@ class Base:
     """What a publish attempt starts from: the pointer (``None`` = nothing published) and its index,
     loaded on first use. ``attempt`` counts from 0."""
 
-    def __init__(self, client, bucket: str, pointer: dict | None, attempt: int, cache_dir=None):
+    def __init__(self, client, bucket: str, pointer: dict | None, attempt: int, cache_dir=None,
+                 prefix: str = "index", previous: tuple | None = None):
         self.pointer, self.attempt = pointer, attempt
         self._client, self._bucket, self._cache_dir, self._index = client, bucket, cache_dir, None
+        self._prefix, self._previous, self.meta = prefix, previous, None
+        self.load = None  # how the index was obtained: memo / deltas / full
 
     @property
     def version(self) -> str | None:
@@ -218,47 +245,91 @@ class Base:
 
     @property
     def index(self) -> SkuIndex | None:
+        """The index the pointer names: this process's last published/loaded one when it is that version,
+        else the previous attempt's index advanced by the new deltas, else loaded (base + deltas)."""
         if self._index is None and self.pointer is not None:
-            self._index = load_version(self._client, self._bucket, self.pointer, self._cache_dir)
+            have, index = _recall(self._client, self._bucket, self._prefix)
+            if have is None and self._previous is not None:
+                have, index = self._previous
+            if have is not None and index is not None:
+                index, info = advance(self._client, self._bucket, have, index, self.pointer, self._cache_dir)
+                self.load = "memo" if info["mode"] == "same" else info["mode"]
+            else:
+                index, self.load = load_version(self._client, self._bucket, self.pointer, self._cache_dir), "full"
+            self.meta = _meta_copy(index.meta)  # as published: the delta's meta patch starts from it
+            _remember(self._client, self._bucket, self._prefix, self.pointer, index)
+            self._index = index
         return self._index
 
 
 def publish_with_retry(client, bucket: str, make, prefix: str = "index", start=_UNSET, attempts: int = 5,
                        cache_dir: str | os.PathLike | None = None, verify: str = "full",
-                       backoff: float = 0.2) -> dict:
+                       backoff: float = 0.2, deltas: bool = False, max_deltas: int | None = None,
+                       max_delta_ratio: float | None = None) -> dict:
     """Compare-and-swap publishing with rebase: ``make(base: Base) -> SkuIndex | None`` builds the index
     to publish on top of ``base`` (``None``: nothing to publish). The first attempt starts from
     ``start`` (the pointer the caller's work began from; by default the pointer now); when another
     publisher moves the pointer first, ``make`` is called again on the winner's version.
 
-    Returns the pointer now in place plus ``published`` (bool), ``attempts``, ``conflicts`` (the
-    versions that won meanwhile) and ``rebased_on`` (the version this one was built on). An index
-    equal in content to its base is not published again. Raises :class:`PublishConflict` after
-    ``attempts`` lost races."""
+    ``deltas``: publish the change as a delta on the current chain (:func:`publish_delta`) when it can be
+    one (same model, :func:`make_delta`) and the chain allows it (:func:`chain_allows`: ``max_deltas``,
+    ``max_delta_ratio``); else, and by default, a full version (:func:`publish_index`).
+
+    Returns the pointer now in place plus ``published`` (bool), ``mode`` (``delta``/``full``/None),
+    ``compacted`` (why a delta publish wrote a full version), ``attempts``, ``conflicts`` (the versions
+    that won meanwhile), ``rebased_on`` (the version this one was built on), ``base_load`` (how the base
+    index was obtained) and ``publish_seconds``. An index equal in content to its base is not published
+    again. Raises :class:`PublishConflict` after ``attempts`` lost races."""
     import random
 
     pointer = read_pointer(client, bucket, prefix) if start is _UNSET else start
     conflicts: list[str] = []
-    spent = 0.0  # seconds in publish_index (upload, verify, swap)
+    spent = 0.0  # seconds in publishing (diff, upload, verify, swap)
+    previous = None
     for attempt in range(max(1, int(attempts))):
-        base = Base(client, bucket, pointer, attempt, cache_dir)
+        base = Base(client, bucket, pointer, attempt, cache_dir, prefix=prefix, previous=previous)
         index = make(base)
-        if index is None or (pointer is not None and pointer.get("content_hash") == index.content_hash()):
+        chash = index.content_hash() if index is not None else None
+        if index is None or (pointer is not None and pointer.get("content_hash") == chash):
             now = read_pointer(client, bucket, prefix) if attempt else pointer
-            return {**(now or {}), "published": False, "attempts": attempt + 1, "conflicts": conflicts,
-                    "rebased_on": base.version, "publish_seconds": round(spent, 3)}
+            return {**(now or {}), "published": False, "mode": None, "attempts": attempt + 1,
+                    "conflicts": conflicts, "rebased_on": base.version, "base_load": base.load,
+                    "publish_seconds": round(spent, 3)}
         t0 = time.perf_counter()
+        mode, compacted = "full", None
         try:
-            publish_index(client, bucket, index, prefix=prefix, verify=verify, base=pointer)
+            delta = None
+            if deltas and pointer is not None:
+                old = base.index
+                delta = make_delta(old, index, old_meta=base.meta, parent=base.version, content_hash=chash)
+                if delta is None:
+                    compacted = "the change is not a per-SKU delta (model or layout changed)"
+                else:
+                    compacted = chain_allows(pointer, len(delta.to_bytes()), max_deltas, max_delta_ratio)
+                    if compacted:
+                        delta = None
+            if delta is not None:
+                # what every reader rebuilds from the chain (with_updates normalises the rows it adds, so
+                # the head can differ from ``index`` in the last bit): its content hash goes in the pointer
+                head = apply_deltas(old, [delta])
+                delta.meta["content_hash"] = head.content_hash()
+                publish_delta(client, bucket, delta, head, pointer, prefix=prefix, verify=verify)
+                mode = "delta"
+            else:
+                publish_index(client, bucket, index, prefix=prefix, verify=verify, base=pointer)
         except PublishConflict as c:
             spent += time.perf_counter() - t0
             conflicts.append(c.current.get("version") if c.current else None)
+            if base._index is not None:
+                previous = (pointer, base._index)
             pointer = c.current
             time.sleep(backoff * (attempt + 1) * random.uniform(0.5, 1.5))
             continue
         spent += time.perf_counter() - t0
-        return {**read_pointer(client, bucket, prefix), "published": True, "attempts": attempt + 1,
-                "conflicts": conflicts, "rebased_on": base.version, "publish_seconds": round(spent, 3)}
+        return {**read_pointer(client, bucket, prefix), "published": True, "mode": mode,
+                "compacted": compacted if mode == "full" and deltas else None, "attempts": attempt + 1,
+                "conflicts": conflicts, "rebased_on": base.version, "base_load": base.load,
+                "publish_seconds": round(spent, 3)}
     raise PublishConflict(f"s3://{bucket}/{pointer_key(prefix)}: lost {len(conflicts)} races to other publishers "
                           f"({', '.join(map(str, conflicts))}); nothing was overwritten, run again",
                           current=pointer)
@@ -298,28 +369,18 @@ def pointer_etag(client, bucket: str, prefix: str = "index") -> str | None:
 
 
 def load_version(client, bucket: str, pointer: dict, cache_dir: str | os.PathLike | None = None) -> SkuIndex:
-    """Download the index file named by ``pointer`` (``key`` + ``sha256``), verify, load.
+    """Download the index named by ``pointer`` (``key`` + ``sha256``; for a chain its base and then every
+    delta, applied in order), verify each file, load.
 
-    With ``cache_dir`` the verified file is kept as ``<cache_dir>/<version>.npz`` and reused (after
-    re-checking its sha256) by later calls; it is written atomically (temp file + rename).
+    With ``cache_dir`` each verified file is kept (``<cache_dir>/<version>.npz``, deltas under
+    ``<cache_dir>/deltas/``) and reused (after re-checking its sha256) by later calls; files are written
+    atomically (temp file + rename).
     """
-    key, sha = pointer["key"], pointer["sha256"]
-    cached = Path(cache_dir) / f"{pointer['version']}.npz" if cache_dir is not None else None
-    if cached is not None and cached.exists():
-        data = cached.read_bytes()
-        if hashlib.sha256(data).hexdigest() == sha:
-            return SkuIndex.from_bytes(data)
-    data = client.get_object(Bucket=bucket, Key=key)["Body"].read()
-    got = hashlib.sha256(data).hexdigest()
-    if got != sha:
-        raise IndexIntegrityError(f"{key}: sha256 {got[:12]}... != pointer {sha[:12]}...")
-    index = SkuIndex.from_bytes(data)
-    if cached is not None:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=cached.parent)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, cached)
+    base, entries = chain_of(pointer)
+    cached = Path(cache_dir) / f"{base['version']}.npz" if cache_dir is not None else None
+    index = SkuIndex.from_bytes(_verified_bytes(client, bucket, base["key"], base["sha256"], cached))
+    if entries:
+        index = apply_deltas(index, [load_delta(client, bucket, e, cache_dir) for e in entries])
     return index
 
 
@@ -354,3 +415,303 @@ def list_versions(client, bucket: str, prefix: str = "index") -> list[dict]:
             })
     out.sort(key=lambda d: d["version"])
     return out
+
+
+# ====================================================================== deltas
+class Delta:
+    """One step of a chain: all rows of the SKUs in ``skus`` replace that SKU's rows, SKUs in ``remove`` are
+    dropped, the meta is patched (:func:`meta_patch`); applied with :meth:`SkuIndex.with_updates`.
+
+    Stored as an .npz of plain arrays (``delta_vectors``, ``delta_skus``, ``delta_keys``, ``delta_remove``,
+    ``delta_meta`` JSON), deliberately without the arrays of an index file: code that predates deltas
+    refuses it (``not a skulens index file``) rather than serving it as an index."""
+
+    def __init__(self, vectors, skus, keys, remove, meta: dict):
+        import numpy as np
+
+        self.vectors = np.asarray(vectors, dtype=np.float32)
+        self.skus = np.asarray([str(x) for x in skus], dtype=np.str_) if len(skus) else np.zeros(0, "<U1")
+        self.keys = np.asarray([str(x) for x in keys], dtype=np.str_) if len(keys) else np.zeros(0, "<U1")
+        self.remove = sorted({str(x) for x in remove})
+        self.meta = dict(meta)  # kind, format, model_version, parent (version), content_hash (after), meta_patch
+
+    @property
+    def replaced(self) -> list[str]:
+        return sorted(set(self.skus.tolist()))
+
+    def to_bytes(self) -> bytes:
+        import io
+
+        import numpy as np
+
+        buf = io.BytesIO()
+        np.savez(buf, delta_vectors=self.vectors, delta_skus=self.skus, delta_keys=self.keys,
+                 delta_remove=np.asarray(self.remove, dtype=np.str_) if self.remove else np.zeros(0, "<U1"),
+                 delta_meta=np.asarray(json.dumps(self.meta, sort_keys=True)))
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Delta:
+        import io
+
+        import numpy as np
+
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            missing = {"delta_vectors", "delta_skus", "delta_keys", "delta_remove", "delta_meta"} - set(z.files)
+            if missing:
+                raise ValueError(f"not a skulens index delta (missing {sorted(missing)})")
+            meta = json.loads(str(z["delta_meta"]))
+            if meta.get("kind") != DELTA_KIND or int(meta.get("format", 0)) > DELTA_FORMAT:
+                raise ValueError(f"index delta format {meta.get('format')} is not readable by this code ({DELTA_FORMAT})")
+            return cls(z["delta_vectors"], z["delta_skus"], z["delta_keys"], z["delta_remove"], meta)
+
+
+_BIG_DICT = 64  # meta dicts larger than this are patched key by key (e.g. ``sources``: one entry per catalog file)
+
+
+def meta_patch(old: dict, new: dict) -> dict:
+    """What turns meta ``old`` into ``new``: ``{"set": {k: v}, "del": [k], "dict": {k: {"set", "del"}}}``."""
+    out: dict = {"set": {}, "del": sorted(k for k in old if k not in new), "dict": {}}
+    for k, v in new.items():
+        o = old.get(k, _UNSET)
+        if o == v:
+            continue
+        if isinstance(o, dict) and isinstance(v, dict) and len(v) > _BIG_DICT:
+            out["dict"][k] = {"set": {kk: vv for kk, vv in v.items() if o.get(kk, _UNSET) != vv},
+                              "del": sorted(kk for kk in o if kk not in v)}
+        else:
+            out["set"][k] = v
+    return out
+
+
+def apply_meta_patch(meta: dict, patch: dict) -> dict:
+    out = dict(meta)
+    for k in patch.get("del", ()):
+        out.pop(k, None)
+    for k, d in (patch.get("dict") or {}).items():
+        sub = dict(out.get(k) or {})
+        for kk in d.get("del", ()):
+            sub.pop(kk, None)
+        sub.update(d.get("set") or {})
+        out[k] = sub
+    out.update(patch.get("set") or {})
+    return out
+
+
+def _meta_copy(meta: dict) -> dict:
+    return json.loads(json.dumps(meta))
+
+
+def make_delta(old: SkuIndex, new: SkuIndex, old_meta: dict | None = None, parent: str | None = None,
+               content_hash: str | None = None) -> Delta | None:
+    """The delta that turns ``old`` into ``new``, or ``None`` when ``new`` is not ``old`` plus per-SKU
+    replacements and removals (another model or dimension, duplicate keys, rows of an untouched SKU moved):
+    then only a full version can say it. ``old_meta``: ``old``'s meta as published (default ``old.meta``).
+
+    A SKU is touched when any of its rows is new, changed or gone; the delta carries every row of each
+    touched SKU that is still in ``new`` (in ``new``'s order) and removes the others, so
+    ``old.with_updates(...)`` rebuilds ``new`` row for row (same content hash)."""
+    import numpy as np
+
+    if str(old.model_version) != str(new.model_version) or old.embed_dim != new.embed_dim:
+        return None
+    old_keys = old.keys.tolist()
+    pos = {k: i for i, k in enumerate(old_keys)}
+    if len(pos) != len(old_keys) or len(set(new.keys.tolist())) != len(new):
+        return None  # rows are matched by key: keys must be unique
+    idx = np.fromiter((pos.get(k, -1) for k in new.keys.tolist()), dtype=np.int64, count=len(new))
+    hit = idx >= 0
+    same = np.zeros(len(new), dtype=bool)
+    if hit.any():
+        hi = idx[hit]
+        same[hit] = (old.skus[hi] == new.skus[hit]) & np.all(old.vectors[hi] == new.vectors[hit], axis=1)
+    used = np.zeros(len(old), dtype=bool)
+    used[idx[same]] = True
+    touched = set(new.skus[~same].tolist()) | set(old.skus[~used].tolist())
+    keep_new = ~np.isin(new.skus, list(touched)) if touched else np.ones(len(new), dtype=bool)
+    keep_old = ~np.isin(old.skus, list(touched)) if touched else np.ones(len(old), dtype=bool)
+    kept = idx[keep_new]
+    # untouched SKUs: exactly old's rows, in old's order (else with_updates would not rebuild new)
+    if int(keep_old.sum()) != len(kept) or (len(kept) > 1 and not np.all(np.diff(kept) > 0)):
+        return None
+    in_new = set(new.skus.tolist())
+    rows = ~keep_new
+    meta = {"kind": DELTA_KIND, "format": DELTA_FORMAT, "model_version": new.model_version, "parent": parent,
+            "content_hash": content_hash or new.content_hash(), "rows": int(rows.sum()),
+            "meta_patch": meta_patch(old.meta if old_meta is None else old_meta, new.meta)}
+    return Delta(new.vectors[rows], new.skus[rows], new.keys[rows], sorted(touched - in_new), meta)
+
+
+def apply_deltas(index: SkuIndex, deltas: list[Delta]) -> SkuIndex:
+    """``index`` with ``deltas`` applied in order, folded into one :meth:`SkuIndex.with_updates` (a SKU's
+    rows are those of the last delta that touched it), meta patched in order."""
+    import numpy as np
+
+    if not deltas:
+        return index
+    net: dict[str, tuple | None] = {}  # sku -> (delta i, row mask) or None (removed); order = last touch
+    for i, d in enumerate(deltas):
+        if str(d.meta.get("model_version")) != str(index.model_version):
+            raise IndexIntegrityError(f"delta {d.meta.get('parent')}->: model {d.meta.get('model_version')} != "
+                                      f"index model {index.model_version}")
+        for s in d.remove:
+            net.pop(s, None)
+            net[s] = None
+        if len(d.skus):
+            uniq, first = np.unique(d.skus, return_index=True)
+            for s in uniq[np.argsort(first, kind="stable")].tolist():
+                net.pop(s, None)
+                net[s] = (i,)
+    vecs, skus, keys = [], [], []
+    for s, where in net.items():
+        if where is None:
+            continue
+        d = deltas[where[0]]
+        m = d.skus == s
+        vecs.append(d.vectors[m])
+        skus.extend(d.skus[m].tolist())
+        keys.extend(d.keys[m].tolist())
+    vectors = np.concatenate(vecs) if vecs else np.zeros((0, index.embed_dim), np.float32)
+    removed = [s for s, w in net.items() if w is None]
+    meta = index.meta
+    for d in deltas:
+        meta = apply_meta_patch(meta, d.meta.get("meta_patch") or {})
+    out = index.with_updates(vectors, skus, keys, remove_skus=removed, model_version=index.model_version)
+    out.meta = meta
+    return out
+
+
+def chain_of(pointer: dict) -> tuple[dict, list[dict]]:
+    """``(base entry, delta entries)`` of a pointer; a format-1 pointer is its own base with no deltas."""
+    if pointer.get("deltas"):
+        return pointer["base"], list(pointer["deltas"])
+    return pointer, []
+
+
+def _verified_bytes(client, bucket: str, key: str, sha: str, cached: Path | None) -> bytes:
+    if cached is not None and cached.exists():
+        data = cached.read_bytes()
+        if hashlib.sha256(data).hexdigest() == sha:
+            return data
+    data = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    got = hashlib.sha256(data).hexdigest()
+    if got != sha:
+        raise IndexIntegrityError(f"{key}: sha256 {got[:12]}... != pointer {sha[:12]}...")
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=cached.parent)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, cached)
+    return data
+
+
+def load_delta(client, bucket: str, entry: dict, cache_dir: str | os.PathLike | None = None) -> Delta:
+    """Download (or reuse from ``<cache_dir>/deltas/``) the delta named by a chain entry, verified by sha256."""
+    cached = Path(cache_dir) / "deltas" / f"{entry['version']}.npz" if cache_dir is not None else None
+    return Delta.from_bytes(_verified_bytes(client, bucket, entry["key"], entry["sha256"], cached))
+
+
+def advance(client, bucket: str, have: dict | None, index: SkuIndex | None, pointer: dict,
+            cache_dir: str | os.PathLike | None = None) -> tuple[SkuIndex, dict]:
+    """The index named by ``pointer``, starting from ``index`` (the state named by pointer ``have``):
+    when ``pointer`` continues the same chain (same base, ``have``'s deltas a prefix of its deltas) only
+    the missing deltas are downloaded and applied; otherwise the whole chain is loaded.
+    Returns ``(index, info)``: ``info["mode"]`` is ``same``, ``deltas`` or ``full``, ``deltas`` the number
+    applied, ``bytes`` downloaded (0 for files found in ``cache_dir``)."""
+    if have is not None and index is not None:
+        if have.get("version") == pointer.get("version"):
+            return index, {"mode": "same", "deltas": 0}
+        hb, hd = chain_of(have)
+        pb, pd = chain_of(pointer)
+        if hb.get("version") == pb.get("version") and [d["version"] for d in hd] == [d["version"] for d in pd[:len(hd)]]:
+            todo = pd[len(hd):]
+            deltas = [load_delta(client, bucket, e, cache_dir) for e in todo]
+            return apply_deltas(index, deltas), {"mode": "deltas", "deltas": len(todo),
+                                                 "bytes": sum(int(e.get("size") or 0) for e in todo)}
+    base, deltas = chain_of(pointer)
+    return load_version(client, bucket, pointer, cache_dir), {
+        "mode": "full", "deltas": len(deltas), "bytes": int(base.get("size") or 0) + sum(int(e.get("size") or 0) for e in deltas)}
+
+
+# the last index this process published or loaded per location (a warm publisher need not reload it)
+_MEMO: dict[tuple, tuple[dict, SkuIndex, str]] = {}
+
+
+def _where(client, bucket: str, prefix: str) -> tuple:
+    return (getattr(getattr(client, "meta", None), "endpoint_url", None), bucket, prefix.strip("/"))
+
+
+def _remember(client, bucket: str, prefix: str, pointer: dict, index: SkuIndex) -> None:
+    _MEMO[_where(client, bucket, prefix)] = (dict(pointer), index, json.dumps(index.meta))
+
+
+def _recall(client, bucket: str, prefix: str) -> tuple[dict, SkuIndex] | tuple[None, None]:
+    got = _MEMO.get(_where(client, bucket, prefix))
+    if got is None:
+        return None, None
+    pointer, index, meta = got
+    index.meta = json.loads(meta)  # callers may have written to the meta of the object they got
+    return pointer, index
+
+
+def chain_allows(pointer: dict, delta_size: int, max_deltas: int | None = None,
+                 max_delta_ratio: float | None = None) -> str | None:
+    """None when one more delta of ``delta_size`` bytes may go on ``pointer``'s chain, else why not
+    (then a full version is written: compaction)."""
+    max_deltas = MAX_DELTAS if max_deltas is None else int(max_deltas)
+    ratio = MAX_DELTA_RATIO if max_delta_ratio is None else float(max_delta_ratio)
+    base, deltas = chain_of(pointer)
+    if len(deltas) + 1 > max_deltas:
+        return f"chain would hold {len(deltas) + 1} deltas (max {max_deltas})"
+    total = delta_size + sum(int(d.get("size") or 0) for d in deltas)
+    base_size = int(base.get("size") or 0)
+    if base_size and total > ratio * base_size:
+        return f"deltas would total {total} bytes, over {ratio:.0%} of the base's {base_size}"
+    return None
+
+
+def publish_delta(client, bucket: str, delta: Delta, index: SkuIndex, base: dict, prefix: str = "index",
+                  verify: str = "full") -> str:
+    """Upload ``delta`` (turning the index named by pointer ``base`` into ``index``), verify it, then move the
+    pointer from ``base`` to the chain plus this delta by compare-and-swap (:class:`PublishConflict` when
+    another publisher moved it first). Returns the new version (the delta's)."""
+    if verify not in ("full", "size"):
+        raise ValueError("verify must be 'full' or 'size'")
+    check_conditional_writes(client, bucket, prefix)
+    data = delta.to_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    chash = delta.meta.get("content_hash") or index.content_hash()
+    now = _utcnow()
+    version = f"{now:%Y%m%dT%H%M%S%fZ}-d{chash[:12]}"
+    key = _key(prefix, "deltas", f"{version}.npz")
+    while _exists(client, bucket, key):
+        time.sleep(0.001)
+        now = _utcnow()
+        version = f"{now:%Y%m%dT%H%M%S%fZ}-d{chash[:12]}"
+        key = _key(prefix, "deltas", f"{version}.npz")
+    client.put_object(Bucket=bucket, Key=key, Body=data, ContentType="application/octet-stream",
+                      Metadata={"sha256": sha, "model-version": str(index.model_version), "parent": str(base["version"])})
+    head = client.head_object(Bucket=bucket, Key=key)
+    if int(head["ContentLength"]) != len(data):
+        raise IndexIntegrityError(f"{key}: stored size {head['ContentLength']} != {len(data)}; pointer not moved")
+    if verify == "full" and hashlib.sha256(client.get_object(Bucket=bucket, Key=key)["Body"].read()).hexdigest() != sha:
+        raise IndexIntegrityError(f"{key}: re-read sha256 differs; pointer not moved")
+    b, deltas = chain_of(base)
+    base_entry = {k: b.get(k) for k in ("version", "key", "sha256", "size", "content_hash", "count", "model_version")}
+    entry = {"version": version, "key": key, "sha256": sha, "size": len(data), "content_hash": chash,
+             "parent": base["version"], "rows": len(delta.skus), "replaced_skus": len(delta.replaced),
+             "removed_skus": len(delta.remove), "published_at": _iso(now)}
+    pointer = {
+        "format": POINTER_FORMAT, "version": version, "key": key, "sha256": sha, "size": len(data),
+        "model_version": index.model_version, "count": len(index), "n_skus": index.meta.get("n_skus"),
+        "embed_dim": index.embed_dim, "content_hash": chash, "created_at": index.meta.get("created_at"),
+        "published_at": _iso(now), "previous": base["version"], "base": base_entry,
+        "deltas": [*({k: v for k, v in d.items()} for d in deltas), entry],
+    }
+    body = json.dumps(pointer, indent=2, sort_keys=True).encode()
+    client.put_object(Bucket=bucket, Key=_key(prefix, "deltas", f"{version}.json"), Body=body,
+                      ContentType="application/json")
+    swap_pointer(client, bucket, body, base, prefix)
+    _remember(client, bucket, prefix, pointer, index)
+    return version

@@ -209,7 +209,8 @@ def _empty_index(dim: int, model_version: str | None):
 
 def publish_update(client, bucket: str, champion, manifest: pd.DataFrame, work_dir: Path, resync=None,
                    prefix: str = "index", cache_dir=None, batch_size: int = 64, reason: str = "manual",
-                   attempts: int = 5, failed_keys=(), products: pd.DataFrame | None = None, clean_config=None):
+                   attempts: int = 5, failed_keys=(), products: pd.DataFrame | None = None, clean_config=None,
+                   deltas: bool = True):
     """The catalog sensor's update, published by compare-and-swap: ``(outcome, report)``.
 
     ``champion()`` returns ``(encoder, model_version, model_meta)``; it is asked again on every attempt,
@@ -220,7 +221,9 @@ def publish_update(client, bucket: str, champion, manifest: pd.DataFrame, work_d
     race, so uploads the winner already saw are not taken back out. When the index uses
     another model than the champion it is rebuilt from nothing with the champion (``clean_config``: the
     thresholds then, default the CleanConfig defaults). ``outcome`` is
-    :func:`skulens.index.publish.publish_with_retry`'s (``published`` False: catalog and index agree)."""
+    :func:`skulens.index.publish.publish_with_retry`'s (``published`` False: catalog and index agree).
+    ``deltas`` (default): the change is published as a small delta on the current chain (``mode`` "delta"),
+    compacted into a full version by the chain rule (:func:`skulens.index.publish.chain_allows`)."""
     from skulens.index.publish import publish_with_retry
 
     reports: list[UpdateReport] = []
@@ -245,7 +248,8 @@ def publish_update(client, bucket: str, champion, manifest: pd.DataFrame, work_d
                               "removed_skus": len(report.removed_skus), "base": base.version}
         return new
 
-    outcome = publish_with_retry(client, bucket, make, prefix=prefix, cache_dir=cache_dir, attempts=attempts)
+    outcome = publish_with_retry(client, bucket, make, prefix=prefix, cache_dir=cache_dir, attempts=attempts,
+                                 deltas=deltas)
     return outcome, reports[-1]
 
 
