@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from skulens.index.publish import load_current, pointer_etag
+from skulens.index.publish import advance, load_current, pointer_etag, read_pointer
 from skulens.index.sku_index import SkuIndex
 from skulens.model.embed import ImageLike, embed_images
 
@@ -41,6 +41,8 @@ class _State:
     model_version: str | None
     index_version: str | None
     etag: str | None = None
+    pointer: dict | None = None  # the pointer the index was loaded from (base + deltas): reloads apply only new deltas
+    products_etag: str | None = None
 
 
 @dataclass
@@ -90,10 +92,11 @@ class Recognizer:
         products: pd.DataFrame | None = None,
         model_version: str | None = None,
         index_version: str | None = None,
-        reload_interval_s: float = 30.0,
+        reload_interval_s: float = 1.0,
         batch_size: int = 32,
         _source: _Source | None = None,
         _etag: str | None = None,
+        _pointer: dict | None = None,
     ):
         mv = model_version if model_version is not None else index.model_version
         if index.model_version is not None and mv is not None and str(mv) != str(index.model_version):
@@ -103,7 +106,7 @@ class Recognizer:
             raise ValueError(f"encoder dim {dim} != index dim {index.embed_dim}")
         encoder.eval()
         self._state = _State(encoder, index, _names(products), None if mv is None else str(mv),
-                             index_version or index.meta.get("version"), _etag)
+                             index_version or index.meta.get("version"), _etag, _pointer)
         self._source = _source
         self.reload_interval_s = float(reload_interval_s)
         self.batch_size = int(batch_size)
@@ -122,7 +125,7 @@ class Recognizer:
         prefix: str = "index",
         products_key: str | None = "catalog/products.csv",
         device: str = "cpu",
-        reload_interval_s: float = 30.0,
+        reload_interval_s: float = 1.0,
         store=None,
     ) -> Recognizer:
         """Load the published index (``CURRENT.json``) and the encoder version that built it
@@ -138,7 +141,8 @@ class Recognizer:
         encoder, mv = cls._encoder_for(src, index)
         products = _read_products(s3_client, bucket, products_key)
         return cls(encoder, index, products, model_version=mv, index_version=pointer["version"],
-                   reload_interval_s=reload_interval_s, _source=src, _etag=pointer.get("etag") or etag)
+                   reload_interval_s=reload_interval_s, _source=src, _etag=pointer.get("etag") or etag,
+                   _pointer=pointer)
 
     @classmethod
     def from_s3(
@@ -150,7 +154,7 @@ class Recognizer:
         cache_dir: str | os.PathLike | None = None,
         products_key: str | None = "catalog/products.csv",
         model_version: str | None = None,
-        reload_interval_s: float = 30.0,
+        reload_interval_s: float = 1.0,
     ) -> Recognizer:
         """Serve a given encoder with the published index; no registry. Reloads follow new index
         versions built by the same model version only (others are refused and logged)."""
@@ -160,7 +164,8 @@ class Recognizer:
         index, pointer = load_current(s3_client, bucket, prefix, cache_dir / "index")
         products = _read_products(s3_client, bucket, products_key)
         return cls(encoder, index, products, model_version=model_version, index_version=pointer["version"],
-                   reload_interval_s=reload_interval_s, _source=src, _etag=pointer.get("etag") or etag)
+                   reload_interval_s=reload_interval_s, _source=src, _etag=pointer.get("etag") or etag,
+                   _pointer=pointer)
 
     @staticmethod
     def _encoder_for(src: _Source, index: SkuIndex):
@@ -217,20 +222,29 @@ class Recognizer:
                 etag = pointer_etag(src.client, src.bucket, src.prefix)
                 if etag is None or etag == state.etag:
                     return False
-                index, pointer = load_current(src.client, src.bucket, src.prefix, src.cache_dir / "index")
-                if pointer["version"] == state.index_version:
-                    self._state = _replace(state, etag=pointer.get("etag") or etag)
+                pointer = read_pointer(src.client, src.bucket, src.prefix)
+                if pointer is None:
                     return False
+                if pointer["version"] == state.index_version:
+                    self._state = _replace(state, etag=pointer.get("etag") or etag, pointer=pointer)
+                    return False
+                # the same chain: only the deltas this state lacks (small); else the whole index
+                index, how = advance(src.client, src.bucket, state.pointer, state.index, pointer,
+                                     src.cache_dir / "index")
                 encoder, mv = state.encoder, state.model_version
                 if index.model_version is not None and str(index.model_version) != state.model_version:
                     encoder, mv = self._encoder_for(src, index)
                     encoder.eval()
                 if len(index) and int(getattr(encoder, "embed_dim", index.embed_dim)) != index.embed_dim:
                     raise ValueError(f"encoder dim {encoder.embed_dim} != index dim {index.embed_dim}")
-                products = _read_products(src.client, src.bucket, src.products_key)
-                names = _names(products) if products is not None else state.names
-                self._state = _State(encoder, index, names, mv, pointer["version"], pointer.get("etag") or etag)
-                log.info("reloaded index %s (model %s, %d rows)", pointer["version"], mv, len(index))
+                names, p_etag = state.names, _products_etag(src)
+                if p_etag is None or p_etag != state.products_etag:  # products.csv re-read only when it changed
+                    products = _read_products(src.client, src.bucket, src.products_key)
+                    names = _names(products) if products is not None else state.names
+                self._state = _State(encoder, index, names, mv, pointer["version"], pointer.get("etag") or etag,
+                                     pointer, p_etag)
+                log.info("reloaded index %s (model %s, %d rows; %s, %d delta(s))", pointer["version"], mv,
+                         len(index), how["mode"], how.get("deltas", 0))
                 return True
             except Exception as e:  # noqa: BLE001 - keep serving the old, consistent state
                 log.warning("index reload failed, keeping %s: %s", state.index_version, e)
@@ -258,6 +272,15 @@ class Recognizer:
             out.append({**best, "topk": topk, "model_version": state.model_version,
                         "index_version": state.index_version})
         return out
+
+
+def _products_etag(src: _Source) -> str | None:
+    if not src.products_key:
+        return None
+    try:
+        return src.client.head_object(Bucket=src.bucket, Key=src.products_key)["ETag"].strip('"')
+    except Exception:  # noqa: BLE001 - absent or unreadable: read it as before
+        return None
 
 
 def _replace(state: _State, **kw) -> _State:

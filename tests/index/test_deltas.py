@@ -223,3 +223,33 @@ def test_make_delta_refuses_what_only_a_full_version_can_say():
     assert sorted(applied.sku_list) == ["b", "c"] and applied.meta == b.meta
     np.testing.assert_allclose(applied.vectors, b.vectors, atol=1e-6)  # with_updates re-normalises added rows
     assert (applied.keys == b.keys).all()
+
+
+def test_recognizer_reload_applies_deltas_without_downloading_the_base(s3, prefix, tmp_path):
+    from skulens.model.factory import ModelSpec, create_encoder
+    from skulens.serving.recognize import Recognizer
+
+    client = s3.client()
+    _publish(client, s3.bucket, prefix, lambda _: _index(["a", "b"]))
+    base_key = P.read_pointer(client, s3.bucket, prefix)["key"]
+    reader = Counting(s3.client())
+    enc = create_encoder(ModelSpec(name="tiny-test", embed_dim=DIM))
+    rec = Recognizer.from_s3(enc, reader, s3.bucket, prefix=prefix, cache_dir=tmp_path / "rec", products_key=None,
+                             model_version="1", reload_interval_s=0.0)
+    assert base_key in reader.gets and not rec.maybe_reload(force=True)  # nothing new: one HEAD, no download
+
+    _publish(client, s3.bucket, prefix, lambda idx: _change(idx, add=["new"]))
+    reader.gets.clear()
+    assert rec.maybe_reload(force=True)
+    pointer = P.read_pointer(client, s3.bucket, prefix)
+    assert rec.index_version == pointer["version"] and "new" in rec.index.sku_list
+    assert base_key not in reader.gets and pointer["deltas"][-1]["key"] in reader.gets
+    probe = rec.index.vectors[rec.index.skus == "new"][0]
+    assert rec.index.search(probe, k=1)[0][0][0] == "new"
+
+    _publish(client, s3.bucket, prefix, lambda idx: _change(idx, remove=["new"]))
+    reader.gets.clear()
+    assert rec.maybe_reload(force=True)
+    assert "new" not in rec.index.sku_list and base_key not in reader.gets
+    assert all(s != "new" for s, _ in rec.index.search(probe, k=3)[0])
+    assert rec.index.content_hash() == P.read_pointer(client, s3.bucket, prefix)["content_hash"]
