@@ -91,8 +91,9 @@ def create_app(
     ``timeout_s``: a recognition that takes longer is answered 504. Every request is logged as one JSON line
     on the ``skulens.access`` logger (method, path, status, milliseconds, client; no headers, no token).
 
-    Batching (:class:`skulens.serving.batcher.MicroBatcher`): uploads are decoded in ``decode_threads``
-    threads (off the event loop, in parallel with inference); one inference thread runs up to ``max_batch``
+    Batching (:class:`skulens.serving.batcher.MicroBatcher`): uploads are decoded and preprocessed for the
+    model (``Recognizer.prepare``) in ``decode_threads`` threads, off the event loop and in parallel with
+    inference; one inference thread runs up to ``max_batch``
     queued images in one ``recognize`` call, waiting at most ``max_wait_ms`` for a batch to fill.
     ``max_batch=1`` answers one image per call. ``GET /metrics`` reports the batch sizes seen."""
     import asyncio
@@ -222,7 +223,8 @@ def create_app(
                 raise HTTPException(413, f"upload larger than the limit of {max_upload_bytes} bytes")
         finally:
             await form.close()
-        _loaded()  # 503 while the recognizer cannot load
+        rec = _loaded()  # 503 while the recognizer cannot load
+        prepare = getattr(rec, "prepare", None)  # preprocessing for the model, here rather than in the batch
         if pending is not None and not pending.acquire(blocking=False):
             counts["rejected_busy"] += 1
             raise HTTPException(429, f"busy: {max_pending} recognitions already queued; retry shortly",
@@ -238,6 +240,8 @@ def create_app(
         def decode_and_queue():
             try:
                 img = decode_image(data, max_pixels)
+                if prepare is not None:
+                    img = prepare(img)
             except BaseException as e:  # noqa: BLE001 - handed to the request
                 if not result.cancelled():
                     try:

@@ -28,7 +28,7 @@ import pandas as pd
 
 from skulens.index.publish import advance, load_current, pointer_etag, read_pointer
 from skulens.index.sku_index import SkuIndex
-from skulens.model.embed import ImageLike, embed_images
+from skulens.model.embed import ImageLike, embed_images, is_engine, l2_normalize, load_rgb
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,16 @@ class _State:
     etag: str | None = None
     pointer: dict | None = None  # the pointer the index was loaded from (base + deltas): reloads apply only new deltas
     products_etag: str | None = None
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One image preprocessed ahead of :meth:`Recognizer.recognize` (see :meth:`Recognizer.prepare`):
+    ``array`` is ``encoder.preprocess(image)`` for the engine of that moment."""
+
+    image: object
+    array: np.ndarray
+    encoder: object
 
 
 @dataclass
@@ -256,14 +266,36 @@ class Recognizer:
     def embed(self, images: Sequence[ImageLike]) -> np.ndarray:
         return embed_images(self._state.encoder, images, batch_size=self.batch_size)
 
+    def prepare(self, image: ImageLike):
+        """Preprocess one image for the current encoder ahead of :meth:`recognize` (``serve`` does it in
+        its decoding threads, overlapping inference): a :class:`Prepared` when the encoder is a compiled
+        engine, else the image unchanged. Thread-safe; ``recognize`` takes either."""
+        enc = self._state.encoder
+        if not is_engine(enc):
+            return image
+        return Prepared(image, enc.preprocess(load_rgb(image)), enc)
+
+    def _embed_prepared(self, encoder, images: list) -> np.ndarray:
+        if all(isinstance(im, Prepared) and im.encoder is encoder for im in images):
+            bs = self.batch_size
+            return l2_normalize(np.concatenate([encoder.run(np.stack([im.array for im in images[i:i + bs]]))
+                                                for i in range(0, len(images), bs)]))
+        # prepared for another encoder (a reload in between): from the images
+        images = [im.image if isinstance(im, Prepared) else im for im in images]
+        return embed_images(encoder, images, batch_size=self.batch_size)
+
     def recognize(self, images: Sequence[ImageLike] | ImageLike, k: int = 5) -> list[dict]:
-        """Top-``k`` SKUs for each image (paths or PIL images; a single image is accepted too)."""
+        """Top-``k`` SKUs for each image (paths, PIL images or :meth:`prepare` results; a single image
+        is accepted too)."""
         if not isinstance(images, (list, tuple)):
             images = [images]
         state = self._state  # one consistent snapshot for the whole call
         if not images:
             return []
-        vecs = embed_images(state.encoder, images, batch_size=self.batch_size)
+        if any(isinstance(im, Prepared) for im in images):
+            vecs = self._embed_prepared(state.encoder, list(images))
+        else:
+            vecs = embed_images(state.encoder, images, batch_size=self.batch_size)
         hits = state.index.search(vecs, k=k)
         out = []
         for h in hits:

@@ -300,7 +300,7 @@ class _Poisoned:
 
     def recognize(self, images, k=5):
         self.calls.append(len(images))
-        if any(getattr(im, "size", None) == self.bad_size for im in images):
+        if any(getattr(getattr(im, "image", im), "size", None) == self.bad_size for im in images):
             raise ValueError("cannot embed this image")
         return self.inner.recognize(images, k=k)
 
@@ -469,3 +469,59 @@ def test_max_batch_one_runs_one_image_per_call(tiny, gallery):
         assert [r.json()["sku"] for r in out] == [f"SKU{i % 6}" for i in range(8)]
         assert set(rec.calls) == {1} and len(rec.calls) == 8
         assert c.get("/metrics").json()["batching"]["batch_sizes"] == {"1": 8}
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny, tmp_path_factory):
+    """The tiny encoder compiled as an inference engine (onnxruntime), as `serve` loads champions."""
+    from skulens.model import save_encoder
+    from skulens.model.engine import load_engine
+
+    return load_engine(save_encoder(tiny, tmp_path_factory.mktemp("engine") / "tiny.pt"), "onnxruntime")
+
+
+def test_engine_recognizer_prepares_in_decode_threads_and_batches(tiny, tiny_engine, gallery):
+    """With a compiled engine, uploads are preprocessed before the batch (Recognizer.prepare) and the batch
+    runs the engine once; answers equal the PyTorch recognizer's. An input prepared for another encoder (a
+    reload in between) is embedded from its image."""
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from skulens.serving.http import create_app
+    from skulens.serving.recognize import Prepared, Recognizer
+
+    imgs, index, products = gallery
+    rec_engine = Recognizer(tiny_engine, index, products, index_version="v-test")
+    rec_torch = Recognizer(tiny, index, products, index_version="v-test")
+    p = rec_engine.prepare(imgs[3])
+    assert isinstance(p, Prepared) and p.encoder is tiny_engine and rec_torch.prepare(imgs[3]) is imgs[3]
+    stale = Prepared(imgs[4], np.zeros_like(p.array), object())
+    got = rec_engine.recognize([p, stale], k=3)
+    want = rec_torch.recognize([imgs[3], imgs[4]], k=3)
+    assert [r["sku"] for r in got] == ["SKU3", "SKU4"]
+    for g, w in zip(got, want):
+        assert [h["sku"] for h in g["topk"]] == [h["sku"] for h in w["topk"]]
+        assert [h["score"] for h in g["topk"]] == pytest.approx([h["score"] for h in w["topk"]], abs=1e-4)
+
+    gate = threading.Event()
+    seen: list = []
+
+    class _Spy(_Gated):
+        def recognize(self, images, k=5):
+            seen.append([type(im).__name__ for im in images])
+            return super().recognize(images, k=k)
+
+    rec = _Spy(rec_engine, gate)
+    with TestClient(create_app(lambda: rec, max_batch=32, max_wait_ms=1.0)) as c:
+        first, out0 = _post_all(c, [({"k": 1}, {"file": ("c.png", _png(imgs[0]), "image/png")})])
+        assert rec.entered.wait(10)
+        threads, out = _post_all(c, [({"k": 2}, {"file": ("c.png", _png(imgs[i % 6]), "image/png")})
+                                     for i in range(9)])
+        _wait_queued(c, 9)
+        gate.set()
+        for t in first + threads:
+            t.join(30)
+        assert [r.json()["sku"] for r in out] == [f"SKU{i % 6}" for i in range(9)]
+        assert all(len(r.json()["results"]) == 2 for r in out)
+        assert seen == [["Prepared"], ["Prepared"] * 9]
