@@ -44,9 +44,8 @@ class MlflowResource(dg.ConfigurableResource):
 
     def store(self, cache_dir) -> "ModelStore":  # noqa: F821 - lazily imported
         """The one model loader/cache (skulens.registry.store) for this registry, caching under ``cache_dir``."""
-        from skulens.registry.store import ModelStore
-
         from skulens.model.engine import backend_setting
+        from skulens.registry.store import ModelStore
 
         return ModelStore(cache_dir, self.tracking_uri, self.model_name,
                           inference_backend=backend_setting(self.inference_backend))

@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
-
 from PIL import Image
 
 from skulens.data.images import ImageLike, load_rgb, to_rgb
