@@ -72,10 +72,11 @@ def update_sku_index(context: dg.OpExecutionContext, config: IndexUpdateConfig, 
     published, version = outcome["version"], outcome["model_version"]
     seconds = {"ingest": round(t_ingest, 3), **report.seconds, "publish": outcome["publish_seconds"],
                "op_total": round(time.perf_counter() - t0, 3)}
+    published_as = outcome.get("mode") + (f" (compacted: {outcome['compacted']})" if outcome.get("compacted") else "")
     context.log.info(f"published index {published}: {len(report.changed_skus)} SKU(s) checked "
                      f"({report.embedded_images} images embedded), {len(report.removed_skus)} removed"
                      + (f" ({len(report.delisted_skus)} no longer in products.csv)" if report.delisted_skus else "")
-                     + f"; {seconds}"
+                     + f"; published as {published_as}, base index loaded by {outcome.get('base_load')}; {seconds}"
                      + (f"; redone on top of {outcome['rebased_on']} after {len(outcome['conflicts'])} race(s) lost"
                         if outcome["conflicts"] else ""))
     context.log_event(dg.AssetMaterialization(
@@ -89,10 +90,12 @@ def update_sku_index(context: dg.OpExecutionContext, config: IndexUpdateConfig, 
                   "embedded_images": report.embedded_images, "files_dropped": len(report.dropped_files),
                   "seconds": dg.MetadataValue.json(seconds), "reason": config.reason,
                   "publish_attempts": outcome["attempts"], "races_lost": len(outcome["conflicts"]),
+                  "published_as": published_as, "chain_deltas": len(outcome.get("deltas") or []),
+                  "base_load": str(outcome.get("base_load")),
                   "deferred_skus": dg.MetadataValue.json(report.deferred_skus[:200])},
     ))
     return {"published": published, "changed_skus": report.changed_skus, "removed_skus": report.removed_skus,
-            "delisted_skus": report.delisted_skus, "seconds": seconds}
+            "delisted_skus": report.delisted_skus, "seconds": seconds, "mode": outcome.get("mode")}
 
 
 @dg.job(executor_def=dg.in_process_executor, tags={"skulens/kind": "index-update"},

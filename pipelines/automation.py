@@ -12,7 +12,7 @@ from skulens.catalog.state import catalog_state, config_hash
 NIGHTLY_CRON = os.environ.get("SKULENS_NIGHTLY_CRON", "0 2 * * *")
 TIMEZONE = os.environ.get("SKULENS_TIMEZONE", "UTC")
 SKIP_UNCHANGED = os.environ.get("SKULENS_SKIP_UNCHANGED", "1") not in ("0", "false", "no")
-SENSOR_INTERVAL = int(os.environ.get("SKULENS_SENSOR_INTERVAL", "15"))
+SENSOR_INTERVAL = int(os.environ.get("SKULENS_SENSOR_INTERVAL", "3"))  # seconds between catalog checks (one listing of catalog/ each)
 NIGHTLY_CONFIG = os.environ.get("SKULENS_NIGHTLY_CONFIG")  # a YAML run config for the nightly run, e.g. training knobs
 
 
