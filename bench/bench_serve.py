@@ -66,6 +66,28 @@ def _request_bytes(port: int, data: bytes, k: int, token: str | None) -> bytes:
 
 
 # ---------------------------------------------------------------------------------------------- server
+def _model_only(model_path: Path, backend: str, batch: int, seconds: float = 3.0) -> float:
+    """Images/s of the encoder alone (preprocessed inputs, no HTTP, no search) at ``batch``."""
+    from skulens.model.embed import embed_images, is_engine
+
+    enc = _encoder(model_path, backend)
+    imgs = [Image.open(io.BytesIO(_jpeg(_image(i)))).convert("RGB") for i in range(batch)]
+    if is_engine(enc):
+        x = np.stack([enc.preprocess(im) for im in imgs])
+
+        def step():
+            enc.run(x)
+    else:
+        def step():
+            embed_images(enc, imgs, batch_size=batch)
+    step()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        step()
+        n += batch
+    return n / (time.perf_counter() - t0)
+
+
 def _prepare(args) -> tuple[Path, Path]:
     """The encoder file (its compiled engine is cached next to it) and the index of the synthetic catalog."""
     from skulens.index.sku_index import SkuIndex
@@ -257,15 +279,21 @@ def main() -> None:
     expect = [f"SKU{i % args.skus:05d}" for i in range(n)]
     payloads = [(lambda port, d=d: _request_bytes(port, d, args.k, args.token)) for d in jpegs]
 
+    batches = [int(x) for x in args.max_batch.split(",") if x.strip()]
+    model_only = {b: _model_only(model_path, args.backend, b) for b in sorted(set(batches))}
+    print("model-only (this process, no HTTP): " + ", ".join(f"batch {b}: {v:.1f} images/s"
+                                                             for b, v in model_only.items()), flush=True)
     rows = []
-    for mb in [int(x) for x in args.max_batch.split(",") if x.strip()]:
+    for mb in batches:
         r = run_one(args, model_path, index_path, mb, payloads, expect)
+        r["model_only_ips"] = model_only[mb]
         rows.append(r)
         print(f"max_batch {mb:>3}: {r['rps']:7.1f} requests/s | p50 {r['p50_ms']:6.0f} ms  p95 {r['p95_ms']:6.0f} ms  "
               f"p99 {r['p99_ms']:6.0f} ms  max {r['max_ms']:6.0f} ms | status {r['status']} errors {r['errors']} "
               f"| top-1 correct {r['correct_top1']}/{r['status'].get(200, 0)}", flush=True)
         print(f"               {r['batches']} batches, mean size {r['mean_batch']:.1f}, sizes {r['batch_sizes']}; "
-              f"inference thread busy {r['busy_s']:.1f}s of {r['wall_s']:.1f}s", flush=True)
+              f"inference thread busy {r['busy_s']:.1f}s of {r['wall_s']:.1f}s; "
+              f"{100 * r['rps'] / r['model_only_ips']:.0f}% of model-only at batch {mb}", flush=True)
     print(f"\n{args.requests} measured requests (+{args.warmup} warm-up), {args.concurrency} concurrent keep-alive "
           f"clients, model {args.model}, backend {args.backend}, k={args.k}, max_wait_ms {args.max_wait_ms:g}, "
           f"{os.cpu_count()} CPUs")
