@@ -207,12 +207,14 @@ def test_save_and_load_encoder_roundtrip(tmp_path, name):
 # ------------------------------------------------------------------------------ training
 
 
-def test_killed_run_resumes_to_same_steps_and_weights(catalog, tmp_path):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_killed_run_resumes_to_same_steps_and_weights(catalog, tmp_path, workers):
     """Uninterrupted run vs. a run killed (exception from log_fn) at the first step of epoch 2 and
     then resumed from its epoch-1 checkpoint. Asserted: same final step count, same per-epoch
-    losses and bit-identical final weights (CPU, same thread count: deterministic)."""
+    losses and bit-identical final weights (CPU, same thread count: deterministic), with the batches
+    made in the main process and in a persistent DataLoader worker."""
     tr, va = split_validation(catalog, per_sku=1, seed=0)
-    cfg = _cfg(epochs=3)  # 6 SKUs x depth 8 = 48 rows / batch 16 = 3 steps per epoch -> 9 steps
+    cfg = _cfg(epochs=3, num_workers=workers)  # 6 SKUs x depth 8 = 48 rows / batch 16 = 3 steps per epoch -> 9 steps
     full = train(tr, va, ModelSpec(name="tiny-test"), cfg, tmp_path / "full", progress=False, device="cpu")
     assert full.steps == 9 and len(full.val_acc) == 3
 
@@ -263,7 +265,7 @@ def test_killed_run_resumes_to_same_steps_and_weights(catalog, tmp_path):
             tr,
             va,
             ModelSpec(name="tiny-test"),
-            _cfg(epochs=1),
+            _cfg(epochs=1, num_workers=workers),
             tmp_path / "run",
             progress=False,
             device="cpu",
@@ -373,6 +375,75 @@ def test_balanced_dataset_augments_copies_and_keeps_originals(catalog):
         x, _ = ds[i]
         plain = enc.preprocess(load_rgb(frame["clean_path"].iloc[i]))
         assert torch.allclose(x, plain) is (not bool(frame["augment"].iloc[i]))
+
+
+# ------------------------------------------------------------------------------ speed levers
+
+
+def test_workers_and_decode_cache_train_the_same_weights(catalog, tmp_path):
+    """The speed levers that must not change what is trained: batches made in a persistent DataLoader
+    worker from the decoded-image cache (the 64 px test images are below the cache size, so it holds them
+    as they are) give the same losses and bit-identical weights as batches decoded from the files in the
+    main process. The cache is kept in out_dir and reused by a resumed run."""
+    tr, va = split_validation(catalog, per_sku=1, seed=0)
+    plain = train(tr, va, ModelSpec(name="tiny-test"), _cfg(epochs=2, num_workers=0, decode_cache=False),
+                  tmp_path / "plain", progress=False, device="cpu")
+    fast = train(tr, va, ModelSpec(name="tiny-test"), _cfg(epochs=2, num_workers=1, decode_cache=True),
+                 tmp_path / "fast", progress=False, device="cpu")
+    assert plain.extra["decode_cache_s"] is None and fast.extra["num_workers"] == 1
+    assert fast.extra["decode_cache_mb"] > 0 and len(list((tmp_path / "fast" / "decoded-cache").glob("*.u8"))) == 1
+    assert fast.extra["channels_last"] and fast.extra["fused_optimizer"]  # the CPU defaults
+    assert [h["train_loss"] for h in fast.history] == [h["train_loss"] for h in plain.history]
+    a, b = load_encoder(plain.encoder_path).state_dict(), load_encoder(fast.encoder_path).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # saved in the usual (contiguous NCHW) layout although trained channels_last
+    blob = torch.load(fast.encoder_path, weights_only=True)
+    convs = [v for v in blob["state_dict"].values() if v.dim() == 4]
+    assert convs and all(v.is_contiguous() for v in convs)
+
+
+def test_decoded_cache_sizes_and_exact_eval_rows(tmp_path):
+    """Augmented rows read the image with its shorter side capped at ceil(image_size x scale) (never
+    enlarged); eval rows read the eval crop, so their tensors equal eval_transform(load_rgb(file)) exactly.
+    The cache file is reused for the same files and replaced for others."""
+    from skulens.data.images import load_rgb
+    from skulens.model.train import _BalancedDataset
+    from skulens.model.train_data import DecodedCache, cache_short_side, split_eval_transform
+
+    rng = np.random.default_rng(1)
+    big, small = tmp_path / "big.jpg", tmp_path / "small.png"
+    Image.fromarray(rng.integers(0, 256, (300, 420, 3), dtype=np.uint8)).save(big, quality=90)
+    Image.fromarray(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)).save(small)
+    enc = create_encoder(ModelSpec(name="tiny-test"))
+    size = enc.spec.image_size
+    frame = pd.DataFrame({"clean_path": [str(big), str(small), str(big), str(small)], "label": [0, 1, 0, 1],
+                          "augment": [True, True, False, False]})
+    pixels = split_eval_transform(enc.preprocess)[0]
+    side = cache_short_side(size, 1.5)
+    cache = DecodedCache.build(tmp_path / "out", [str(big), str(small)], [str(big), str(small)], side,
+                               enc.spec.interpolation, pixels=pixels)
+    assert not cache.reused and cache.aug_image(str(big)).size == (round(420 * side / 300), side)
+    assert cache.aug_image(str(small)).size == (70, 50)  # not enlarged
+    assert cache.crop_array(str(big)).shape == (size, size, 3)
+    ds = _BalancedDataset(frame, enc.train_transform(1.0), enc.preprocess, seed=0, augment_originals=False,
+                          cache=cache)
+    ref = _BalancedDataset(frame, enc.train_transform(1.0), enc.preprocess, seed=0, augment_originals=False)
+    for i in (2, 3):  # eval rows: bit-identical to decoding the file
+        assert torch.equal(ds[i][0], ref[i][0]) and torch.equal(ds[i][0], enc.preprocess(load_rgb(frame["clean_path"][i])))
+    assert torch.equal(ds[1][0], ref[1][0])  # a small augmented image: the same pixels, the same augmentation
+    assert ds[0][0].shape == (3, size, size) and torch.equal(ds[(0, 0)][0], ds[0][0])
+    again = DecodedCache.build(tmp_path / "out", [str(big), str(small)], [str(big), str(small)], side,
+                               enc.spec.interpolation, pixels=pixels)
+    assert again.reused and again.file == cache.file
+    other = DecodedCache.build(tmp_path / "out", [str(small)], [], side, enc.spec.interpolation, pixels=pixels)
+    assert not other.reused and not cache.file.exists() and len(list(other.file.parent.iterdir())) == 2
+
+
+def test_fused_optimizer_knob():
+    enc = create_encoder(ModelSpec(name="tiny-test"))
+    loss = create_arcface(4, enc.embed_dim)
+    assert build_optimizer(enc, loss, _cfg()).defaults.get("fused")  # CPU, torch >= 2.4: fused by default
+    assert not build_optimizer(enc, loss, _cfg(fused_optimizer=False)).defaults.get("fused")
 
 
 # ------------------------------------------------------------------------------ killed mid-epoch (SIGKILL)
