@@ -244,6 +244,8 @@ def run_one(args, model_path: Path, index_path: Path, max_batch: int, payloads, 
         "batches": n_batches, "mean_batch": (sum(s * n for s, n in sizes.items()) / n_batches) if n_batches else 0,
         "batch_sizes": sizes,
         "busy_s": after["batching"]["busy_s"] - before["batching"]["busy_s"],
+        "mean_batch_ms": (1000 * (after["batching"]["busy_s"] - before["batching"]["busy_s"]) / n_batches
+                          if n_batches else 0),
     }
 
 
@@ -292,7 +294,7 @@ def main() -> None:
               f"p99 {r['p99_ms']:6.0f} ms  max {r['max_ms']:6.0f} ms | status {r['status']} errors {r['errors']} "
               f"| top-1 correct {r['correct_top1']}/{r['status'].get(200, 0)}", flush=True)
         print(f"               {r['batches']} batches, mean size {r['mean_batch']:.1f}, sizes {r['batch_sizes']}; "
-              f"inference thread busy {r['busy_s']:.1f}s of {r['wall_s']:.1f}s; "
+              f"{r['mean_batch_ms']:.0f} ms a batch; inference thread busy {r['busy_s']:.1f}s of {r['wall_s']:.1f}s; "
               f"{100 * r['rps'] / r['model_only_ips']:.0f}% of model-only at batch {mb}", flush=True)
     print(f"\n{args.requests} measured requests (+{args.warmup} warm-up), {args.concurrency} concurrent keep-alive "
           f"clients, model {args.model}, backend {args.backend}, k={args.k}, max_wait_ms {args.max_wait_ms:g}, "

@@ -91,6 +91,7 @@ class MicroBatcher:
         self._retried_batches = 0
         self._failed = 0
         self._busy_s = 0.0
+        self._wait_s = 0.0  # summed over images: enqueued -> their batch starts
         self._max_queue = 0
 
     # ------------------------------------------------------------------ lifecycle
@@ -148,6 +149,8 @@ class MicroBatcher:
                 "queued": len(self._queue), "max_queued": self._max_queue,
                 "dropped_cancelled": self._dropped, "retried_batches": self._retried_batches,
                 "failed": self._failed, "busy_s": round(self._busy_s, 3),
+                "mean_queue_wait_ms": round(1000 * self._wait_s / self._images, 2) if self._images else None,
+                "mean_batch_ms": round(1000 * self._busy_s / batches, 2) if batches else None,
             }
 
     # ------------------------------------------------------------------ the inference thread
@@ -190,6 +193,7 @@ class MicroBatcher:
                     _settle(it.future, exc=e)
 
     def _run(self, batch: list[_Item]) -> None:
+        waited = time.monotonic() * len(batch) - sum(it.t_enqueued for it in batch)
         with self._run_lock:
             t0 = time.perf_counter()
             rec = self.get_recognizer()
@@ -225,3 +229,4 @@ class MicroBatcher:
             self._retried_batches += retried
             self._failed += failed
             self._busy_s += busy
+            self._wait_s += waited
