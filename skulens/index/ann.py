@@ -184,6 +184,13 @@ class AnnIndex:
                  for l in range(self.index.nlist) if inv.list_size(l)]
         return np.sort(np.concatenate(parts).astype(np.int64)) if parts else np.zeros(0, np.int64)
 
+    @property
+    def next_id(self) -> int:
+        """One above every id the structure holds or tombstones (new rows must not reuse them)."""
+        stored = self.stored_ids()
+        top = max(int(stored[-1]) if stored.size else -1, int(self.tombstones[-1]) if self.tombstones.size else -1)
+        return top + 1
+
     def live_ids(self) -> np.ndarray:
         ids = self.stored_ids()
         return ids[~np.isin(ids, self.tombstones)] if self.tombstones.size else ids

@@ -350,7 +350,9 @@ class SkuIndex:
         meta["updated_skus"] = len(set(new_skus.tolist()))
         meta["removed_skus"] = len({str(s) for s in remove_skus} - set(new_skus.tolist()))
         next_id = int(self.ids.max()) + 1 if len(self) else 0
-        next_id = max(next_id, int(self.meta.get("next_id", 0)))  # ids of removed rows are never reused
+        next_id = max(next_id, int(self.meta.get("next_id", 0)))  # ids of removed rows are never reused:
+        if self._ann is not None:  # a reused id would match an HNSW tombstone and be hidden
+            next_id = max(next_id, self._ann.next_id)
         fresh = np.arange(next_id, next_id + len(new_skus), dtype=np.int64)
         meta["next_id"] = next_id + len(new_skus)
         out = SkuIndex(

@@ -231,3 +231,14 @@ def test_format_1_file_still_loads_and_builds_on_first_search(tmp_path, caplog, 
     np.savez(p, vectors=norm, skus=np.asarray(skus), keys=np.asarray(keys), meta=np.asarray(json.dumps(meta)))
     with pytest.raises(ValueError):
         SkuIndex.load(p)
+
+
+def test_new_ids_never_hit_a_tombstone_even_if_meta_loses_next_id():
+    c, idx = _index("hnsw")
+    idx.ensure_ann()
+    top = idx.skus[idx.ids == idx.ids.max()][0]
+    up = idx.with_updates(remove_skus=[top])  # the highest ids become tombstones
+    up.meta.pop("next_id")  # e.g. a meta rewritten by a caller
+    again = up.with_updates(np.ones((1, DIM)), ["n-x"], ["new/x.jpg"])
+    assert again.ids[again.skus == "n-x"][0] > idx.ids.max()
+    assert again.search(np.ones(DIM), k=1)[0][0][0] == "n-x"
