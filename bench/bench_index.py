@@ -342,15 +342,20 @@ def run(sizes=(100_000,), per_sku: int = 8, kinds=("hnsw",), storages=("fp16",),
     for n in sizes:
         n_skus = n // per_sku
         t = time.perf_counter()
-        vecs, skus, queries, _ = generate(gen, n_skus, per_sku, seed=n, n_queries=n_queries)
-        # the real gallery planted in the scale set: real queries must still find their product
-        vecs = np.concatenate([vecs, rv[gal]])
-        skus = np.concatenate([skus, rs[gal]])
+        # the real gallery planted in the scale set (real queries must still find their product),
+        # first: real UPCs sort before "syn...", so the rows are already grouped by SKU and SkuIndex
+        # keeps this one array (no second multi-GB copy)
+        m = int(gal.sum())
+        vecs = np.empty((m + n_skus * per_sku, rv.shape[1]), np.float32)
+        vecs[:m] = rv[gal]
+        _, syn_skus, queries, _ = generate(gen, n_skus, per_sku, seed=n, n_queries=n_queries, out=vecs[m:])
+        skus = np.concatenate([rs[gal], syn_skus])
+        del syn_skus
         keys = np.arange(len(skus)).astype(str)
         log(f"\n== {len(vecs)} rows ({n_skus} synthetic SKUs x {per_sku} + {gal.sum()} real rows), "
             f"generated in {time.perf_counter() - t:.1f} s")
         base = SkuIndex(vecs, skus, keys, ann=AnnConfig(kind="exact"))
-        vecs = base.vectors  # sorted by SKU: share the array (no second 4 GB copy)
+        assert base.vectors is vecs or np.shares_memory(base.vectors, vecs), "rows were re-sorted (copied)"
         skus, keys = base.skus, base.keys
         t = time.perf_counter()
         exact = exact_top(base, queries)

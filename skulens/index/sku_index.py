@@ -60,6 +60,14 @@ def _normalize(x: np.ndarray) -> np.ndarray:
     return (x / np.maximum(n, 1e-12)).astype(np.float32, copy=False)
 
 
+def _row_norms(v: np.ndarray, chunk: int = 16_384) -> np.ndarray:
+    out = np.empty(v.shape[0], dtype=np.float64)
+    for s in range(0, v.shape[0], chunk):
+        blk = v[s:s + chunk].astype(np.float64)
+        out[s:s + chunk] = np.sqrt(np.einsum("ij,ij->i", blk, blk))
+    return out
+
+
 def _str_array(values: Iterable) -> np.ndarray:
     arr = np.asarray([str(v) for v in values], dtype=np.str_)
     if arr.ndim != 1:
@@ -98,9 +106,9 @@ class SkuIndex:
         v = np.asarray(self.vectors, dtype=np.float32)
         if v.ndim != 2:
             raise ValueError(f"vectors must be 2-D (N, D), got shape {v.shape}")
-        if not np.all(np.isfinite(v)):
+        norms = _row_norms(v)  # chunked: no (N, D) temporaries for a multi-GB index
+        if not np.all(np.isfinite(norms)):  # a NaN or inf anywhere in a row makes its norm NaN/inf
             raise ValueError("vectors contain NaN or inf")
-        norms = np.linalg.norm(v, axis=1)
         off = np.abs(norms - 1.0) > 1e-4  # re-normalise only rows that need it: loads are bit-exact
         if off.any():
             v = v.copy()
@@ -156,7 +164,7 @@ class SkuIndex:
         """sha256 over vectors, skus, keys and model version (independent of file timestamps)."""
         h = hashlib.sha256()
         h.update(str(self.vectors.shape).encode())
-        h.update(self.vectors.tobytes())
+        h.update(memoryview(np.ascontiguousarray(self.vectors)).cast("B"))  # same bytes as tobytes(), no copy
         for arr in (self.skus, self.keys):
             h.update("\x1f".join(arr.tolist()).encode("utf-8"))
             h.update(b"\x1e")
