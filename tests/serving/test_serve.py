@@ -502,7 +502,8 @@ def test_engine_recognizer_prepares_in_decode_threads_and_batches(tiny, tiny_eng
     assert [r["sku"] for r in got] == ["SKU3", "SKU4"]
     for g, w in zip(got, want):
         assert [h["sku"] for h in g["topk"]] == [h["sku"] for h in w["topk"]]
-        assert [h["score"] for h in g["topk"]] == pytest.approx([h["score"] for h in w["topk"]], abs=1e-4)
+        # within the engine's parity tolerance against PyTorch (skulens.model.engine.TOLERANCE)
+        assert [h["score"] for h in g["topk"]] == pytest.approx([h["score"] for h in w["topk"]], abs=2e-3)
 
     gate = threading.Event()
     seen: list = []
