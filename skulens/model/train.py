@@ -26,6 +26,14 @@
   ``out_dir`` continues from it, mid-epoch at the next batch. Batch order depends only on
   ``(seed, epoch)`` and each sample's augmentation only on ``(seed, epoch, index)``, so a resumed run
   takes the same steps as an uninterrupted one (bit-identical on CPU), wherever it was killed.
+* Speed (:class:`TrainConfig` knobs, none of them in the resume fingerprint): ``channels_last`` model and
+  batches (NHWC: oneDNN's fast convolution layout on CPU, tensor cores on CUDA; the saved encoder is
+  converted back to the usual layout); ``decode_cache``: every training file decoded once, at training size
+  (:class:`skulens.model.train_data.DecodedCache`, a uint8 memmap in ``out_dir``), so epochs only augment;
+  one DataLoader for the whole run with ``num_workers`` persistent worker processes (``prefetch_factor``
+  batches each ahead) fed ``(epoch, index)`` pairs; fused AdamW (``fused_optimizer``). Worker count and
+  cache change nothing that is trained (bit-identical weights on CPU); ``channels_last`` and the fused
+  optimiser change rounding only. ``result.extra`` records what was used and the cache's build time.
 * Validation: top-1 of 1-NN of the validation images against the L2-normalised embeddings of the
   (unaugmented) training images, after every epoch (and before training when ``val_before``).
 
@@ -93,7 +101,7 @@ class TrainConfig:
     scale: float = 64.0  # ArcFace scale
     depth: int | None = None  # images per SKU after balancing; None: suggest_depth(train_df)
     seed: int = 0
-    num_workers: int | None = None  # DataLoader workers (persistent); None: 0 on CPU, min(8, cores) on CUDA
+    num_workers: int | None = None  # DataLoader workers (persistent); None: 1 on CPU (0 on 1 core), min(8, cores) on CUDA
     amp: str = "auto"  # auto | bf16 | fp16 | off
     image_size: int | None = None  # override the spec's image size (CNN towers, or ViT via open_clip)
     max_steps: int | None = None  # stop after this many optimiser steps (schedule spans them)
@@ -373,8 +381,9 @@ def train(
     enc_path = out_dir / ENCODER_NAME
     dev = _resolve_device(device)
     amp_dtype, use_scaler = _resolve_amp(cfg.amp, dev)
-    if cfg.num_workers is None:
-        cfg = dataclasses.replace(cfg, num_workers=min(8, os.cpu_count() or 1) if dev.type == "cuda" else 0)
+    if cfg.num_workers is None:  # CPU: one worker augments while the main process's threads run the model
+        cores = os.cpu_count() or 1
+        cfg = dataclasses.replace(cfg, num_workers=min(8, cores) if dev.type == "cuda" else min(1, cores - 1))
 
     if train_df is None or len(train_df) == 0:
         raise ValueError("train_df is empty")

@@ -296,6 +296,8 @@ def run_training(request: dict, echo: Callable[[str], None] | None = None) -> di
         "skus": len(result.labels),
         "balanced_rows": int(result.extra["balanced_rows"]),
         "augmented_rows": int(result.extra["augmented_rows"]),
+        "speed": {k: result.extra.get(k) for k in ("num_workers", "channels_last", "fused_optimizer", "torch_threads",
+                                                    "decode_cache_s", "decode_cache_mb")},
     }
 
 
