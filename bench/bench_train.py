@@ -132,6 +132,41 @@ def training_images_per_s(frame, image_size: int = 128, batch_size: int = 32, ep
             "extra": {k: v for k, v in res.extra.items() if isinstance(v, (int, float, str, bool))}}
 
 
+def accuracy_check(n_skus: int = 32, originals: int = 4, per_sku: int = 10, val_per_sku: int = 4,
+                   image_size: int = 128, batch_size: int = 32, epochs: int = 2, data: Path = GROZI,
+                   configs: dict | None = None) -> dict:
+    """Validation top-1 (1-NN of held-out GroZi frames against the training frames, the training's own
+    validation) after training the same frame with each ``configs`` entry (TrainConfig overrides; default:
+    every speed lever off vs the defaults). Training frames are each product's first ``originals`` frames, the
+    validation frames its last ``val_per_sku``. Returns ``{name: {"val_acc_before", "val_acc", "images_per_s"}}``."""
+    import re
+
+    import pandas as pd
+
+    from skulens.data.balance import balance
+    from skulens.model.factory import ModelSpec
+    from skulens.model.train import TrainConfig, train
+
+    configs = configs or {"levers off": {"num_workers": 0, "channels_last": False, "decode_cache": False,
+                                         "fused_optimizer": False}, "defaults": {}}
+    skus = sorted(p.name for p in (data / "images").iterdir() if p.is_dir())
+    tr, va = [], []
+    for sku in skus[:: max(1, len(skus) // n_skus)][:n_skus]:
+        frames = sorted((data / "images" / sku).glob("video*.jpg"), key=lambda p: int(re.findall(r"\d+", p.stem)[0]))
+        tr += [{"sku": sku, "clean_path": str(p)} for p in frames[:originals]]
+        va += [{"sku": sku, "clean_path": str(p)} for p in frames[-val_per_sku:]]
+    frame = balance(pd.DataFrame(tr), per_sku, seed=0)
+    out = {}
+    for name, kw in configs.items():
+        cfg = TrainConfig(epochs=epochs, batch_size=batch_size, image_size=image_size, checkpoint_every_s=None, **kw)
+        with tempfile.TemporaryDirectory(prefix="bench-train-acc-") as tmp:
+            res = train(frame, pd.DataFrame(va), ModelSpec(name="efficientnet-lite0"), cfg, tmp, progress=False,
+                        device="cpu", resume=False)
+        out[name] = {"val_acc_before": res.val_acc_before, "val_acc": res.val_acc[-1],
+                     "images_per_s": res.images_per_s}
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="efficientnet-lite0")
@@ -147,6 +182,9 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--amp", default="off", help="off | bf16 (CUDA: bf16 is the training default)")
     ap.add_argument("--json", type=Path, default=None, help="write the figures here as JSON")
+    ap.add_argument("--accuracy", action="store_true",
+                    help="also train a GroZi frame with the speed levers off and at the defaults and print both "
+                         "validation top-1 figures (a few minutes)")
     a = ap.parse_args(argv)
 
     import torch
@@ -186,6 +224,11 @@ def main(argv=None) -> int:
               f"{r['ratio_last_epoch']:.2f}) of channels_last model-only {around:.1f} measured around it "
               f"(per epoch {', '.join(f'{v:.1f}' for v in r['per_epoch'])}; {r['steps']} steps, wall {r['wall_s']:.0f}s"
               + (f", decode cache {cache:.1f}s" if cache is not None else "") + ")", flush=True)
+    if a.accuracy:
+        out["accuracy"] = acc = accuracy_check(image_size=a.image_size, batch_size=a.batch, epochs=a.epochs)
+        for name, r in acc.items():
+            print(f"accuracy, {name:12s} val top-1 {r['val_acc_before']:.3f} -> {r['val_acc']:.3f} "
+                  f"({r['images_per_s']:.1f} images/s)", flush=True)
     if a.json:
         a.json.write_text(json.dumps(out, indent=2))
     return 0

@@ -29,7 +29,8 @@
 * Speed (:class:`TrainConfig` knobs, none of them in the resume fingerprint): ``channels_last`` model and
   batches (NHWC: oneDNN's fast convolution layout on CPU, tensor cores on CUDA; the saved encoder is
   converted back to the usual layout); ``decode_cache``: every training file decoded once, at training size
-  (:class:`skulens.model.train_data.DecodedCache`, a uint8 memmap in ``out_dir``), so epochs only augment;
+  (:class:`skulens.model.train_data.DecodedCache`, a uint8 memmap in ``out_dir``, kept for a resumed run
+  and deleted at the end), so epochs only augment;
   one DataLoader for the whole run with ``num_workers`` persistent worker processes (``prefetch_factor``
   batches each ahead) fed ``(epoch, index)`` pairs; fused AdamW (``fused_optimizer``). Worker count and
   cache change nothing that is trained (bit-identical weights on CPU); ``channels_last`` and the fused
@@ -422,14 +423,6 @@ def train(
     # --- data
     train_tf = encoder.train_transform(cfg.augment_strength)
     dataset = _BalancedDataset(bal, train_tf, encoder.preprocess, cfg.seed, cfg.augment_originals)
-    cache = None
-    if cfg.decode_cache:
-        aug_paths, plain_paths = dataset.cache_paths()
-        pixels = split_eval_transform(encoder.preprocess)[0]
-        cache = DecodedCache.build(out_dir, aug_paths, plain_paths if pixels is not None else [],
-                                   cache_short_side(spec.image_size, cfg.decode_cache_scale), spec.interpolation,
-                                   pixels=pixels)
-        dataset = _BalancedDataset(bal, train_tf, encoder.preprocess, cfg.seed, cfg.augment_originals, cache=cache)
     n = len(dataset)
     bs = int(cfg.batch_size)
     steps_per_epoch = n // bs if n >= bs else 1
@@ -559,6 +552,14 @@ def train(
     every_s = float(cfg.checkpoint_every_s or 0.0)
     last_ckpt = time.monotonic()
     epoch = start_epoch
+    cache = None
+    if cfg.decode_cache and epoch < cfg.epochs and step < total_steps:  # something left to train
+        aug_paths, plain_paths = dataset.cache_paths()
+        pixels = split_eval_transform(encoder.preprocess)[0]
+        cache = DecodedCache.build(out_dir, aug_paths, plain_paths if pixels is not None else [],
+                                   cache_short_side(spec.image_size, cfg.decode_cache_scale), spec.interpolation,
+                                   pixels=pixels)
+        dataset.use_cache(cache)
     # one DataLoader for every epoch: its workers (persistent) keep the dataset; the batch sampler hands them
     # (epoch, index) pairs. Its own generator: drawing the loader's seed leaves the global RNG alone.
     sampler = EpochBatches()
@@ -653,9 +654,12 @@ def train(
         if it is not None and hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()
 
+    cache_mb = round(cache.nbytes / 1e6, 1) if cache is not None else None
     encoder.eval()
     encoder.to(memory_format=torch.contiguous_format)  # the saved encoder in the usual layout
     save_encoder(encoder, enc_path)
+    if cache is not None:  # finished: only a resumed run would have read it again
+        cache.remove()
     trained = [h for h in history if h.get("epoch", 0) > 0]
     return TrainResult(
         encoder_path=enc_path,
@@ -683,6 +687,7 @@ def train(
             "fused_optimizer": bool(optimizer.defaults.get("fused")),
             "torch_threads": torch.get_num_threads(),
             "decode_cache_s": cache.seconds if cache is not None else None,
-            "decode_cache_mb": round(cache.nbytes / 1e6, 1) if cache is not None else None,
+            "decode_cache_reused": cache.reused if cache is not None else None,
+            "decode_cache_mb": cache_mb,
         },
     )

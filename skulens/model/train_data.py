@@ -13,8 +13,8 @@
     tensors are bit-identical to ``eval_tf(load_rgb(path))``; only ``ToTensor`` and ``Normalize`` run
     per sample.
 
-  The file is keyed by the files (path, size, mtime) and the sizes, kept in ``out_dir`` (a resumed run
-  reuses it) and replaced when the key changes.
+  The file is keyed by the files (path, size, mtime) and the sizes, kept in ``out_dir`` while training runs
+  (a resumed run reuses it), replaced when the key changes and deleted when training finishes.
 * :class:`BalancedDataset`: map-style dataset over the balanced frame; the augmentation of sample ``i``
   in epoch ``e`` is seeded from ``(seed, e, i)`` only. Indices may be ``(epoch, i)`` pairs, so persistent
   DataLoader workers (which keep their own copy of the dataset) need no per-epoch state.
@@ -94,6 +94,12 @@ class DecodedCache:
     @property
     def nbytes(self) -> int:
         return self.file.stat().st_size if self.file.exists() else 0
+
+    def remove(self) -> None:
+        """Delete the cache files (a finished training run: only a resumed run would read them again)."""
+        self._mm = None
+        self.file.unlink(missing_ok=True)
+        self.file.with_suffix(".json").unlink(missing_ok=True)
 
     def _array(self, entry) -> np.ndarray:
         if self._mm is None:
@@ -184,8 +190,14 @@ class BalancedDataset:
         self.train_tf, self.eval_tf = train_tf, eval_tf
         self.seed, self.augment_originals = seed, augment_originals
         self.epoch = 0
+        self.cache, self._eval_tensor = None, None
+        if cache is not None:
+            self.use_cache(cache)
+
+    def use_cache(self, cache: DecodedCache) -> None:
+        """Read pixels from ``cache`` from now on (before the DataLoader's workers start)."""
         self.cache = cache
-        self._eval_tensor = split_eval_transform(eval_tf)[1] if cache is not None else None
+        self._eval_tensor = split_eval_transform(self.eval_tf)[1]
 
     def __len__(self) -> int:
         return len(self.paths)

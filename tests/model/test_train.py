@@ -239,6 +239,7 @@ def test_killed_run_resumes_to_same_steps_and_weights(catalog, tmp_path, workers
     ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert ck["epoch"] == 1 and ck["step"] == 3
     assert not (tmp_path / "run" / "encoder.pt").exists()
+    assert len(list((tmp_path / "run" / "decoded-cache").glob("*.u8"))) == 1  # kept for the resumed run
 
     logged = []
     res = train(
@@ -252,6 +253,7 @@ def test_killed_run_resumes_to_same_steps_and_weights(catalog, tmp_path, workers
         device="cpu",
     )
     assert res.resumed_from_step == 3 and res.steps == full.steps == 9
+    assert res.extra["decode_cache_reused"]
     assert [s for k, s in logged if k == "step"] == list(range(4, 10))
     assert [h["train_loss"] for h in res.history] == [h["train_loss"] for h in full.history]
     a, b = load_encoder(full.encoder_path).state_dict(), load_encoder(res.encoder_path).state_dict()
@@ -384,14 +386,15 @@ def test_workers_and_decode_cache_train_the_same_weights(catalog, tmp_path):
     """The speed levers that must not change what is trained: batches made in a persistent DataLoader
     worker from the decoded-image cache (the 64 px test images are below the cache size, so it holds them
     as they are) give the same losses and bit-identical weights as batches decoded from the files in the
-    main process. The cache is kept in out_dir and reused by a resumed run."""
+    main process. The cache is deleted when training finishes."""
     tr, va = split_validation(catalog, per_sku=1, seed=0)
     plain = train(tr, va, ModelSpec(name="tiny-test"), _cfg(epochs=2, num_workers=0, decode_cache=False),
                   tmp_path / "plain", progress=False, device="cpu")
     fast = train(tr, va, ModelSpec(name="tiny-test"), _cfg(epochs=2, num_workers=1, decode_cache=True),
                  tmp_path / "fast", progress=False, device="cpu")
     assert plain.extra["decode_cache_s"] is None and fast.extra["num_workers"] == 1
-    assert fast.extra["decode_cache_mb"] > 0 and len(list((tmp_path / "fast" / "decoded-cache").glob("*.u8"))) == 1
+    assert fast.extra["decode_cache_mb"] > 0 and not fast.extra["decode_cache_reused"]
+    assert not list((tmp_path / "fast" / "decoded-cache").iterdir())  # finished: deleted
     assert fast.extra["channels_last"] and fast.extra["fused_optimizer"]  # the CPU defaults
     assert [h["train_loss"] for h in fast.history] == [h["train_loss"] for h in plain.history]
     a, b = load_encoder(plain.encoder_path).state_dict(), load_encoder(fast.encoder_path).state_dict()
