@@ -1,16 +1,14 @@
 """Incremental SKU index update: new or changed SKUs are embedded with the champion and published
 as a new index version; no retraining. Launched by the catalog sensor (pipelines/automation.py)."""
 
-import time
-
 import dagster as dg
 from pydantic import Field
 
 from assets.quality import CleanSettings
 from resources import LocalStateResource, S3Resource
 from resources.mlflow import MlflowResource
-from skulens.catalog import contract, ingest
-from skulens.index.update import publish_update
+from skulens.catalog import contract
+from skulens.index.update import update_from_catalog
 
 
 class IndexUpdateConfig(dg.Config):
@@ -33,52 +31,31 @@ def update_sku_index(context: dg.OpExecutionContext, config: IndexUpdateConfig, 
                      mlflow: MlflowResource, state: LocalStateResource) -> dict:
     """Ingest the catalog delta, embed only new/changed SKUs with the champion, drop deleted SKUs, publish
     by compare-and-swap (a race lost to another publisher is redone on top of the winner's version)."""
-    t0 = time.perf_counter()
-    client = s3.client()
-
-    def resync():
-        return ingest.sync_images(client, s3.bucket, contract.CATALOG_IMAGES_PREFIX, state.path("cache", "catalog"))
-
-    def products_now():  # the full build's membership rule: an image of a SKU not in products.csv is not indexed
-        try:
-            return ingest.fetch_products(client, s3.bucket)
-        except contract.CatalogError as e:
-            raise dg.Failure(f"skulens error: {e}; the index is left as it is") from e
-
-    sync = resync()
-    products = products_now()
-    t_ingest = time.perf_counter() - t0
-
     def champion():
         encoder, ref = champion_encoder(mlflow, state)
         return encoder, ref.version, {"model_name": mlflow.model_name, "model_uri": ref.uri, "model_sha256": ref.sha256,
                                       "inference_backend": getattr(encoder, "backend", "torch")}
 
-    def fresh():
-        again = resync()
-        return again.manifest, [k for k, _ in again.failed], products_now()
-
-    for key, err in sync.failed:
+    def failed(key, err):
         context.log.warning(f"download failed for {key}: {err}; its SKU stays as indexed until the next update")
-    outcome, report = publish_update(client, s3.bucket, champion, sync.manifest,
-                                     state.path("cache", "index-normalised"),
-                                     resync=fresh, cache_dir=state.path("cache", "index"),
-                                     batch_size=config.batch_size, reason=config.reason,
-                                     failed_keys=[k for k, _ in sync.failed], products=products,
-                                     clean_config=CleanSettings().core())  # params.yaml, as cleaned_catalog
-    if not outcome["published"]:
-        context.log.info("catalog and index agree: nothing to publish")
-        return {"published": None, "reason": config.reason}
+
+    try:  # the one update, shared with the warm worker (`skulens index-worker`, skulens.index.worker)
+        done = update_from_catalog(s3.client(), s3.bucket, champion, state.path("cache", "catalog"),
+                                   state.path("cache", "index-normalised"), cache_dir=state.path("cache", "index"),
+                                   batch_size=config.batch_size, reason=config.reason,
+                                   clean_config=CleanSettings().core(),  # params.yaml, as cleaned_catalog
+                                   on_failed_download=failed)
+    except contract.CatalogError as e:
+        raise dg.Failure(f"skulens error: {e}; the index is left as it is") from e
+    outcome, report, seconds = done.outcome, done.report, done.seconds
+    context.log.info(done.summary())
+    if not outcome["published"]:  # e.g. the warm worker published this change first: recorded, nothing duplicated
+        context.add_output_metadata({"outcome": "catalog and index agree: nothing to publish",
+                                     "index_version": str(outcome.get("version")), "reason": config.reason,
+                                     "seconds": dg.MetadataValue.json(seconds)})
+        return {"published": None, "reason": config.reason, "index_version": outcome.get("version")}
     published, version = outcome["version"], outcome["model_version"]
-    seconds = {"ingest": round(t_ingest, 3), **report.seconds, "publish": outcome["publish_seconds"],
-               "op_total": round(time.perf_counter() - t0, 3)}
-    published_as = outcome.get("mode") + (f" (compacted: {outcome['compacted']})" if outcome.get("compacted") else "")
-    context.log.info(f"published index {published}: {len(report.changed_skus)} SKU(s) checked "
-                     f"({report.embedded_images} images embedded), {len(report.removed_skus)} removed"
-                     + (f" ({len(report.delisted_skus)} no longer in products.csv)" if report.delisted_skus else "")
-                     + f"; published as {published_as}, base index loaded by {outcome.get('base_load')}; {seconds}"
-                     + (f"; redone on top of {outcome['rebased_on']} after {len(outcome['conflicts'])} race(s) lost"
-                        if outcome["conflicts"] else ""))
+    published_as = done.published_as
     context.log_event(dg.AssetMaterialization(
         asset_key="sku_index",
         description="incremental update (catalog sensor)",

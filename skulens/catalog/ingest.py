@@ -117,8 +117,11 @@ def sync_images(
     dest: Path,
     workers: int = 16,
     progress: bool = False,
+    objects=None,
 ) -> SyncResult:
-    """Mirror ``prefix<sku>/<file>`` into ``dest/<sku>/<file>``, downloading only the delta."""
+    """Mirror ``prefix<sku>/<file>`` into ``dest/<sku>/<file>``, downloading only the delta.
+
+    ``objects``: the listing of ``prefix`` (:class:`S3Object` s) when the caller has just made it (None: list)."""
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
@@ -130,7 +133,7 @@ def sync_images(
     result = SyncResult(manifest=empty_manifest())
     wanted: dict[str, tuple[S3Object, str, Path]] = {}
     root = dest.resolve()
-    for obj in list_objects(client, bucket, prefix):
+    for obj in (objects if objects is not None else list_objects(client, bucket, prefix)):
         try:
             ik = contract.parse_image_key(obj.key, prefix)
         except contract.CatalogError as exc:

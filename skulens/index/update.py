@@ -266,3 +266,82 @@ def rebase_build(encoder, built, base, manifest: pd.DataFrame, work_dir: Path, c
     new, _ = update_index(encoder, built, manifest, work_dir, built.model_version, batch_size=batch_size,
                           products=products)
     return new
+
+
+@dataclass
+class CatalogUpdate:
+    """What :func:`update_from_catalog` did: ``outcome`` (:func:`skulens.index.publish.publish_with_retry`'s;
+    ``published`` False: catalog and index agree), ``report`` (:class:`UpdateReport` of the last attempt),
+    ``failed_downloads`` ((key, error) of the first ingest) and ``seconds`` (ingest, delta, check, embed,
+    publish, total)."""
+
+    outcome: dict
+    report: UpdateReport
+    failed_downloads: list = field(default_factory=list)
+    seconds: dict = field(default_factory=dict)
+
+    @property
+    def published(self) -> str | None:
+        return self.outcome.get("version") if self.outcome.get("published") else None
+
+    @property
+    def published_as(self) -> str | None:
+        if not self.outcome.get("published"):
+            return None
+        mode = str(self.outcome.get("mode"))
+        return mode + (f" (compacted: {self.outcome['compacted']})" if self.outcome.get("compacted") else "")
+
+    def summary(self) -> str:
+        """One log line."""
+        r, o = self.report, self.outcome
+        if not o.get("published"):
+            return "catalog and index agree: nothing to publish"
+        return (f"published index {o['version']}: {len(r.changed_skus)} SKU(s) checked ({r.embedded_images} images "
+                f"embedded), {len(r.removed_skus)} removed"
+                + (f" ({len(r.delisted_skus)} no longer in products.csv)" if r.delisted_skus else "")
+                + f"; published as {self.published_as}, base index loaded by {o.get('base_load')}; {self.seconds}"
+                + (f"; redone on top of {o['rebased_on']} after {len(o['conflicts'])} race(s) lost"
+                   if o.get("conflicts") else ""))
+
+
+def update_from_catalog(client, bucket: str, champion, catalog_dir: Path, work_dir: Path,
+                        cache_dir: Path | None = None, prefix: str = "index", batch_size: int = 64,
+                        reason: str = "manual", clean_config=None, deltas: bool = True, listing=None,
+                        on_failed_download=None) -> CatalogUpdate:
+    """The catalog sensor's index update, end to end, shared by the ``index_update`` job and the warm
+    update worker (:mod:`skulens.index.worker`): an incremental ingest of ``catalog/images/`` into
+    ``catalog_dir`` and products.csv, then :func:`publish_update` (only new/changed SKUs embedded with
+    ``champion()``, deleted or delisted SKUs dropped, the indexable rules of :mod:`skulens.index.rules`,
+    published as a delta by compare-and-swap, redone on the winner's version after a lost race).
+
+    ``listing``: the S3 objects under ``catalog/images/`` as the caller just listed them (the worker's
+    change check), so the first ingest does not list again; a resync after a lost race lists afresh.
+    ``on_failed_download(key, error)``: called for each download of the first ingest that failed (its SKU
+    stays as indexed until the next update). Raises :class:`skulens.catalog.contract.CatalogError` when
+    products.csv is missing or unreadable (the index is left as it is)."""
+    from skulens.catalog import ingest
+
+    t0 = time.perf_counter()
+
+    def resync(objects=None):
+        return ingest.sync_images(client, bucket, contract.CATALOG_IMAGES_PREFIX, Path(catalog_dir),
+                                  objects=objects)
+
+    sync = resync(listing)
+    products = ingest.fetch_products(client, bucket)  # the full build's membership rule
+    t_ingest = time.perf_counter() - t0
+
+    def fresh():
+        again = resync()
+        return again.manifest, [k for k, _ in again.failed], ingest.fetch_products(client, bucket)
+
+    for key, err in sync.failed:
+        if on_failed_download is not None:
+            on_failed_download(key, err)
+    outcome, report = publish_update(client, bucket, champion, sync.manifest, Path(work_dir), resync=fresh,
+                                     prefix=prefix, cache_dir=cache_dir, batch_size=batch_size, reason=reason,
+                                     failed_keys=[k for k, _ in sync.failed], products=products,
+                                     clean_config=clean_config, deltas=deltas)
+    seconds = {"ingest": round(t_ingest, 3), **report.seconds, "publish": outcome.get("publish_seconds"),
+               "op_total": round(time.perf_counter() - t0, 3)}
+    return CatalogUpdate(outcome, report, list(sync.failed), seconds)
