@@ -63,7 +63,8 @@ def _full_build(encoder, cat: Catalog, work: Path):
     """What sku_index does: clean the whole catalog against products.csv, then build_full_index."""
     cleaned = rules.check_images(cat.manifest(), cat.products_table(), work / "full-clean", CFG)
     store = SimpleNamespace(model_name="m", champion=lambda: SimpleNamespace(version="1", uri="runs:/r/e.pt"),
-                            complete=lambda ref: SimpleNamespace(sha256="0" * 64), encoder=lambda ref, device: encoder)
+                            complete=lambda ref: SimpleNamespace(sha256="0" * 64),
+                            engine=lambda ref, backend=None, device="cpu": encoder)
     index, _ = build.build_full_index(store, cleaned, sparse_below=SPARSE["below"], sparse_views=SPARSE["views"],
                                       aug_seed=SPARSE["seed"])
     return index
