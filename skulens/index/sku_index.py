@@ -164,7 +164,8 @@ class SkuIndex:
         """sha256 over vectors, skus, keys and model version (independent of file timestamps)."""
         h = hashlib.sha256()
         h.update(str(self.vectors.shape).encode())
-        h.update(memoryview(np.ascontiguousarray(self.vectors)).cast("B"))  # same bytes as tobytes(), no copy
+        if self.vectors.size:  # same bytes as tobytes(), without a multi-GB copy
+            h.update(memoryview(np.ascontiguousarray(self.vectors)).cast("B"))
         for arr in (self.skus, self.keys):
             h.update("\x1f".join(arr.tolist()).encode("utf-8"))
             h.update(b"\x1e")
@@ -364,7 +365,7 @@ class SkuIndex:
         fresh = np.arange(next_id, next_id + len(new_skus), dtype=np.int64)
         meta["next_id"] = next_id + len(new_skus)
         out = SkuIndex(
-            vectors=np.concatenate([self.vectors[keep], _normalize(new_vectors)], axis=0),
+            vectors=np.concatenate([self.vectors[keep], new_vectors], axis=0),
             skus=np.concatenate([self.skus[keep], new_skus]).astype(np.str_),
             keys=np.concatenate([self.keys[keep], new_keys]).astype(np.str_),
             model_version=self.model_version if model_version is None else str(model_version),
@@ -374,7 +375,8 @@ class SkuIndex:
         )
         if self._ann is not None and out.uses_ann:
             # incremental: the parent's structure (copied) minus the dropped rows' ids plus the new rows
-            out._ann = self._ann.updated(_normalize(new_vectors), fresh, self.ids[~keep])
+            # the new rows as stored (normalised by __post_init__, exactly as before this layer existed)
+            out._ann = self._ann.updated(out.vectors[out._rows_of(fresh)], fresh, self.ids[~keep])
             if out._ann is None:
                 log.info("ANN tombstones above %.0f%%: the updated index rebuilds its structure on first use",
                          100 * self.ann.max_tombstone_share)

@@ -209,3 +209,17 @@ def test_reader_never_sees_partial_index_during_publishes(s3, prefix):
     assert len(listed) == gens  # history kept: nothing deleted or overwritten
     assert all(client.head_object(Bucket=s3.bucket, Key=v["key"])["ContentLength"] > 0 for v in listed)
     assert read_pointer(client, s3.bucket, prefix)["version"] == versions[-1] == listed[-1]["version"]
+
+
+def test_content_hash_of_empty_and_loaded_indexes():
+    empty = SkuIndex(np.zeros((0, 8)), [], [])
+    assert empty.content_hash() == SkuIndex.from_bytes(empty.to_bytes()).content_hash()
+    idx = _rand_index()
+    h = hashlib.sha256()  # the documented recipe: shape, vector bytes, skus, keys, model version
+    h.update(str(idx.vectors.shape).encode())
+    h.update(idx.vectors.tobytes())
+    for arr in (idx.skus, idx.keys):
+        h.update("\x1f".join(arr.tolist()).encode("utf-8"))
+        h.update(b"\x1e")
+    h.update(str(idx.model_version).encode())
+    assert idx.content_hash() == h.hexdigest()
