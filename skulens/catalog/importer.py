@@ -252,7 +252,14 @@ def _top_prefix(key: str) -> str:
 def import_catalog(client, bucket: str, src: Path, workers: int = 16, progress: bool = True) -> ImportReport:
     report = ImportReport()
     items = plan_catalog(Path(src), report)
-    return upload(client, bucket, items, report, workers=workers, progress=progress)
+    upload(client, bucket, items, report, workers=workers, progress=progress)
+    from skulens.catalog.notes import note_change  # a hint for the warm index worker (skulens.index.worker)
+
+    try:
+        note_change(client, bucket, [k.split("/")[2] for k in report.uploaded if k.startswith("catalog/images/")])
+    except Exception:  # noqa: BLE001 - a hint only: the worker's periodic listing and the sensor see the upload
+        pass
+    return report
 
 
 def import_shelf(client, bucket: str, src: Path, workers: int = 16, progress: bool = True) -> ImportReport:

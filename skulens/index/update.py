@@ -65,7 +65,7 @@ def _etag_partners(current: dict, indexed: dict, seeds: set, sku_of, linking: se
 
 def index_delta(current: dict, indexed: dict, deferred: set | frozenset = frozenset(),
                 listed: set | None = None, indexed_skus=(), unlisted: set | list | None = None,
-                linking: set | frozenset = frozenset()) -> IndexDelta:
+                linking: set | frozenset = frozenset(), scope: set | None = None) -> IndexDelta:
     """Compare catalog images (key -> etag) with the index's sources (key -> etag), per SKU. SKUs in
     ``deferred`` (a download of theirs failed: their catalog state is unknown) are left out.
 
@@ -74,7 +74,9 @@ def index_delta(current: dict, indexed: dict, deferred: set | frozenset = frozen
     a SKU the index recorded as unlisted (``unlisted``, the index meta's) that products.csv lists now is
     re-checked. An index that recorded no ``unlisted`` set re-checks every listed catalog SKU it lacks.
     SKUs sharing an ETag in ``linking`` with a re-checked SKU are re-checked with it (see
-    :func:`_etag_partners`), as the full build sees every copy of a cross-SKU duplicate together."""
+    :func:`_etag_partners`), as the full build sees every copy of a cross-SKU duplicate together.
+    ``scope``: only these SKUs are looked at (None: all); the others stay as indexed (the warm worker's
+    update of the SKUs an upload note named, on a listing that may be older for the rest)."""
     deferred = set(deferred)
     sku_cache: dict[str, str] = {}
 
@@ -95,9 +97,14 @@ def index_delta(current: dict, indexed: dict, deferred: set | frozenset = frozen
         before = set(unlisted) if unlisted is not None else now_skus - indexed_skus
         touched |= {s for s in now_skus & before if is_listed(s)}
     touched -= deferred
+    if scope is not None:
+        touched &= set(scope)
     if touched:
         touched = _etag_partners(current, indexed, touched, sku_of, set(linking)) - deferred
     delisted = {s for s in indexed_skus & now_skus if not is_listed(s)} - touched - deferred
+    if scope is not None:
+        touched &= set(scope)
+        delisted &= set(scope)
     removed = {s for s in touched if s not in now_skus} | delisted
     after = {s for s in now_skus if not is_listed(s)} - deferred
     after |= set(unlisted or ()) & deferred
@@ -118,7 +125,7 @@ class UpdateReport:
 
 def update_index(encoder, index, manifest: pd.DataFrame, work_dir: Path, model_version: str | None,
                  batch_size: int = 64, failed_keys=(), products: pd.DataFrame | None = None,
-                 clean_config=None):
+                 clean_config=None, scope=None):
     """Embed only the SKUs whose images changed since ``index`` was built; drop deleted SKUs.
 
     ``manifest``: the ingest manifest (sku, key, etag, bytes, path) of the whole catalog. Which images are
@@ -134,6 +141,7 @@ def update_index(encoder, index, manifest: pd.DataFrame, work_dir: Path, model_v
     ``failed_keys``: catalog keys whose download failed (ingest's ``failed``): their SKUs keep their
     index rows and sources as they are (a transient S3 error never removes a SKU) and are looked at
     again by the next update (``UpdateReport.deferred_skus``).
+    ``scope``: look only at these SKUs (see :func:`index_delta`); the others keep rows and sources as indexed.
     Returns (new index, UpdateReport).
     """
     import numpy as np
@@ -155,7 +163,7 @@ def update_index(encoder, index, manifest: pd.DataFrame, work_dir: Path, model_v
     dups = dict(index.meta.get(rules.DUPLICATES_META) or {})
     linking = {indexed[k] for k in set(index.keys.tolist()) if k in indexed} | set(dups.values())
     delta = index_delta(current, indexed, deferred, listed=listed, indexed_skus=index.sku_list,
-                        unlisted=index.meta.get(rules.UNLISTED_META), linking=linking)
+                        unlisted=index.meta.get(rules.UNLISTED_META), linking=linking, scope=scope)
     cfg = rules.config_from_rule(index.meta.get(rules.RULE_META), clean_config)
     rows = manifest[manifest["sku"].isin(delta.changed_skus)]
     if products is not None:  # membership of the checked SKUs is all the check needs from products.csv
@@ -179,15 +187,18 @@ def update_index(encoder, index, manifest: pd.DataFrame, work_dir: Path, model_v
     changed = set(delta.changed_skus)
     # unchanged files of untouched SKUs stay as they were (SKU from the manifest: no re-parsing of keys)
     sku_of = dict(zip(manifest["key"], manifest["sku"]))
+    out_of_scope = (lambda k: _sku_of(k) not in scope) if scope is not None else (lambda k: False)
     sources = {k: e for k, e in indexed.items()
-               if (current.get(k) == e and sku_of[k] not in changed) or _sku_of(k) in deferred}
+               if (current.get(k) == e and sku_of[k] not in changed) or _sku_of(k) in deferred or
+               (out_of_scope(k) and _sku_of(k) not in changed)}
     # every file looked at counts as seen (dropped ones too), so a bad upload is not retried until it changes
     sources.update(dict(zip(rows["key"], rows["etag"])))
     new.meta[SOURCES_META] = sources
     new.meta.setdefault("sparse", rule)
     new.meta[rules.RULE_META] = rules.rule_of(cfg)
     new.meta[rules.UNLISTED_META] = delta.unlisted_skus
-    dups = {k: e for k, e in dups.items() if current.get(k) == e and sku_of[k] not in changed}
+    dups = {k: e for k, e in dups.items()
+            if (current.get(k) == e and sku_of[k] not in changed) or (out_of_scope(k) and _sku_of(k) not in changed)}
     dups.update(rules.duplicates_of(cleaned))
     new.meta[rules.DUPLICATES_META] = dups
     report = UpdateReport(changed_skus=delta.changed_skus, removed_skus=gone, embedded_images=len(kept),
@@ -210,7 +221,7 @@ def _empty_index(dim: int, model_version: str | None):
 def publish_update(client, bucket: str, champion, manifest: pd.DataFrame, work_dir: Path, resync=None,
                    prefix: str = "index", cache_dir=None, batch_size: int = 64, reason: str = "manual",
                    attempts: int = 5, failed_keys=(), products: pd.DataFrame | None = None, clean_config=None,
-                   deltas: bool = True):
+                   deltas: bool = True, scope=None):
     """The catalog sensor's update, published by compare-and-swap: ``(outcome, report)``.
 
     ``champion()`` returns ``(encoder, model_version, model_meta)``; it is asked again on every attempt,
@@ -237,10 +248,13 @@ def publish_update(client, bucket: str, champion, manifest: pd.DataFrame, work_d
             prods = got[2] if len(got) > 2 else products
         start = base.index
         if start is None or str(start.model_version) != str(version):
+            if scope is not None:  # a scoped update never rebuilds: the full rebuild is the pipeline's
+                reports.append(UpdateReport([], [], 0, pd.DataFrame(), {}))
+                return None
             start = _empty_index(encoder.embed_dim, version)
         start.meta.update(meta or {})
         new, report = update_index(encoder, start, rows, work_dir, version, batch_size=batch_size,
-                                   failed_keys=failed, products=prods, clean_config=clean_config)
+                                   failed_keys=failed, products=prods, clean_config=clean_config, scope=scope)
         reports.append(report)
         if not report.changed_skus and not report.removed_skus and base.pointer is not None:
             return None
@@ -307,7 +321,7 @@ class CatalogUpdate:
 def update_from_catalog(client, bucket: str, champion, catalog_dir: Path, work_dir: Path,
                         cache_dir: Path | None = None, prefix: str = "index", batch_size: int = 64,
                         reason: str = "manual", clean_config=None, deltas: bool = True, listing=None,
-                        on_failed_download=None) -> CatalogUpdate:
+                        on_failed_download=None, scope=None) -> CatalogUpdate:
     """The catalog sensor's index update, end to end, shared by the ``index_update`` job and the warm
     update worker (:mod:`skulens.index.worker`): an incremental ingest of ``catalog/images/`` into
     ``catalog_dir`` and products.csv, then :func:`publish_update` (only new/changed SKUs embedded with
@@ -318,7 +332,8 @@ def update_from_catalog(client, bucket: str, champion, catalog_dir: Path, work_d
     change check), so the first ingest does not list again; a resync after a lost race lists afresh.
     ``on_failed_download(key, error)``: called for each download of the first ingest that failed (its SKU
     stays as indexed until the next update). Raises :class:`skulens.catalog.contract.CatalogError` when
-    products.csv is missing or unreadable (the index is left as it is)."""
+    products.csv is missing or unreadable (the index is left as it is). ``scope``: only these SKUs (see
+    :func:`index_delta`); None: the whole catalog, as the job."""
     from skulens.catalog import ingest
 
     t0 = time.perf_counter()
@@ -341,7 +356,7 @@ def update_from_catalog(client, bucket: str, champion, catalog_dir: Path, work_d
     outcome, report = publish_update(client, bucket, champion, sync.manifest, Path(work_dir), resync=fresh,
                                      prefix=prefix, cache_dir=cache_dir, batch_size=batch_size, reason=reason,
                                      failed_keys=[k for k, _ in sync.failed], products=products,
-                                     clean_config=clean_config, deltas=deltas)
+                                     clean_config=clean_config, deltas=deltas, scope=scope)
     seconds = {"ingest": round(t_ingest, 3), **report.seconds, "publish": outcome.get("publish_seconds"),
                "op_total": round(time.perf_counter() - t0, 3)}
     return CatalogUpdate(outcome, report, list(sync.failed), seconds)
