@@ -113,6 +113,7 @@ def model_evaluation(context: dg.AssetExecutionContext, config: EvalSettings, tr
     inf = ev.get("inference") or {}
     backends = inf.get("backends") or {}
     meta["inference_backend"] = ", ".join(f"{r}: {b}" for r, b in backends.items()) or "none"
+    meta["inference_preprocess"] = ", ".join(f"{r}: {p}" for r, p in (inf.get("preprocess") or {}).items()) or "none"
     par = inf.get("parity")
     if par:  # the compiled engine vs PyTorch on a sample of these crops
         meta["parity_backend"] = par["backend"]

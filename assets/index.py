@@ -66,6 +66,7 @@ def sku_index(context: dg.AssetExecutionContext, config: IndexSettings, cleaned_
                   "sku_list": ", ".join(index.sku_list[:200]) + (" ..." if index.meta["n_skus"] > 200 else ""),
                   "embed_dim": index.embed_dim, "model_name": mlflow.model_name,
                   "inference_backend": str(index.meta.get("inference_backend", "torch")),
+                  "inference_preprocess": str(index.meta.get("inference_preprocess", "exact")),
                   "model_version": version, "pointer": pointer_url,
                   "object": f"s3://{s3.bucket}/{pointer['key']}", "sha256": pointer["sha256"],
                   "previous_version": str(pointer.get("previous")),

@@ -118,6 +118,7 @@ def evaluate_model(encoder, crops: pd.DataFrame, catalog: pd.DataFrame, products
         "seconds": round(time.perf_counter() - t0, 2),
         "crops_per_s": round(len(crops) / t_query, 1) if t_query > 0 else None,
         "backend": str(getattr(encoder, "backend", None) or "torch"),
+        "preprocess": str(getattr(encoder, "preprocess_mode", None) or "torchvision"),
         "catalog_index": catalog_gallery,
     }
 
@@ -150,6 +151,7 @@ def backend_agreement(engine, encoder, crops: pd.DataFrame, index, n: int = 64, 
         he, ht = index.search(qe, k=1), index.search(qt, k=1)
         agree = float(np.mean([(a[0][0] if a else None) == (b[0][0] if b else None) for a, b in zip(he, ht)]))
     return {"backend": engine.backend, "device": engine.device, "n": len(sample),
+            "preprocess": getattr(engine, "preprocess_mode", None),
             "max_abs_diff": st["max_abs_diff"], "min_cosine": 1.0 - st["max_cos_diff"], "top1_agreement": agree,
             "engine_crops_per_s": round(len(sample) / t_engine, 1) if t_engine > 0 else None,
             "torch_crops_per_s": round(len(sample) / t_torch, 1) if t_torch > 0 else None,
@@ -248,6 +250,7 @@ def evaluate_all(
         res = evaluate_model(encoder, crops, catalog, products, encoder_sha=sha, **kw)
         report(role, res, version)
         out["inference"]["backends"][role] = res["backend"]
+        out["inference"].setdefault("preprocess", {})[role] = res["preprocess"]
         if (out["inference"]["parity"] is None and torch_encoder is not None and parity_crops > 0
                 and not (res["backend"] == "torch" and str(getattr(encoder, "device", "cpu")) == "cpu")):
             p = backend_agreement(encoder, torch_encoder(), crops, res["catalog_index"], n=parity_crops,

@@ -91,13 +91,16 @@ def view_vectors(encoder, rows: pd.DataFrame, views: int, seed: int = 0, batch_s
 
 def embedding_key(encoder_sha: str | None, encoder) -> str | None:
     """The :class:`EmbeddingCache` key of vectors computed by ``encoder`` from the file ``encoder_sha``:
-    the sha256 itself for PyTorch, else a hash of (sha256, backend, precision), so that vectors from
-    different backends (equal only to float tolerance) are never mixed in one index."""
+    the sha256 itself for PyTorch with exact preprocessing, else a hash of (sha256, backend, precision,
+    and the preprocessing mode unless ``exact``), so that vectors from different backends or
+    preprocessing modes (equal only to a tolerance) are never mixed in one index."""
     backend = getattr(encoder, "backend", None)
-    if not encoder_sha or backend in (None, "torch"):
+    mode = getattr(encoder, "preprocess_mode", None) or "exact"  # fast preprocessing: other pixels
+    if not encoder_sha or (backend in (None, "torch") and mode == "exact"):
         return encoder_sha
     precision = (getattr(encoder, "parity", None) or {}).get("precision", "f32")
-    return hashlib.sha256(f"{encoder_sha}|{backend}|{precision}".encode()).hexdigest()
+    return hashlib.sha256(f"{encoder_sha}|{backend}|{precision}"
+                          f"{'' if mode == 'exact' else '|' + mode}".encode()).hexdigest()
 
 
 def catalog_index(encoder, catalog: pd.DataFrame, model_version: str | None = None, batch_size: int = 64,
@@ -136,6 +139,7 @@ def catalog_index(encoder, catalog: pd.DataFrame, model_version: str | None = No
     m["sparse"] = {"below": int(sparse_below), "views": int(sparse_views), "seed": int(aug_seed),
                    "skus": int(rows["sku"].nunique()) if len(rows) else 0}
     m.setdefault("inference_backend", str(getattr(encoder, "backend", None) or "torch"))
+    m.setdefault("inference_preprocess", str(getattr(encoder, "preprocess_mode", None) or "exact"))
     return SkuIndex(vecs, skus, keys, model_version=model_version, meta=m)
 
 

@@ -29,8 +29,9 @@ def is_engine(encoder) -> bool:
 
 
 def _load_for(image: ImageLike, preprocess) -> "Image.Image":  # noqa: F821 - PIL, via load_rgb
-    """:func:`load_rgb`, letting a JPEG decode at reduced size (``Image.draft``) when the numpy
-    preprocess allows it (``preprocess.draft``; off by default)."""
+    """:func:`load_rgb`, letting a JPEG file decode at reduced size (``Image.draft``) when the numpy
+    preprocess allows it (``preprocess.draft``: on in its ``fast`` mode) and the file is large enough
+    (``preprocess.draft_size``)."""
     draft_size = getattr(preprocess, "draft_size", None)
     if draft_size is None or isinstance(image, Image.Image) or not getattr(preprocess, "draft", False):
         return load_rgb(image)
@@ -51,19 +52,33 @@ def _decode_threads() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
+def _output_of(pre, image) -> tuple[tuple, np.dtype]:
+    """(shape, dtype) of ``pre``'s output: from its attributes (the numpy eval transform), else by trying."""
+    size, output = getattr(pre, "image_size", None), getattr(pre, "output", None)
+    if size and output == "uint8":
+        return (size, size, 3), np.dtype(np.uint8)
+    if size and output == "float":
+        return (3, size, size), np.dtype(np.float32)
+    a = np.asarray(pre(_load_for(image, pre)))
+    return a.shape, a.dtype
+
+
 def _embed_engine(engine, images: list, batch_size: int, progress: bool, threads: int | None,
                   prefetch: int = 2) -> np.ndarray:
     """Decode + preprocess in a thread pool (PIL releases the GIL in decode and resize) while the
-    engine runs the previous batch; up to ``prefetch`` batches are prepared ahead."""
+    engine runs the previous batch; up to ``prefetch`` batches are prepared ahead, each thread writing
+    its image's pixels straight into the batch array (uint8 NHWC for an engine: 12 bytes a pixel less
+    than float32, and the normalisation runs inside the compiled graph)."""
     from concurrent.futures import ThreadPoolExecutor
 
     pre = engine.preprocess
     n = len(images)
     starts = list(range(0, n, batch_size))
     threads = threads or _decode_threads()
+    probe = None
 
-    def one(im):
-        return pre(_load_for(im, pre))
+    def one(buf, j, im):
+        buf[j] = pre(_load_for(im, pre))
 
     out = np.empty((n, engine.embed_dim), dtype=np.float32)
     bar = None
@@ -75,8 +90,12 @@ def _embed_engine(engine, images: list, batch_size: int, progress: bool, threads
         pending: deque = deque()
 
         def submit(i):
+            nonlocal probe
             chunk = images[starts[i]:starts[i] + batch_size]
-            pending.append((starts[i], [pool.submit(one, im) for im in chunk]))
+            if probe is None:  # the shape and dtype of one preprocessed image
+                probe = _output_of(pre, chunk[0])
+            buf = np.empty((len(chunk), *probe[0]), probe[1])
+            pending.append((starts[i], buf, [pool.submit(one, buf, j, im) for j, im in enumerate(chunk)]))
 
         nxt = 0
         while nxt < len(starts) and nxt < prefetch + 1:
@@ -84,8 +103,9 @@ def _embed_engine(engine, images: list, batch_size: int, progress: bool, threads
             nxt += 1
         try:
             while pending:
-                start, futs = pending.popleft()
-                batch = np.stack([f.result() for f in futs])
+                start, batch, futs = pending.popleft()
+                for f in futs:
+                    f.result()
                 if nxt < len(starts):  # keep the decoders busy while the engine runs this batch
                     submit(nxt)
                     nxt += 1
@@ -94,7 +114,7 @@ def _embed_engine(engine, images: list, batch_size: int, progress: bool, threads
                 if bar is not None:
                     bar.update(1)
         finally:
-            for _, futs in pending:
+            for _, _, futs in pending:
                 for f in futs:
                     f.cancel()
             if bar is not None:

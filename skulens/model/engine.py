@@ -46,11 +46,11 @@ from pathlib import Path
 import numpy as np
 
 from .factory import ModelSpec
-from .transform import eval_transform_np
+from .transform import PREPROCESS_MODES, eval_transform_np, preprocess_setting
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BACKENDS", "CHOICES", "ENV_BACKEND", "EngineError", "InferenceEngine", "backend_setting",
+__all__ = ["BACKENDS", "CHOICES", "ENV_BACKEND", "PREPROCESS_MODES", "EngineError", "InferenceEngine", "backend_setting",
            "engine_dir", "get_engine", "load_engine", "parity_stats"]
 
 BACKENDS = ("openvino", "onnxruntime", "torch")
@@ -115,51 +115,100 @@ def _available(backend: str) -> str | None:
 
 
 # ====================================================================== runners
+def _ov_uint8_model(model, mean, std):
+    """``model`` (float32 NCHW input) with OpenVINO preprocessing fused in front of it: uint8 NHWC in,
+    converted to float, normalised (``(x - 255 mean) / (255 std)``) and transposed inside the graph."""
+    from openvino import Layout, Type
+    from openvino.preprocess import PrePostProcessor
+
+    ppp = PrePostProcessor(model)
+    inp = ppp.input(0)
+    inp.tensor().set_element_type(Type.u8).set_layout(Layout("NHWC"))
+    inp.model().set_layout(Layout("NCHW"))
+    inp.preprocess().convert_element_type(Type.f32).mean([255.0 * float(m) for m in mean]) \
+        .scale([255.0 * float(s) for s in std])
+    return ppp.build()
+
+
 class _OpenVINORunner:
-    def __init__(self, xml: Path, cache_dir: Path, precision: str = "f32", hint: str = "THROUGHPUT"):
+    """The IR compiled twice over: with the uint8 NHWC input and the normalisation fused in (what
+    embedding feeds it: :meth:`run_uint8`), and, on first use only, as is (float32 NCHW: :meth:`run_float`)."""
+
+    def __init__(self, xml: Path, cache_dir: Path, precision: str = "f32", hint: str = "THROUGHPUT",
+                 mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), config: dict | None = None):
         import openvino as ov
 
-        core = ov.Core()
-        cfg = {"PERFORMANCE_HINT": hint, "INFERENCE_PRECISION_HINT": precision}
+        self.core = ov.Core()
+        self.xml = xml
+        cfg = {"PERFORMANCE_HINT": hint, "INFERENCE_PRECISION_HINT": precision, **(config or {})}
         try:
             cache_dir.mkdir(parents=True, exist_ok=True)
             cfg["CACHE_DIR"] = str(cache_dir)
         except OSError:  # a read-only cache: compile without the blob cache
             pass
-        self.compiled = core.compile_model(str(xml), "CPU", cfg)
-        self.n = max(1, int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
-        self.requests = [self.compiled.create_infer_request() for _ in range(self.n)]
+        self.cfg = cfg
+        model = self.core.read_model(str(xml))
+        self.uint8 = self._compile(_ov_uint8_model(model, mean, std))
+        self._float = None
+        self._float_check: Callable | None = None
         self.lock = threading.Lock()
-        self.info = {"device": "CPU", "hint": hint, "precision": precision, "infer_requests": self.n}
+        self.info = {"device": "CPU", "hint": hint, "precision": precision, "infer_requests": self.uint8[1],
+                     "input": "uint8 NHWC (normalisation fused)",
+                     **{k.lower(): v for k, v in (config or {}).items()}}
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        chunks = np.array_split(x, min(self.n, len(x)))
+    def _compile(self, model):
+        compiled = self.core.compile_model(model, "CPU", self.cfg)
+        n = max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+        return compiled, n, [compiled.create_infer_request() for _ in range(n)]
+
+    def _infer(self, requests, x: np.ndarray) -> np.ndarray:
+        chunks = np.array_split(x, min(len(requests), len(x)))
         with self.lock:  # the requests are shared: one batch at a time, spread over the streams
-            for r, c in zip(self.requests, chunks):
-                r.start_async({0: np.ascontiguousarray(c)})
+            for r, c in zip(requests, chunks):
+                r.start_async({0: np.ascontiguousarray(c)}, share_inputs=True)
             outs = []
-            for r in self.requests[:len(chunks)]:
+            for r in requests[:len(chunks)]:
                 r.wait()
                 outs.append(np.array(r.get_output_tensor(0).data, dtype=np.float32, copy=True))
         return np.concatenate(outs, axis=0)
 
+    def run_uint8(self, x: np.ndarray) -> np.ndarray:
+        return self._infer(self.uint8[2], x)
+
+    def run_float(self, x: np.ndarray) -> np.ndarray:
+        if self._float is None:
+            with self.lock:
+                if self._float is None:
+                    self._float = self._compile(self.core.read_model(str(self.xml)))
+            if self._float_check is not None:  # the float model is checked once, on first use
+                self._float_check(lambda a: self._infer(self._float[2], a))
+        return self._infer(self._float[2], x)
+
 
 class _OrtRunner:
-    def __init__(self, onnx_path: Path, threads: int | None = None):
+    """onnxruntime on the float32 NCHW export; uint8 NHWC batches are normalised in numpy first."""
+
+    def __init__(self, onnx_path: Path, threads: int | None = None, normalize: Callable | None = None):
         import onnxruntime as ort
 
         so = ort.SessionOptions()
         so.intra_op_num_threads = int(threads or os.cpu_count() or 1)
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
-        self.info = {"device": "CPU", "intra_op_threads": so.intra_op_num_threads}
+        self.normalize = normalize
+        self.info = {"device": "CPU", "intra_op_threads": so.intra_op_num_threads,
+                     "input": "float32 NCHW (uint8 normalised in numpy)"}
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def run_float(self, x: np.ndarray) -> np.ndarray:
         return np.asarray(self.sess.run(["embedding"], {"image": x})[0], dtype=np.float32)
+
+    def run_uint8(self, x: np.ndarray) -> np.ndarray:
+        return self.run_float(self.normalize(x))
 
 
 class _TorchRunner:
-    def __init__(self, encoder, device: str, channels_last: bool = True):
+    def __init__(self, encoder, device: str, channels_last: bool = True, mean=(0.5, 0.5, 0.5),
+                 std=(0.5, 0.5, 0.5)):
         import torch
 
         self.torch = torch
@@ -168,32 +217,47 @@ class _TorchRunner:
         self.channels_last = bool(channels_last)
         if self.channels_last:
             self.encoder.to(memory_format=torch.channels_last)
-        self.info = {"device": str(self.device), "channels_last": self.channels_last}
+        # (x / 255 - mean) / std == x * scale + shift, as EvalTransformNP.normalize
+        std_a = np.asarray(std, np.float32)
+        self.scale = torch.from_numpy((1.0 / (255.0 * std_a)).astype(np.float32)).to(self.device).view(1, 3, 1, 1)
+        self.shift = torch.from_numpy((-np.asarray(mean, np.float32) / std_a).astype(np.float32)) \
+            .to(self.device).view(1, 3, 1, 1)
+        self.info = {"device": str(self.device), "channels_last": self.channels_last,
+                     "input": "uint8 NHWC (normalised by torch on the device)"}
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def _forward(self, t):
         torch = self.torch
-        t = torch.from_numpy(x).to(self.device, non_blocking=True)
         if self.channels_last:
             t = t.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             y = self.encoder(t)
         return y.float().cpu().numpy()
 
+    def run_float(self, x: np.ndarray) -> np.ndarray:
+        return self._forward(self.torch.from_numpy(x).to(self.device, non_blocking=True))
+
+    def run_uint8(self, x: np.ndarray) -> np.ndarray:
+        t = self.torch.from_numpy(x).to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # NHWC: channels_last
+        return self._forward(t.float() * self.scale + self.shift)
+
 
 # ====================================================================== the engine
 class InferenceEngine:
     """What embedding callers use from an Encoder, on a compiled backend.
 
-    ``spec``, ``preprocess`` (PIL -> float32 ``(3, S, S)`` numpy, no torch), ``embed_dim``,
-    ``image_size``, ``backend``, ``device``, ``parity`` (dict), ``fallbacks`` (backends skipped and
-    why), ``run(batch)``: float32 NCHW batch -> ``(B, D)`` unnormalised features (like
-    ``Encoder.forward``). Thread-safe.
+    ``spec``, ``preprocess`` (PIL -> uint8 ``(S, S, 3)`` numpy, no torch: the resized, cropped pixels;
+    ``preprocess_mode`` ``exact`` or ``fast``, see :class:`~skulens.model.transform.EvalTransformNP`),
+    ``embed_dim``, ``image_size``, ``backend``, ``device``, ``parity`` (dict), ``fallbacks`` (backends
+    skipped and why), ``run(batch)``: a uint8 NHWC batch of ``preprocess`` outputs (normalised inside the
+    compiled graph for OpenVINO) or a normalised float32 NCHW batch (as ``Encoder.forward`` takes)
+    -> ``(B, D)`` unnormalised features. Thread-safe.
     """
 
     training = False  # an engine is always in eval mode (callers that toggle encoders see a no-op)
 
     def __init__(self, spec: ModelSpec, backend: str, device: str, runner, parity: dict,
-                 artifact: Path | None = None, fallbacks: list | None = None, seconds: float | None = None):
+                 artifact: Path | None = None, fallbacks: list | None = None, seconds: float | None = None,
+                 preprocess: str = "exact"):
         self.spec = spec
         self.backend = backend
         self.device = device
@@ -202,8 +266,9 @@ class InferenceEngine:
         self.artifact = artifact
         self.fallbacks = list(fallbacks or [])
         self.load_seconds = seconds
+        self.preprocess_mode = preprocess
         self.preprocess = eval_transform_np(spec.image_size, spec.mean, spec.std, spec.interpolation,
-                                            spec.crop_pct)
+                                            spec.crop_pct, mode=preprocess, output="uint8")
 
     @property
     def embed_dim(self) -> int:
@@ -214,12 +279,18 @@ class InferenceEngine:
         return int(self.spec.image_size)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(batch, dtype=np.float32)
-        if x.ndim != 4 or x.shape[1:] != (3, self.image_size, self.image_size):
-            raise ValueError(f"expected a (B, 3, {self.image_size}, {self.image_size}) batch, got {x.shape}")
+        s = self.image_size
+        x = np.asarray(batch)
+        if x.dtype == np.uint8 and x.ndim == 4 and x.shape[1:] == (s, s, 3):
+            fn = self._runner.run_uint8
+        elif x.ndim == 4 and x.shape[1:] == (3, s, s) and x.dtype != np.uint8:
+            x, fn = x.astype(np.float32, copy=False), self._runner.run_float
+        else:
+            raise ValueError(f"expected a uint8 (B, {s}, {s}, 3) or float32 (B, 3, {s}, {s}) batch, "
+                             f"got {x.dtype} {x.shape}")
         if len(x) == 0:
             return np.zeros((0, self.embed_dim), np.float32)
-        return self._runner(x)
+        return fn(np.ascontiguousarray(x))
 
     __call__ = run
 
@@ -231,7 +302,7 @@ class InferenceEngine:
 
     def info(self) -> dict:
         """A flat summary for metadata and logs."""
-        return {"backend": self.backend, "device": self.device,
+        return {"backend": self.backend, "device": self.device, "preprocess": self.preprocess_mode,
                 "parity_max_abs_diff": self.parity.get("max_abs_diff"),
                 "parity_max_cos_diff": self.parity.get("max_cos_diff"),
                 "parity_ok": self.parity.get("ok"),
@@ -240,7 +311,7 @@ class InferenceEngine:
 
     def __repr__(self) -> str:
         return (f"InferenceEngine({self.spec.name}, backend={self.backend}, device={self.device}, "
-                f"max|diff|={self.parity.get('max_abs_diff')})")
+                f"preprocess={self.preprocess_mode}, max|diff|={self.parity.get('max_abs_diff')})")
 
 
 # ====================================================================== compile / load
@@ -289,29 +360,40 @@ class _Compiler:
         spec = _spec_of(self.model_path, self.record)
         return spec if spec is not None else self.encoder("cpu").spec
 
-    def reference(self) -> tuple[np.ndarray, np.ndarray]:
+    def reference(self) -> dict:
+        """``reference.npz``: ``x`` (a fixed random float32 NCHW batch) and ``y`` (PyTorch's CPU FP32
+        output for it); ``xu8`` (a fixed random uint8 NHWC batch) and ``yu8`` (PyTorch's output for it
+        normalised with the spec's mean/std, as :meth:`EvalTransformNP.normalize` does). Made once (with
+        torch), then read without torch."""
         p = self.dir / "reference.npz"
         try:
             with np.load(p, allow_pickle=False) as z:
-                return z["x"], z["y"]
-        except (OSError, ValueError, KeyError):
+                ref = {k: z[k] for k in ("x", "y", "xu8", "yu8")}
+            return ref
+        except (OSError, ValueError, KeyError):  # missing, damaged, or from before the uint8 input
             pass
         import torch
 
         enc = self.encoder("cpu")
-        size = int(enc.spec.image_size)
-        x = np.random.default_rng(0).standard_normal((PARITY_BATCH, 3, size, size)).astype(np.float32)
+        spec = enc.spec
+        size = int(spec.image_size)
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((PARITY_BATCH, 3, size, size)).astype(np.float32)
+        xu8 = rng.integers(0, 256, (PARITY_BATCH, size, size, 3), dtype=np.uint8)
+        norm = eval_transform_np(size, spec.mean, spec.std, spec.interpolation, spec.crop_pct).normalize
         was = enc.training
         enc.eval()
+        dev = next(enc.parameters()).device
         with torch.inference_mode():
-            y = enc(torch.from_numpy(x).to(next(enc.parameters()).device)).float().cpu().numpy()
+            y = enc(torch.from_numpy(x).to(dev)).float().cpu().numpy()
+            yu8 = enc(torch.from_numpy(norm(xu8)).to(dev)).float().cpu().numpy()
         enc.train(was)
         self.dir.mkdir(parents=True, exist_ok=True)
         tmp = p.with_name(f".{p.name}.tmp{os.getpid()}.npz")
-        np.savez(tmp, x=x, y=y)
+        np.savez(tmp, x=x, y=y, xu8=xu8, yu8=yu8)
         os.replace(tmp, p)
-        self._save(spec=enc.spec.to_dict())
-        return x, y
+        self._save(spec=spec.to_dict())
+        return {"x": x, "y": y, "xu8": xu8, "yu8": yu8}
 
     def _save(self, **kw) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -350,11 +432,15 @@ class _Compiler:
         return xml
 
     def runner(self, backend: str, device: str, precision: str, hint: str):
+        spec = self.spec()
         if backend == "openvino":
-            return _OpenVINORunner(self.openvino_ir(), self.dir / "ov_cache", precision, hint), self.dir / "openvino"
+            return (_OpenVINORunner(self.openvino_ir(), self.dir / "ov_cache", precision, hint, spec.mean, spec.std,
+                                    _openvino_config()),
+                    self.dir / "openvino")
         if backend == "onnxruntime":
-            return _OrtRunner(self.onnx()), self.dir / "model.onnx"
-        return _TorchRunner(self.encoder(device), device), self.model_path
+            norm = eval_transform_np(spec.image_size, spec.mean, spec.std, spec.interpolation, spec.crop_pct).normalize
+            return _OrtRunner(self.onnx(), normalize=norm), self.dir / "model.onnx"
+        return _TorchRunner(self.encoder(device), device, mean=spec.mean, std=spec.std), self.model_path
 
     def try_backend(self, backend: str, device: str, precision: str, hint: str):
         """``(runner, artifact, parity)``; raises :class:`EngineError` with the reason it cannot be used."""
@@ -370,9 +456,9 @@ class _Compiler:
         cached = backend != "torch" and all(
             (self.dir / f).is_file() for f in ("reference.npz", "engine.json")) and bool(prev.get("ok"))
         try:
-            x, y = self.reference()
+            ref = self.reference()
             runner, artifact = self.runner(backend, device, precision, hint)
-            stats = parity_stats(runner(x), y)
+            stats = parity_stats(runner.run_uint8(ref["xu8"]), ref["yu8"])  # the input embedding feeds it
         except EngineError:
             raise
         except Exception as e:  # noqa: BLE001 - a backend that fails to compile/run is skipped, with why
@@ -383,10 +469,13 @@ class _Compiler:
         if backend == "torch" and str(device).startswith("cuda"):  # TF32/cuDNN algorithms: looser, still checked
             atol, cos_tol = TOLERANCE["bf16"]
         ok = stats["max_abs_diff"] <= atol and stats["max_cos_diff"] <= cos_tol
+        if ok and hasattr(runner, "_float_check"):  # the float model, compiled on first use, is checked then
+            runner._float_check = _float_checker(ref["x"], ref["y"], atol, cos_tol, backend)
         parity = {"backend": backend, "device": device, "precision": precision if backend == "openvino" else "f32",
-                  **stats, "atol": atol, "cos_tol": cos_tol, "ok": bool(ok), "batch": int(len(x)),
+                  **stats, "atol": atol, "cos_tol": cos_tol, "ok": bool(ok), "batch": int(len(ref["xu8"])),
+                  "input": (getattr(runner, "info", None) or {}).get("input"),
                   "checked": "load" if cached else "compile", "runtime": vers.get(backend),
-                  "reference": "torch CPU float32 eager, fixed random batch (seed 0)"}
+                  "reference": "torch CPU float32 eager on a fixed random uint8 batch (seed 0), normalised"}
         if not ok:
             reason = (f"parity failed: max |diff| {stats['max_abs_diff']:.3g} (atol {atol:g}), "
                       f"max 1-cos {stats['max_cos_diff']:.3g} (tol {cos_tol:g})")
@@ -398,6 +487,28 @@ class _Compiler:
         return runner, artifact, parity
 
 
+def _float_checker(x: np.ndarray, y: np.ndarray, atol: float, cos_tol: float, backend: str) -> Callable:
+    def check(run):
+        stats = parity_stats(run(x), y)
+        if not (stats["max_abs_diff"] <= atol and stats["max_cos_diff"] <= cos_tol):
+            raise EngineError(f"{backend} float32-input model failed parity: max |diff| {stats['max_abs_diff']:.3g}, "
+                              f"max 1-cos {stats['max_cos_diff']:.3g}")
+    return check
+
+
+#: OpenVINO CPU properties from the environment (``SKULENS_OPENVINO_STREAMS``, ``SKULENS_OPENVINO_THREADS``)
+ENV_OV_STREAMS, ENV_OV_THREADS = "SKULENS_OPENVINO_STREAMS", "SKULENS_OPENVINO_THREADS"
+
+
+def _openvino_config() -> dict:
+    cfg = {}
+    if os.environ.get(ENV_OV_STREAMS):
+        cfg["NUM_STREAMS"] = int(os.environ[ENV_OV_STREAMS])
+    if os.environ.get(ENV_OV_THREADS):
+        cfg["INFERENCE_NUM_THREADS"] = int(os.environ[ENV_OV_THREADS])
+    return cfg
+
+
 _memo: OrderedDict = OrderedDict()
 _memo_lock = threading.Lock()
 _build_locks: dict = {}
@@ -405,7 +516,7 @@ _build_locks: dict = {}
 
 def load_engine(model_path: str | os.PathLike, backend: str | None = None, device: str = "cpu",
                 load_torch: Callable[[str], object] | None = None, precision: str = "f32",
-                hint: str = "THROUGHPUT") -> InferenceEngine:
+                hint: str = "THROUGHPUT", preprocess: str | None = None) -> InferenceEngine:
     """Compile (or load from ``<model_path>.engine/``) the engine of a skulens encoder file.
 
     ``backend``: ``auto`` | ``openvino`` | ``onnxruntime`` | ``torch`` (None: :func:`backend_setting`).
@@ -413,9 +524,12 @@ def load_engine(model_path: str | os.PathLike, backend: str | None = None, devic
     and records each skip in ``engine.fallbacks``. ``load_torch(device)`` returns the PyTorch encoder
     (default :func:`skulens.model.io.load_encoder` on the file); it is called only when something has
     to be compiled or the backend is ``torch``. ``precision``: ``f32`` (default) or ``bf16``
-    (OpenVINO only, opt-in, looser parity tolerance)."""
+    (OpenVINO only, opt-in, looser parity tolerance). ``preprocess``: ``exact`` | ``fast`` (None:
+    :func:`~skulens.model.transform.preprocess_setting`, i.e. ``$SKULENS_PREPROCESS``), the engine's
+    ``preprocess`` transform."""
     t0 = time.perf_counter()
     backend = backend_setting(backend)
+    preprocess = preprocess_setting(preprocess)
     if precision not in TOLERANCE:
         raise ValueError(f"precision {precision!r}: one of {sorted(TOLERANCE)}")
     device = str(device or "cpu")
@@ -445,18 +559,19 @@ def load_engine(model_path: str | os.PathLike, backend: str | None = None, devic
             continue
         spec = _spec_of(comp.model_path, comp.record) or comp.spec()
         return InferenceEngine(spec, b, device if b == "torch" else "cpu", runner, parity, artifact, fallbacks,
-                               round(time.perf_counter() - t0, 3))
+                               round(time.perf_counter() - t0, 3), preprocess)
     raise EngineError(f"no inference backend for {model_path}: "
                       + "; ".join(f"{f['backend']}: {f['reason']}" for f in fallbacks))
 
 
 def get_engine(model_path: str | os.PathLike, backend: str | None = None, device: str = "cpu",
                load_torch: Callable[[str], object] | None = None, precision: str = "f32",
-               key: str | None = None) -> InferenceEngine:
-    """:func:`load_engine`, once per process and (file, backend, device, precision): later calls
-    return the same engine. ``key`` names the file (e.g. its sha256) when its path may be reused."""
+               key: str | None = None, preprocess: str | None = None) -> InferenceEngine:
+    """:func:`load_engine`, once per process and (file, backend, device, precision, preprocess mode):
+    later calls return the same engine. ``key`` names the file (e.g. its sha256) when its path may be reused."""
     backend = backend_setting(backend)
-    k = (key or str(Path(model_path).resolve()), backend, str(device), precision)
+    preprocess = preprocess_setting(preprocess)
+    k = (key or str(Path(model_path).resolve()), backend, str(device), precision, preprocess)
     with _memo_lock:
         eng = _memo.get(k)
         if eng is not None:
@@ -467,7 +582,7 @@ def get_engine(model_path: str | os.PathLike, backend: str | None = None, device
         with _memo_lock:
             eng = _memo.get(k)
         if eng is None:
-            eng = load_engine(model_path, backend, device, load_torch, precision)
+            eng = load_engine(model_path, backend, device, load_torch, precision, preprocess=preprocess)
             with _memo_lock:
                 _memo[k] = eng
                 while len(_memo) > 4:  # challenger, champion, base... a few versions at most

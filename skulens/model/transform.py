@@ -14,7 +14,8 @@ from collections.abc import Sequence
 
 from PIL import Image
 
-__all__ = ["MAX_HUE", "EvalTransformNP", "eval_transform", "eval_transform_np", "train_transform"]
+__all__ = ["DEFAULT_PREPROCESS", "ENV_PREPROCESS", "MAX_HUE", "PREPROCESS_MODES", "EvalTransformNP", "eval_transform",
+           "eval_transform_np", "preprocess_setting", "train_transform"]
 
 MAX_HUE = 0.02
 
@@ -76,21 +77,53 @@ def eval_transform(
     )
 
 
-class EvalTransformNP:
-    """The eval transform without torch: PIL -> float32 numpy ``(3, S, S)``, equal to
-    :func:`eval_transform` (same PIL resize call, same centre-crop rounding, same normalisation) to
-    float rounding. Picklable (plain attributes), so it can run in worker processes.
+#: preprocessing modes of the numpy eval transform (``$SKULENS_PREPROCESS``): ``exact`` reproduces
+#: torchvision's pixels; ``fast`` resizes the source region straight into the centre-crop box (one
+#: resize instead of resize + crop) and lets large JPEGs decode at reduced scale (``Image.draft``)
+PREPROCESS_MODES = ("exact", "fast")
+#: the environment variable that sets the preprocessing mode of compiled engines
+ENV_PREPROCESS = "SKULENS_PREPROCESS"
+#: the default mode (bench/bench_embed.py measures both; see README "Inference engine")
+DEFAULT_PREPROCESS = "fast"
 
-    ``draft=True`` lets PIL's JPEG decoder downscale by 1/2, 1/4 or 1/8 in the DCT (``Image.draft``)
-    when the decoded image stays at least twice the resize target on its short side (then bicubic
-    does the rest). That is several times faster on large photos, but the pixels are not identical
-    to a full decode, so it is off by default (see bench/bench_embed.py for its effect)."""
+
+def preprocess_setting(value: str | None = None) -> str:
+    """``value``, else ``$SKULENS_PREPROCESS``, else :data:`DEFAULT_PREPROCESS`; checked."""
+    import os
+
+    m = (value or os.environ.get(ENV_PREPROCESS) or DEFAULT_PREPROCESS).strip().lower()
+    if m not in PREPROCESS_MODES:
+        raise ValueError(f"preprocess mode {m!r}: one of {', '.join(PREPROCESS_MODES)} ({ENV_PREPROCESS})")
+    return m
+
+
+class EvalTransformNP:
+    """The eval transform without torch: PIL -> numpy. Picklable (plain attributes), so it can run in
+    worker processes.
+
+    ``output="float"`` (default): float32 ``(3, S, S)``, normalised, equal to :func:`eval_transform`
+    in ``exact`` mode (same PIL resize call, same centre-crop rounding, same normalisation) to float
+    rounding. ``output="uint8"``: the 8-bit RGB pixels ``(S, S, 3)`` before normalisation (a compiled
+    engine converts and normalises inside its graph; :meth:`normalize` does it in numpy).
+
+    ``mode="exact"``: resize the short side to ``S / crop_pct`` then centre-crop, as torchvision.
+    ``mode="fast"``: (1) one bicubic resize of the source region that the centre crop keeps straight
+    to ``S x S`` (``Image.resize(box=...)``: the same scale and sampling centres, so only rounding
+    differs, about half the work on GroZi crops); (2) ``draft``: a JPEG whose short side is at least 4x
+    the resize target decodes at 1/2, 1/4 or 1/8 scale in the DCT (``Image.draft``), keeping at least
+    twice the target before the bicubic resize; several times faster on large packshots, pixels not
+    identical to a full decode. ``draft`` can also be set on its own."""
 
     def __init__(self, image_size: int = 224, mean: Sequence[float] = (0.5, 0.5, 0.5),
                  std: Sequence[float] = (0.5, 0.5, 0.5), interpolation: str = "bicubic",
-                 crop_pct: float = 0.875, draft: bool = False):
+                 crop_pct: float = 0.875, draft: bool | None = None, mode: str = "exact",
+                 output: str = "float"):
         import numpy as np
 
+        if mode not in PREPROCESS_MODES:
+            raise ValueError(f"preprocess mode {mode!r}: one of {', '.join(PREPROCESS_MODES)}")
+        if output not in ("float", "uint8"):
+            raise ValueError(f"output {output!r}: 'float' or 'uint8'")
         self.image_size = int(image_size)
         self.resize = round(self.image_size / float(crop_pct))
         self.resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}[interpolation]
@@ -100,7 +133,9 @@ class EvalTransformNP:
         self.shift = (-np.asarray(mean, dtype=np.float32) / std_a).astype(np.float32).reshape(1, 1, 3)
         self.mean = np.asarray(mean, dtype=np.float32)
         self.std = std_a
-        self.draft = bool(draft)
+        self.mode = mode
+        self.output = output
+        self.draft = (mode == "fast") if draft is None else bool(draft)
 
     def _resized_size(self, w: int, h: int) -> tuple[int, int]:
         # torchvision.transforms.functional._compute_resized_output_size for an int size
@@ -122,9 +157,14 @@ class EvalTransformNP:
             img = img.convert("RGB")
         w, h = img.size
         nw, nh = self._resized_size(w, h)
+        s = self.image_size
+        if self.mode == "fast" and nw >= s and nh >= s:
+            top = int(round((nh - s) / 2.0))
+            left = int(round((nw - s) / 2.0))
+            sx, sy = w / nw, h / nh  # the crop box in source pixels: same scale, same sampling centres
+            return img.resize((s, s), self.resample, box=(left * sx, top * sy, (left + s) * sx, (top + s) * sy))
         if (nw, nh) != (w, h):
             img = img.resize((nw, nh), self.resample)
-        s = self.image_size
         if nw < s or nh < s:  # torchvision pads with zeros before cropping
             pad = Image.new("RGB", (max(nw, s), max(nh, s)))
             pad.paste(img, ((max(nw, s) - nw) // 2, (max(nh, s) - nh) // 2))
@@ -133,15 +173,27 @@ class EvalTransformNP:
         left = int(round((nw - s) / 2.0))
         return img.crop((left, top, left + s, top + s))
 
-    def __call__(self, img: Image.Image):
+    def pixels(self, img: Image.Image):
+        """uint8 ``(S, S, 3)``: the resized, cropped RGB pixels."""
         import numpy as np
 
-        a = np.asarray(self.pil(img), dtype=np.float32)
-        a = a * self.scale + self.shift
-        return np.ascontiguousarray(a.transpose(2, 0, 1))
+        return np.asarray(self.pil(img), dtype=np.uint8)
+
+    def normalize(self, pixels):
+        """uint8 ``(..., S, S, 3)`` -> float32 ``(..., 3, S, S)``, normalised (what the model takes)."""
+        import numpy as np
+
+        a = np.asarray(pixels, dtype=np.float32) * self.scale + self.shift
+        return np.ascontiguousarray(np.moveaxis(a, -1, -3))
+
+    def __call__(self, img: Image.Image):
+        if self.output == "uint8":
+            return self.pixels(img)
+        return self.normalize(self.pixels(img))
 
     def __repr__(self) -> str:
-        return (f"EvalTransformNP(size={self.image_size}, resize={self.resize}, draft={self.draft})")
+        return (f"EvalTransformNP(size={self.image_size}, resize={self.resize}, mode={self.mode}, "
+                f"draft={self.draft}, output={self.output})")
 
 
 def eval_transform_np(
@@ -150,10 +202,12 @@ def eval_transform_np(
     std: Sequence[float] = (0.5, 0.5, 0.5),
     interpolation: str = "bicubic",
     crop_pct: float = 0.875,
-    draft: bool = False,
+    draft: bool | None = None,
+    mode: str = "exact",
+    output: str = "float",
 ) -> EvalTransformNP:
     """:func:`eval_transform` in numpy + PIL only (no torch import): see :class:`EvalTransformNP`."""
-    return EvalTransformNP(image_size, mean, std, interpolation, crop_pct, draft)
+    return EvalTransformNP(image_size, mean, std, interpolation, crop_pct, draft, mode, output)
 
 
 def train_transform(

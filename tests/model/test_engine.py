@@ -98,8 +98,8 @@ def test_each_backend_compiles_matches_torch_and_is_cached(model_file, backend):
 
 def test_embed_images_through_engine_equals_torch(model_file, tmp_path):
     path, enc = model_file
-    e = eng.load_engine(path, "auto")
-    assert e.backend == AVAILABLE[0]
+    e = eng.load_engine(path, "auto", preprocess="exact")
+    assert e.backend == AVAILABLE[0] and e.preprocess_mode == "exact" and e.info()["preprocess"] == "exact"
     imgs = _images(tmp_path)
     ref = embed_images(enc, imgs, batch_size=3)
     got = embed_images(e, imgs, batch_size=3)
@@ -162,7 +162,7 @@ def test_auto_falls_back_to_torch_when_the_compiled_artifact_fails_parity(model_
     assert all("parity failed" in f["reason"] for f in e.fallbacks)
     rec = json.loads((d / "engine.json").read_text())["backends"]
     assert rec["openvino"]["ok"] is False and rec["onnxruntime"]["ok"] is False
-    again = eng.load_engine(path, "auto")  # not recompiled: the recorded failure is reused
+    again = eng.load_engine(path, "auto", preprocess="exact")  # not recompiled: the recorded failure is reused
     assert again.backend == "torch" and all("recorded in" in f["reason"] for f in again.fallbacks)
     imgs = _images(tmp_path)
     np.testing.assert_allclose(embed_images(again, imgs), embed_images(enc, imgs), atol=1e-5)
@@ -183,3 +183,124 @@ def test_backend_setting_and_store_engine_once_per_process(model_file, tmp_path,
     assert store.engine(path) is e  # once per process and version
     t = ModelStore(tmp_path / "cache", tracking_uri=None, inference_backend="torch").engine(path)
     assert t.backend == "torch" and t is not e
+
+
+# ---------------------------------------------------------------------- preprocessing modes, uint8 input
+def test_fast_preprocess_is_close_to_exact(tmp_path):
+    """``fast`` (one resize of the crop box) gives nearly the pixels of ``exact`` (resize + crop); the
+    same image through the tiny model embeds to nearly the same vector; a padded crop falls back to exact."""
+    from skulens.data.images import load_rgb
+    from skulens.model.transform import eval_transform_np
+
+    ex = eval_transform_np(224, output="uint8")
+    fa = eval_transform_np(224, mode="fast", output="uint8")
+    assert fa.draft and not ex.draft and fa.mode == "fast"
+    imgs = [load_rgb(im) for im in _images(tmp_path)]
+    for im in imgs:
+        a, b = ex(im).astype(int), fa(im).astype(int)
+        assert a.shape == b.shape == (224, 224, 3) and fa(im).dtype == np.uint8
+        d = np.abs(a - b)
+        assert d.mean() < 0.5 and np.mean(d > 2) < 0.01, (im.size, d.mean(), d.max())
+    # float output = normalised uint8 output, and equal to the exact float transform in exact mode
+    f = eval_transform_np(224)
+    np.testing.assert_allclose(f(imgs[2]), f.normalize(ex(imgs[2])), atol=1e-6)
+    pad_ex = eval_transform_np(64, crop_pct=1.2, output="uint8")  # resize 53 < 64: padded
+    pad_fa = eval_transform_np(64, crop_pct=1.2, mode="fast", output="uint8")
+    assert np.array_equal(pad_ex(imgs[0]), pad_fa(imgs[0]))
+    with pytest.raises(ValueError, match="one of"):
+        eval_transform_np(224, mode="turbo")
+
+
+def test_fast_engine_embeds_close_to_exact(model_file, tmp_path):
+    path, _ = model_file
+    ex = eng.load_engine(path, "auto", preprocess="exact")
+    fa = eng.load_engine(path, "auto", preprocess="fast")
+    assert fa.preprocess_mode == "fast" and fa.info()["preprocess"] == "fast" and "fast" in repr(fa)
+    imgs = _images(tmp_path)
+    cos = np.sum(embed_images(ex, imgs) * embed_images(fa, imgs), axis=1)
+    assert cos.min() > 0.99, cos
+
+
+@pytest.mark.parametrize("backend", AVAILABLE)
+def test_uint8_input_matches_torch_on_normalised_float(model_file, backend):
+    """The engine takes the uint8 NHWC pixels (for OpenVINO the conversion, normalisation and layout
+    change are fused into the compiled graph): equal to PyTorch on the float normalised batch; the
+    parity check ran on that input."""
+    from skulens.model.transform import eval_transform_np
+
+    path, enc = model_file
+    e = eng.load_engine(path, backend)
+    assert e.parity["ok"] and e.parity["max_abs_diff"] < 1e-4
+    if backend == "openvino":
+        assert e.parity["input"].startswith("uint8 NHWC") and "fused" in e.info()["runtime_input"]
+    s = enc.image_size
+    x8 = np.random.default_rng(3).integers(0, 256, (5, s, s, 3), dtype=np.uint8)
+    xf = eval_transform_np(s, enc.spec.mean, enc.spec.std).normalize(x8)
+    assert xf.shape == (5, 3, s, s) and xf.dtype == np.float32
+    with torch.inference_mode():
+        ref = enc.eval()(torch.from_numpy(xf)).numpy()
+    np.testing.assert_allclose(e.run(x8), ref, atol=1e-4)
+    np.testing.assert_allclose(e.run(xf), ref, atol=1e-4)  # the float32 NCHW input still works
+    assert e.run(x8[:0]).shape == (0, 64)
+    with pytest.raises(ValueError, match="uint8"):
+        e.run(x8.transpose(0, 3, 1, 2))  # uint8 must be NHWC
+
+
+def test_an_engine_cache_from_before_the_uint8_input_is_upgraded(model_file):
+    """A cached reference.npz without the uint8 batch (an older engine directory) is remade once."""
+    path, _ = model_file
+    eng.load_engine(path, AVAILABLE[0])
+    ref = eng.engine_dir(path) / "reference.npz"
+    with np.load(ref) as z:
+        np.savez(ref, x=z["x"], y=z["y"])
+    e = eng.load_engine(path, AVAILABLE[0])
+    assert e.parity["ok"]
+    with np.load(ref) as z:
+        assert {"x", "y", "xu8", "yu8"} <= set(z.files)
+
+
+def test_draft_decodes_large_jpegs_smaller_only_when_allowed(tmp_path):
+    """``Image.draft`` only in fast mode, only for JPEG files, only when the short side stays >= 2x the
+    resize target; the result is still RGB (grayscale JPEG too)."""
+    from skulens.model.embed import _load_for
+    from skulens.model.transform import eval_transform_np
+
+    big, small = tmp_path / "big.jpg", tmp_path / "small.jpg"
+    Image.new("RGB", (1600, 1200), (10, 200, 30)).save(big, quality=90)
+    Image.new("RGB", (900, 600), (10, 200, 30)).save(small, quality=90)  # 600 < 4 x 256: no draft
+    gray = tmp_path / "gray.jpg"
+    Image.new("L", (1200, 1600), 128).save(gray, quality=90)
+    png = tmp_path / "big.png"
+    Image.new("RGB", (1600, 1200), (10, 200, 30)).save(png)
+    fast, exact = eval_transform_np(224, mode="fast"), eval_transform_np(224, mode="exact")
+    assert fast.draft_size(1600, 1200) is not None and exact.draft_size(1600, 1200) is None
+    assert fast.draft_size(900, 600) is None
+    im = _load_for(str(big), fast)
+    assert im.mode == "RGB" and min(im.size) < 1200 and min(im.size) >= 2 * fast.resize
+    assert _load_for(str(big), exact).size == (1600, 1200)
+    assert _load_for(str(small), fast).size == (900, 600)
+    g = _load_for(str(gray), fast)
+    assert g.mode == "RGB" and g.size[0] < 1200 and min(g.size) >= 2 * fast.resize
+    assert _load_for(str(png), fast).size == (1600, 1200)
+    pil = Image.open(big)
+    assert _load_for(pil, fast).size == (1600, 1200)  # an image already decoded is left as it is
+    # the drafted decode still preprocesses to nearly the same pixels (a flat colour: the same)
+    assert np.abs(fast.pixels(im).astype(int) - exact.pixels(_load_for(str(big), exact)).astype(int)).max() <= 2
+
+
+def test_preprocess_setting_and_engine_memo(model_file, monkeypatch):
+    from skulens.index.build import embedding_key
+    from skulens.model.transform import ENV_PREPROCESS, preprocess_setting
+
+    monkeypatch.setenv(ENV_PREPROCESS, "exact")
+    assert preprocess_setting() == "exact" and preprocess_setting("fast") == "fast"
+    monkeypatch.setenv(ENV_PREPROCESS, "bogus")
+    with pytest.raises(ValueError, match=ENV_PREPROCESS):
+        preprocess_setting()
+    monkeypatch.delenv(ENV_PREPROCESS)
+    path, enc = model_file
+    a = eng.get_engine(path, AVAILABLE[0], preprocess="exact")
+    b = eng.get_engine(path, AVAILABLE[0], preprocess="fast")
+    assert a is not b and eng.get_engine(path, AVAILABLE[0], preprocess="fast") is b
+    keys = {embedding_key("f" * 64, x) for x in (a, b, enc)}
+    assert len(keys) == 3 and embedding_key("f" * 64, enc) == "f" * 64
