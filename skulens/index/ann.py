@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, fields, replace
 import numpy as np
 
 KINDS = ("hnsw", "ivf", "exact")
+SEARCH_KNOBS = ("ef_search", "nprobe", "candidates", "rows_per_sku", "max_tombstone_share")
 SINGLE_THREAD_BELOW = 8  # searches of fewer queries than this run on one OpenMP thread
 STORAGES = ("fp16", "sq8", "flat")
 

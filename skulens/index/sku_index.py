@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from skulens.index.ann import AnnConfig, AnnIndex
+from skulens.index.ann import SEARCH_KNOBS, AnnConfig, AnnIndex
 
 FORMAT_VERSION = 2
 
@@ -420,7 +420,10 @@ class SkuIndex:
         info = meta.pop("ann", None)
         cfg = meta.pop("ann_config", None)
         if ann is None:
-            ann = AnnConfig.resolve((info or {}).get("config") or cfg)
+            # build-time knobs and the threshold come from the file; search-time knobs from this code's
+            # defaults and SKULENS_ANN_* (so a re-tuned default applies to indexes already published)
+            stored = {k: v for k, v in ((info or {}).get("config") or cfg or {}).items() if k not in SEARCH_KNOBS}
+            ann = AnnConfig.resolve(stored)
         index = cls(
             vectors=z["vectors"], skus=z["skus"], keys=z["keys"],
             model_version=meta.get("model_version"), meta=meta,

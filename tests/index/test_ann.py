@@ -242,3 +242,15 @@ def test_new_ids_never_hit_a_tombstone_even_if_meta_loses_next_id():
     again = up.with_updates(np.ones((1, DIM)), ["n-x"], ["new/x.jpg"])
     assert again.ids[again.skus == "n-x"][0] > idx.ids.max()
     assert again.search(np.ones(DIM), k=1)[0][0][0] == "n-x"
+
+
+def test_search_knobs_follow_the_code_and_environment_not_the_file(monkeypatch):
+    c, idx = _index("hnsw")
+    idx.ann = AnnConfig(kind="hnsw", threshold=1000, ef_search=16, hnsw_m=16)
+    data = idx.to_bytes()
+    back = SkuIndex.from_bytes(data)
+    assert back.ann.hnsw_m == 16 and back.ann.threshold == 1000  # build-time: from the file
+    assert back.ann.ef_search == AnnConfig().ef_search == back.ann_index.config.ef_search
+    monkeypatch.setenv("SKULENS_ANN_EF_SEARCH", "99")
+    tuned = SkuIndex.from_bytes(data)
+    assert tuned.ann_index is not None and tuned.ann_index.config.ef_search == 99
