@@ -42,12 +42,12 @@ def services() -> None:
 
 
 @services.command("up")
-@click.option("--ui", is_flag=True, help="Also start the Dagster webserver and daemon.")
+@click.option("--ui", is_flag=True, help="Also start the Dagster webserver and daemon, and the warm index worker.")
 def services_up(ui: bool) -> None:
     """Start the services (idempotent) and wait until each one answers."""
-    from skulens.ops.services import DEFAULT, ServiceError, ServiceManager
+    from skulens.ops.services import DEFAULT, UI, ServiceError, ServiceManager
 
-    names = list(DEFAULT) + (["dagster-webserver", "dagster-daemon"] if ui else [])
+    names = list(DEFAULT) + (list(UI) if ui else [])
     mgr = ServiceManager(_settings())
     try:
         for name in names:
@@ -82,6 +82,41 @@ def services_status(as_json: bool) -> None:
     for r in rows:
         click.echo(f"{r['service']:<18} {r['state']:<8} pid {str(r['pid'] or '-'):<8} "
                    f"{'answering' if r['answering'] else '-':<10} {r['url'] or ''}")
+
+
+@main.command("index-worker")
+@click.option("--interval", default=1.0, show_default=True, type=click.FloatRange(0.05, 3600),
+              help="Seconds between change checks (upload notes + the ETag of products.csv).")
+@click.option("--full-every", default=60.0, show_default=True, type=click.FloatRange(1, 86400),
+              help="Seconds between full listings of catalog/ (catches uploads made without `skulens import`).")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1, 1024))
+@click.option("--once", is_flag=True, help="One check (and update) then exit.")
+def index_worker_cmd(interval: float, full_every: float, batch_size: int, once: bool) -> None:
+    """Keep the SKU index current within seconds of a catalog upload (the warm path).
+
+    A long-lived loop running the `index_update` job's update (same ingest, rules and delta publish by
+    compare-and-swap) with the champion and the index kept in memory. `skulens services up --ui` starts it
+    next to the Dagster daemon, whose catalog sensor stays the backstop (its run then finds nothing to do).
+    SIGTERM/Ctrl-C stop it after the update in progress."""
+    import logging
+    import signal
+    import threading
+
+    from skulens.index.worker import worker_from_settings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    s = _settings()
+    worker = worker_from_settings(s, interval_s=interval, batch_size=batch_size)
+    worker.full_every_s = full_every
+    if once:
+        done = worker.cycle()
+        click.echo(done.summary() if done is not None else "catalog unchanged (or left to the pipeline)")
+        return
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    click.echo(f"index worker on s3://{s.bucket} (model {s.model_name}): checking every {interval:g}s")
+    worker.run(stop)
 
 
 @main.command("env")

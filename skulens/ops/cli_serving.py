@@ -124,7 +124,7 @@ def recognize_cmd(images: tuple[Path, ...], k: int, as_json: bool, device: str) 
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind (0.0.0.0 = all).")
 @click.option("--port", default=8000, show_default=True, type=int, help="TCP port.")
 @click.option("--device", default="cpu", show_default=True, help="torch device for the encoder.")
-@click.option("--reload-interval", default=30.0, show_default=True, type=float,
+@click.option("--reload-interval", default=1.0, show_default=True, type=float,
               help="Seconds between checks of index/CURRENT.json (a HEAD request); a new index, and the "
                    "model version that built it, are swapped in without a restart.")
 @click.option("--max-upload-mb", default=10.0, show_default=True, type=float, help="Largest accepted upload.")

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from skulens.ops.settings import ACCESS_KEY_VAR, QUIET_ENV, SECRET_KEY_VAR, Settings, ensure_local_credentials
 
-ALL = ("s3", "mlflow", "dagster-webserver", "dagster-daemon")
+ALL = ("s3", "mlflow", "dagster-webserver", "dagster-daemon", "index-worker")
+UI = ("dagster-webserver", "dagster-daemon", "index-worker")  # `services up --ui`: the UI and the automation
 DEFAULT = ("s3", "mlflow")
 
 
@@ -166,6 +167,8 @@ class ServiceManager:
             return cmd, env, {"http": s.dagster_port}
         if name == "dagster-daemon":
             return [_bin("dagster-daemon"), "run", "-w", workspace], env, {}
+        if name == "index-worker":  # the warm path for new SKUs next to the daemon's sensor (skulens.index.worker)
+            return [sys.executable, "-m", "skulens.ops.cli", "index-worker"], env, {}
         raise ServiceError(f"unknown service {name!r}; choose from {', '.join(ALL)}")
 
     def _seaweed_ports(self) -> dict:
@@ -189,7 +192,7 @@ class ServiceManager:
             return _http_ok(f"{s.mlflow_uri}/health")
         if name == "dagster-webserver":
             return _http_ok(f"{s.dagster_url}/server_info")
-        return True  # the daemon has no port: being alive after a moment is its readiness
+        return True  # the daemon and the index worker have no port: being alive after a moment is readiness
 
     def _s3_ready(self, env: dict) -> bool:
         if not port_open(self.settings.host, self.settings.s3_port):
@@ -232,7 +235,7 @@ class ServiceManager:
         log.close()
         st = ServiceState(name=name, pid=proc.pid, pgid=proc.pid, ports=ports, started_at=time.time())
         self._write_state(st)
-        grace = 3.0 if name == "dagster-daemon" else 0.0
+        grace = {"dagster-daemon": 3.0, "index-worker": 2.0}.get(name, 0.0)
         while True:
             if proc.poll() is not None:
                 self._state_file(name).unlink(missing_ok=True)
@@ -286,7 +289,7 @@ class ServiceManager:
                 "state": "running" if alive else ("stale" if st else "stopped"),
                 "pid": st.pid if st else None,
                 "url": st.url if st else None,
-                "answering": alive and self._ready(name, env) if name != "dagster-daemon" else alive,
+                "answering": alive and self._ready(name, env) if name not in ("dagster-daemon", "index-worker") else alive,
             })
         return out
 

@@ -127,6 +127,24 @@ def create_app(
 
     batcher = MicroBatcher(get_recognizer, max_batch=max_batch, max_wait_ms=max_wait_ms)
     counts = {"served": 0, "rejected_busy": 0, "timed_out": 0}
+    stop_reloads = threading.Event()
+
+    def reloader():
+        """Index reloads off the request path: every ``reload_interval_s`` of the recognizer (a HEAD of the
+        pointer; new deltas applied, the state swapped atomically; a batch in flight keeps its snapshot).
+        A recognizer with ``reload_interval_s`` 0 checks before every batch instead (the batcher's reload)."""
+        while not stop_reloads.is_set():
+            rec = holder.get("rec")
+            interval = float(getattr(rec, "reload_interval_s", 1.0) or 0.0) if rec is not None else 1.0
+            if rec is not None and interval > 0 and hasattr(rec, "maybe_reload"):
+                batcher.reload = False
+                try:
+                    rec.maybe_reload()
+                except Exception as e:  # noqa: BLE001 - maybe_reload keeps the old state; never stop checking
+                    log.warning("index reload check failed: %s", e)
+            stop_reloads.wait(max(0.05, interval))
+
+    reload_thread = threading.Thread(target=reloader, name="skulens-reload", daemon=True)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -136,7 +154,9 @@ def create_app(
             except Exception as e:  # noqa: BLE001 - serve /health as 503 and retry on the next request
                 log.error("recognizer failed to load at startup: %s", e)
         batcher.start()
+        reload_thread.start()
         yield
+        stop_reloads.set()
         batcher.close(timeout=5.0)  # queued requests are failed, the batch in flight finishes
         decoders.shutdown(wait=False, cancel_futures=True)
 
@@ -186,8 +206,9 @@ def create_app(
             except Exception as e:  # noqa: BLE001
                 return JSONResponse({"status": "unavailable", "error": f"{type(e).__name__}",
                                      "detail": str(e)[:500]}, status_code=503)
-        with batcher.exclusive():  # a reload from here never overlaps a batch in flight
-            rec.maybe_reload()
+        if batcher.reload:  # else the reload thread follows the index
+            with batcher.exclusive():  # a reload from here never overlaps a batch in flight
+                rec.maybe_reload()
         return {"status": "ok", "model_version": rec.model_version, "index_version": rec.index_version,
                 "index_count": len(rec.index), "n_skus": len(rec.index.sku_list)}
 
