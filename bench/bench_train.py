@@ -128,7 +128,10 @@ def training_images_per_s(frame, image_size: int = 128, batch_size: int = 32, ep
                     resume=False)
         wall = time.perf_counter() - t0
     per_epoch = [h.get("images_per_s") for h in res.history if h.get("epoch", 0) > 0]
+    wait = sum(h.get("data_wait_s") or 0.0 for h in res.history if h.get("epoch", 0) > 0)
+    secs = sum(h.get("seconds") or 0.0 for h in res.history if h.get("epoch", 0) > 0)
     return {"images_per_s": float(res.images_per_s), "per_epoch": per_epoch, "wall_s": wall, "steps": res.steps,
+            "data_wait_share": wait / secs if secs else None,
             "extra": {k: v for k, v in res.extra.items() if isinstance(v, (int, float, str, bool))}}
 
 
@@ -222,7 +225,8 @@ def main(argv=None) -> int:
         cache = r["extra"].get("decode_cache_s")
         print(f"{name:34s} {r['images_per_s']:7.1f} images/s  ratio {r['ratio']:.2f} (last epoch "
               f"{r['ratio_last_epoch']:.2f}) of channels_last model-only {around:.1f} measured around it "
-              f"(per epoch {', '.join(f'{v:.1f}' for v in r['per_epoch'])}; {r['steps']} steps, wall {r['wall_s']:.0f}s"
+              f"(per epoch {', '.join(f'{v:.1f}' for v in r['per_epoch'])}; waiting for data "
+              f"{100 * (r['data_wait_share'] or 0):.0f}% of the time; {r['steps']} steps, wall {r['wall_s']:.0f}s"
               + (f", decode cache {cache:.1f}s" if cache is not None else "") + ")", flush=True)
     if a.accuracy:
         out["accuracy"] = acc = accuracy_check(image_size=a.image_size, batch_size=a.batch, epochs=a.epochs)

@@ -39,7 +39,8 @@
   (unaugmented) training images, after every epoch (and before training when ``val_before``).
 
 No mlflow / dagster here: metrics go to ``log_fn(kind, step, metrics)`` with ``kind`` ``"step"``
-(loss, lr, arcface_lr), ``"epoch"`` (epoch, train_loss, val_acc, images_per_s, seconds) or
+(loss, lr, arcface_lr), ``"epoch"`` (epoch, train_loss, val_acc, images_per_s, seconds, data_wait_s: how long the training step
+waited for batches) or
 ``"checkpoint"`` (epoch, epoch_step: a checkpoint at ``step`` was just written; everything logged so
 far is in it, so a logger that buffers can persist what it has not sent yet).
 """
@@ -313,7 +314,6 @@ def _plain(v):
 
 def _fused_ok(params) -> bool:
     """torch's fused AdamW handles these parameters (floating point, all on one CUDA or CPU device)."""
-    import torch
 
     devs = {p.device for p in params}
     if len(devs) != 1 or not all(p.is_floating_point() for p in params):
@@ -590,7 +590,9 @@ def train(
             if mid_rng is not None:  # after the iterator drew its seed, as it did at this epoch's start
                 _set_rng_state(mid_rng)
             epoch_step = skip
+            wait, tw = 0.0, time.perf_counter()  # time the model waited for batches (this process's run of the epoch)
             for x, y in batch_iter:
+                wait += time.perf_counter() - tw
                 if step >= total_steps:
                     break
                 x = x.to(dev, non_blocking=True, memory_format=fmt)
@@ -628,6 +630,7 @@ def train(
                     checkpoint(epoch, epoch_step, losses, seen, prior_secs + time.perf_counter() - t0)
                     last_ckpt = time.monotonic()
                     emit("checkpoint", step, {"epoch": epoch, "epoch_step": epoch_step})
+                tw = time.perf_counter()
             secs = prior_secs + time.perf_counter() - t0
             train_images += seen
             train_seconds += secs
@@ -640,6 +643,7 @@ def train(
                 "val_acc": acc,
                 "seconds": secs,
                 "images_per_s": seen / secs if secs > 0 else float("nan"),
+                "data_wait_s": wait,
                 "lr": optimizer.param_groups[top_idx]["lr"],
             }
             history.append(rec)
