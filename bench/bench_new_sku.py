@@ -55,6 +55,8 @@ def main() -> None:
     ap.add_argument("--embed-dim", type=int, default=None,
                     help="embedding size of the registered model (e.g. tiny-test with 1280: a full-size index, fast embedding)")
     ap.add_argument("--sensor-interval", type=int, default=3, help="SKULENS_SENSOR_INTERVAL for the daemon")
+    ap.add_argument("--worker", action=argparse.BooleanOptionalAction, default=True,
+                    help="start the warm index worker next to the daemon, as `skulens services up --ui` does")
     args = ap.parse_args()
 
     home = args.home or Path(tempfile.mkdtemp(prefix="skulens-bench-"))
@@ -129,6 +131,10 @@ def run_bench(args, settings, mgr) -> None:
     t = time.perf_counter()
     mgr.start("dagster-daemon")
     print(f"daemon up in {time.perf_counter() - t:.1f}s")
+    if args.worker:
+        t = time.perf_counter()
+        mgr.start("index-worker")  # the service `skulens services up --ui` starts next to the daemon
+        print(f"index worker up in {time.perf_counter() - t:.1f}s (log {settings.log_dir / 'index-worker.log'})")
     subprocess.run([dagster, "sensor", "start", "catalog_upload_sensor", "-w", str(ROOT / "workspace.yaml")],
                    env=env, cwd=ROOT, check=True, capture_output=True)
     # first tick records the catalog state (one no-op run); wait for it so the measurement starts clean
@@ -170,14 +176,15 @@ def run_bench(args, settings, mgr) -> None:
     total = np.array([r["total"] for r in results])
     print(f"\nupload -> recognizable over {len(results)} new SKUs (catalog {args.skus} SKUs x {args.images_per_sku} "
           f"images, {len(rec.index)} index rows x {rec.index.embed_dim}, model {args.model}, sensor interval "
-          f"{args.sensor_interval} s, reader checks every 1 s):")
+          f"{args.sensor_interval} s, reader checks every 1 s, index worker {'on' if args.worker else 'off'}):")
     print(f"  p50 {np.percentile(total, 50):.1f}s   p95 {np.percentile(total, 95):.1f}s   max {total.max():.1f}s")
-    names = [k for k in results[0] if k not in ("total", "mode", "sku")]
+    names = [k for k in results[0] if k not in ("total", "mode", "sku", "path")]
     print(f"  {'where the time goes (s)':<36} " + " ".join(f"{r['sku'][-5:]:>6}" for r in results) + "   median")
     for k in names:
         vals = [r[k] for r in results]
         print(f"  {k:<36} " + " ".join(f"{v:6.2f}" for v in vals) + f"   {np.nanmedian(vals):6.2f}")
     print("  published as: " + ", ".join(str(r["mode"]) for r in results))
+    print("  published by: " + ", ".join(str(r["path"]) for r in results))
 
 
 def one_new_sku(args, settings, client, instance, rec, i: int) -> dict | None:
@@ -191,6 +198,9 @@ def one_new_sku(args, settings, client, instance, rec, i: int) -> dict | None:
     for j in range(3):
         client.put_object(Bucket=settings.bucket, Key=f"catalog/images/{new_sku}/{j}.jpg",
                           Body=img if j == 0 else synthetic_image(random.Random(99 + 7 * i + j)))
+    from skulens.catalog.notes import note_change
+
+    note_change(client, settings.bucket, [new_sku], source="bench")  # as `skulens import catalog` does
     t_upload = time.time()
     found, reload_s = None, float("nan")
     while time.time() - t0 < args.timeout:
@@ -205,16 +215,26 @@ def one_new_sku(args, settings, client, instance, rec, i: int) -> dict | None:
     if not found:
         print(f"{new_sku}: NOT recognized within {args.timeout:.0f}s")
         return None
-    runs = [r for r in instance.get_runs(filters=dg.RunsFilter(job_name="index_update"))
-            if r.tags.get("dagster/sensor_name")]
-    records = [instance.get_run_record_by_id(r.run_id) for r in runs]
-    records = [rr for rr in records if rr.create_timestamp.timestamp() >= t_upload - 1]
-    record = min(records, key=lambda rr: rr.create_timestamp.timestamp())
+    def sensor_run():  # the daemon's backstop run for this upload (the worker may have published first)
+        runs = [r for r in instance.get_runs(filters=dg.RunsFilter(job_name="index_update"))
+                if r.tags.get("dagster/sensor_name")]
+        recs = [instance.get_run_record_by_id(r.run_id) for r in runs]
+        recs = [rr for rr in recs if rr.create_timestamp.timestamp() >= t_upload - 1]
+        return min(recs, key=lambda rr: rr.create_timestamp.timestamp()) if recs else None
+
+    deadline = time.time() + 120
+    record = sensor_run()
+    while record is None and time.time() < deadline:
+        time.sleep(0.5)
+        record = sensor_run()
+    if record is None:
+        print(f"{new_sku}: the sensor started no run within 120 s")
+        return None
     created = record.create_timestamp.timestamp()
     start, end = record.start_time, record.end_time
-    deadline = time.time() + 30
-    while end is None and time.time() < deadline:  # the run may still be closing while the reader has the index
-        time.sleep(0.2)
+    deadline = time.time() + 120
+    while end is None and time.time() < deadline:  # the run may still be going while the reader has the index
+        time.sleep(0.5)
         record = instance.get_run_record_by_id(record.dagster_run.run_id)
         start, end = record.start_time, record.end_time
     mats = [m for m in instance.fetch_materializations(dg.AssetKey("sku_index"), limit=5).records
@@ -222,6 +242,12 @@ def one_new_sku(args, settings, client, instance, rec, i: int) -> dict | None:
     md = mats[0].asset_materialization.metadata if mats else {}
     secs = md["seconds"].value if "seconds" in md else {}
     nan = float("nan")
+    path = "daemon run" if mats and md.get("index_version") and md["index_version"].value == rec.index_version else None
+    wsecs = worker_seconds(settings, rec.index_version) if path is None else None
+    if wsecs is not None:
+        path = "worker"
+    elif path is None:
+        path = "?"
     op_total = secs.get("op_total", nan)
     row = {
         "sku": new_sku,
@@ -234,13 +260,41 @@ def one_new_sku(args, settings, client, instance, rec, i: int) -> dict | None:
         "  op: delta + file checks": secs.get("delta", nan) + secs.get("check", nan),
         "  op: embed": secs.get("embed", nan),
         "  op: publish": secs.get("publish", nan),
+        "worker: change check -> published": wsecs.get("op_total", nan) if wsecs else nan,
+        "  worker: ingest (noted SKU relisted + files)": wsecs.get("ingest", nan) if wsecs else nan,
+        "  worker: embed": wsecs.get("embed", nan) if wsecs else nan,
+        "  worker: publish": wsecs.get("publish", nan) if wsecs else nan,
         "reader: apply (in maybe_reload)": reload_s,
         "run end -> recognized (reader poll)": found - end if end else nan,
         "total": found - t0,
-        "mode": md["published_as"].value if "published_as" in md else None,
+        "mode": md["published_as"].value if "published_as" in md else (wsecs or {}).get("mode"),
+        "path": path,
     }
-    print(f"{new_sku}: recognizable {row['total']:.1f}s after its upload began ({row['mode']})")
+    print(f"{new_sku}: recognizable {row['total']:.1f}s after its upload began ({row['mode']}, by {path}); "
+          f"the sensor's run: {'published it' if path == 'daemon run' else 'found nothing to publish' if end else 'running'}")
     return row
+
+
+def worker_seconds(settings, version: str | None) -> dict | None:
+    """The worker's timing of the update that published ``version`` (its log line), or None."""
+    import ast
+
+    try:
+        lines = (settings.log_dir / "index-worker.log").read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    for ln in reversed(lines):
+        if version and f"published index {version}" in ln:
+            i = ln.find("; {")
+            if i < 0:
+                return {}
+            try:
+                d = ast.literal_eval(ln[i + 2:ln.index("}", i) + 1])
+            except (ValueError, SyntaxError):
+                d = {}
+            d["mode"] = "delta" if "published as delta" in ln else "full"
+            return d
+    return None
 
 
 if __name__ == "__main__":
