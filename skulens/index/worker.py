@@ -322,6 +322,8 @@ def worker_from_settings(settings, interval_s: float = 1.0, batch_size: int = 64
 
     store = ModelStore(settings.cache_dir / "models", settings.mlflow_uri, settings.model_name,
                        inference_backend=backend_setting(None))
-    return IndexWorker(client_for(settings), settings.bucket, store, settings.home / "cache" / "index-worker",
+    # few retries, short connects: a store that is down fails a cycle in seconds (the loop retries it)
+    client = client_for(settings, max_attempts=3, connect_timeout=2.0, read_timeout=60.0)
+    return IndexWorker(client, settings.bucket, store, settings.home / "cache" / "index-worker",
                        index_cache=settings.home / "cache" / "index", interval_s=interval_s, batch_size=batch_size,
                        clean_config=default_clean_config())

@@ -115,3 +115,28 @@ def test_store_volume_slots_are_set_and_a_full_store_fails_the_import_loudly(tmp
             report.raise_for_failures()
     finally:
         mgr.stop("s3")
+
+
+def test_index_worker_service_survives_missing_services_and_stops_cleanly_on_sigterm(tmp_path):
+    """`services up --ui` starts the warm index worker next to the daemon: with S3 and MLflow down it logs, backs
+    off and keeps running (no crash loop); `down` (SIGTERM) ends its loop cleanly."""
+    import time
+
+    from skulens.ops.services import UI, ServiceManager
+    from skulens.ops.settings import Settings
+
+    assert "index-worker" in UI
+    settings = Settings(home=tmp_path / "w", s3_port=free_port(), mlflow_port=free_port(), dagster_port=free_port())
+    mgr = ServiceManager(settings)
+    st = mgr.start("index-worker")
+    log = settings.log_dir / "index-worker.log"
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and "update cycle failed (2 in a row)" not in log.read_text(errors="replace"):
+            time.sleep(0.2)
+        assert mgr.is_running("index-worker"), log.read_text(errors="replace")[-2000:]
+        assert "update cycle failed (2 in a row)" in log.read_text(errors="replace")
+    finally:
+        assert mgr.down(["index-worker"]) == ["index-worker"]
+    assert not _group_alive(st.pgid)
+    assert "index worker stopped after" in log.read_text(errors="replace")
