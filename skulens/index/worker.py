@@ -118,6 +118,9 @@ class IndexWorker:
         self._seen_notes: dict = {}
         self._pending_notes: set = set()
         self._retry, self._retry_scope = None, None  # an update that did not finish: done again
+        self._snap_thread: threading.Thread | None = None  # the periodic full listing, in the background
+        self._snap = None
+        self._relisted: dict = {}  # sku -> when its prefix was last re-listed (after a note)
 
     # ------------------------------------------------------------------ warm state
     def champion(self):
@@ -182,24 +185,24 @@ class IndexWorker:
                 del self._listing[k]
             for obj in list_objects(self.client, self.bucket, pre):
                 self._listing[obj.key] = obj
+            self._relisted[sku] = time.monotonic()
 
     def changes(self):
         """What to update: ``(scope, why)``: ``scope`` None for the whole catalog (after a full listing or a
         new products.csv), a set of SKUs named by new upload notes (re-listed), or ``False`` for nothing."""
         from skulens.catalog.notes import read_note, recent_notes
 
-        now = time.monotonic()
-        if self._listing is None or now - self._full_at >= self.full_every_s:
-            notes = recent_notes(self.client, self.bucket, self.notes_window_s)  # before: none slips between
-            sig = catalog_signal(self.client, self.bucket)
-            self._listing = {o.key: o for o in sig.images}
-            self._full_at, self._products = time.monotonic(), sig.products_etag
-            self._pending_notes = set(notes)
-            self.stats.last_listing_s = round(sig.seconds, 3)
-            if sig.fingerprint == self._done_fingerprint:
-                return False, "unchanged"
-            self._listing_fp = sig.fingerprint
-            return None, f"catalog {sig.fingerprint[:12]} (full listing {sig.seconds:.2f}s)"
+        if self._listing is None:  # the first listing: inline
+            return self._apply_snapshot(self._snapshot())
+        if self._snap_thread is None and time.monotonic() - self._full_at >= self.full_every_s:
+            self._snap_thread = threading.Thread(target=self._snapshot_bg, name="skulens-catalog-listing", daemon=True)
+            self._snap_thread.start()  # the periodic full listing runs beside the 1 s checks
+        if self._snap_thread is not None and not self._snap_thread.is_alive():
+            snap, self._snap, self._snap_thread = self._snap, None, None
+            if isinstance(snap, BaseException):
+                self._full_at = time.monotonic()
+                raise snap
+            return self._apply_snapshot(snap)
         notes = [k for k in recent_notes(self.client, self.bucket, self.notes_window_s) if k not in self._seen_notes]
         products = self._products_etag()
         if not notes and products == self._products and not self._retry:
@@ -214,6 +217,38 @@ class IndexWorker:
             return None, why
         scope = set(skus) | (self._retry_scope or set())
         return scope, f"upload notes: {len(scope)} SKU(s)"
+
+    def _snapshot(self):
+        from skulens.catalog.notes import recent_notes
+
+        t0 = time.monotonic()
+        notes = recent_notes(self.client, self.bucket, self.notes_window_s)  # before: none slips between
+        return t0, notes, catalog_signal(self.client, self.bucket)
+
+    def _snapshot_bg(self) -> None:
+        try:
+            self._snap = self._snapshot()
+        except BaseException as e:  # noqa: BLE001 - handed to the loop, which logs and retries
+            self._snap = e
+
+    def _apply_snapshot(self, snap):
+        t0, notes, sig = snap
+        listing = {o.key: o for o in sig.images}
+        fresher = {s for s, t in self._relisted.items() if t >= t0}  # re-listed after the snapshot began
+        if fresher and self._listing is not None:
+            pre = tuple(f"{contract.CATALOG_IMAGES_PREFIX}{s}/" for s in fresher)
+            listing = {k: o for k, o in listing.items() if not k.startswith(pre)}
+            listing.update({k: o for k, o in self._listing.items() if k.startswith(pre)})
+        self._listing, self._full_at = listing, time.monotonic()
+        self._products = sig.products_etag if not fresher else self._products
+        self._seen(notes)  # covered by this listing (listed before it)
+        self._pending_notes = set()
+        self.stats.last_listing_s = round(sig.seconds, 3)
+        self._relisted = {s: t for s, t in self._relisted.items() if t >= t0}
+        if sig.fingerprint == self._done_fingerprint and not fresher:
+            return False, "unchanged"
+        self._listing_fp = None if fresher else sig.fingerprint
+        return None, f"catalog {sig.fingerprint[:12]} (full listing {sig.seconds:.2f}s)"
 
     # ------------------------------------------------------------------ one cycle
     def cycle(self):
