@@ -108,6 +108,8 @@ def index_delta(current: dict, indexed: dict, deferred: set | frozenset = frozen
     removed = {s for s in touched if s not in now_skus} | delisted
     after = {s for s in now_skus if not is_listed(s)} - deferred
     after |= set(unlisted or ()) & deferred
+    if scope is not None:  # out of scope: as recorded (the catalog rows given may be the scope's only)
+        after = (after & set(scope)) | (set(unlisted or ()) - set(scope))
     return IndexDelta(changed_skus=sorted(touched & now_skus), removed_skus=sorted(removed),
                       delisted_skus=sorted(delisted), unlisted_skus=sorted(after))
 
@@ -318,6 +320,41 @@ class CatalogUpdate:
                    if o.get("conflicts") else ""))
 
 
+def _scoped_ingest(client, bucket: str, dest: Path, scope, objects=None):
+    """The catalog files of the SKUs in ``scope`` only (listed per SKU unless ``objects`` are given),
+    downloaded into ``dest/<sku>/<file>``: a :class:`skulens.catalog.ingest.SyncResult` whose manifest
+    holds just those SKUs (for an update scoped to them)."""
+    from skulens.catalog import ingest
+    from skulens.catalog.s3 import list_objects
+
+    scope = {str(x) for x in scope}
+    if objects is None:
+        objects = [o for sku in sorted(scope)
+                   for o in list_objects(client, bucket, f"{contract.CATALOG_IMAGES_PREFIX}{sku}/")]
+    res = ingest.SyncResult(manifest=ingest.empty_manifest())
+    rows = []
+    for obj in objects:
+        try:
+            ik = contract.parse_image_key(obj.key, contract.CATALOG_IMAGES_PREFIX)
+        except contract.CatalogError as exc:
+            res.rejected.append((obj.key, str(exc)))
+            continue
+        if ik.sku not in scope:
+            continue
+        local = Path(dest) / ik.sku / ik.filename
+        try:
+            etag, size = ingest.download_object(client, bucket, obj.key, local)
+        except Exception as exc:  # noqa: BLE001 - reported, its SKU deferred (as the full ingest)
+            res.failed.append((obj.key, f"{type(exc).__name__}: {exc}"))
+            continue
+        rows.append((ik.sku, obj.key, etag, size, str(local)))
+        res.added.append(obj.key)
+    if rows:
+        res.manifest = pd.DataFrame(rows, columns=ingest.MANIFEST_COLUMNS).sort_values("key", ignore_index=True)
+        res.manifest["bytes"] = res.manifest["bytes"].astype("int64")
+    return res
+
+
 def update_from_catalog(client, bucket: str, champion, catalog_dir: Path, work_dir: Path,
                         cache_dir: Path | None = None, prefix: str = "index", batch_size: int = 64,
                         reason: str = "manual", clean_config=None, deltas: bool = True, listing=None,
@@ -333,12 +370,16 @@ def update_from_catalog(client, bucket: str, champion, catalog_dir: Path, work_d
     ``on_failed_download(key, error)``: called for each download of the first ingest that failed (its SKU
     stays as indexed until the next update). Raises :class:`skulens.catalog.contract.CatalogError` when
     products.csv is missing or unreadable (the index is left as it is). ``scope``: only these SKUs (see
-    :func:`index_delta`); None: the whole catalog, as the job."""
+    :func:`index_delta`), and only their files are ingested (``listing`` then needs to hold only theirs;
+    the SKUs sharing an ETag with them belong in the scope: the cleaning rule judges copies together);
+    None: the whole catalog, as the job."""
     from skulens.catalog import ingest
 
     t0 = time.perf_counter()
 
     def resync(objects=None):
+        if scope is not None:  # only the scope's files (the mirror's state is left to the full ingests)
+            return _scoped_ingest(client, bucket, Path(catalog_dir), scope, objects)
         return ingest.sync_images(client, bucket, contract.CATALOG_IMAGES_PREFIX, Path(catalog_dir),
                                   objects=objects)
 

@@ -273,13 +273,20 @@ class IndexWorker:
                      "(sku_index / the champion sensor's index_update run); not updating it here",
                      (pointer or {}).get("version"), (pointer or {}).get("model_version"), champion[1])
             return None
+        listing = list(self._listing.values())
+        if scope is not None:  # plus the SKUs sharing an ETag with them (cross-SKU copies are judged together)
+            pre = tuple(f"{contract.CATALOG_IMAGES_PREFIX}{s}/" for s in scope)
+            etags = {o.etag for k, o in self._listing.items() if k.startswith(pre)}
+            scope = set(scope) | {k.split("/")[2] for k, o in self._listing.items() if o.etag in etags}
+            pre = tuple(f"{contract.CATALOG_IMAGES_PREFIX}{s}/" for s in scope)
+            listing = [o for k, o in self._listing.items() if k.startswith(pre)]
         t0 = time.perf_counter()
         self.stats.updates += 1
         self._retry, self._retry_scope = ("all" if scope is None else "scope"), scope
         done = update_from_catalog(
             self.client, self.bucket, lambda: champion, self.work_dir / "catalog", self.work_dir / "normalised",
             cache_dir=self.index_cache, prefix=self.prefix, batch_size=self.batch_size,
-            reason=f"index-worker: {why}", clean_config=self.clean_config, listing=list(self._listing.values()),
+            reason=f"index-worker: {why}", clean_config=self.clean_config, listing=listing,
             scope=scope,
             on_failed_download=lambda k, e: log.warning("download failed for %s: %s; retried next cycle", k, e))
         self._seen(self._pending_notes)
