@@ -30,7 +30,10 @@ def _clustered(n_skus=400, per_sku=6, dim=DIM, noise=0.12, seed=0, tag="s"):
 
 def _index(kind="hnsw", threshold=1000, **kw):
     c, v, skus, keys = _clustered(**kw)
-    return c, SkuIndex(v, skus, keys, model_version="1", ann=AnnConfig(kind=kind, threshold=threshold))
+    # ivfpq scans every list of the toy index here (its default, a quarter of the lists, finds the best
+    # row of the top SKU for 95% of these queries; recall at scale is bench_index.py's job)
+    extra = {"pq_nprobe": 32} if kind == "ivfpq" else {}
+    return c, SkuIndex(v, skus, keys, model_version="1", ann=AnnConfig(kind=kind, threshold=threshold, **extra))
 
 
 def _queries(c, n=300, noise=0.15, seed=1):
@@ -39,7 +42,7 @@ def _queries(c, n=300, noise=0.15, seed=1):
     return c[pick] + noise * rng.normal(size=(n, c.shape[1]))
 
 
-@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+@pytest.mark.parametrize("kind", ["hnsw", "ivf", "ivfpq"])
 def test_ann_search_agrees_with_exact_and_scores_are_exact(kind):
     c, idx = _index(kind)
     assert len(idx) == 2400 and idx.uses_ann and idx.ann_index is None  # built on first use
@@ -79,7 +82,7 @@ def test_below_threshold_and_exact_kind_never_build(monkeypatch):
         AnnConfig(kind="lsh")
 
 
-@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+@pytest.mark.parametrize("kind", ["hnsw", "ivf", "ivfpq"])
 def test_with_updates_is_incremental_with_stable_ids(kind):
     c, idx = _index(kind)
     idx.ensure_ann()
@@ -150,8 +153,10 @@ def test_update_of_unbuilt_index_builds_lazily():
     assert up.ann_index.ntotal == len(up)
 
 
-@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+@pytest.mark.parametrize("kind", ["hnsw", "ivf", "ivfpq"])
 def test_round_trip_keeps_the_structure_without_rebuild(kind, tmp_path, monkeypatch):
+    if kind == "ivfpq":  # search knobs of a loaded index come from the code/env, not the file
+        monkeypatch.setenv("SKULENS_ANN_PQ_NPROBE", "32")
     c, idx = _index(kind)
     up = idx.with_updates(np.ones((1, DIM)), ["n-new"], ["new/0.jpg"], remove_skus=["s0005"])
     data = up.to_bytes()  # builds the structure (to_bytes is what is published)
@@ -254,3 +259,31 @@ def test_search_knobs_follow_the_code_and_environment_not_the_file(monkeypatch):
     monkeypatch.setenv("SKULENS_ANN_EF_SEARCH", "99")
     tuned = SkuIndex.from_bytes(data)
     assert tuned.ann_index is not None and tuned.ann_index.config.ef_search == 99
+
+
+def test_ivfpq_fast_scan_proposes_many_candidates_rescored_exactly(monkeypatch):
+    from skulens.index.ann import auto_nlist_pq, pq_subquantizers
+
+    assert auto_nlist_pq(100_960) == 1024 and auto_nlist_pq(800_960) == 2048 and auto_nlist_pq(2400) == 32
+    assert pq_subquantizers(1280, 256) == 256 and pq_subquantizers(1280, 100) == 80 and pq_subquantizers(32, 256) == 32
+    c, v, skus, keys = _clustered(dim=64)
+    idx = SkuIndex(v, skus, keys, ann=AnnConfig(kind="ivfpq", threshold=1000, pq_m=16, pq_candidates=100))
+    ann = idx.ensure_ann()
+    import faiss
+
+    assert isinstance(ann.index, faiss.IndexIVFPQFastScan) and ann.index.by_residual
+    assert ann.index.M == 16 and ann.index.nlist == 32 and ann.pq_nprobe == 8  # auto: a quarter of the lists
+    assert ann.describe()["pq_m"] == 16 and ann.nbytes() < idx.vectors.nbytes
+    # 4-bit codes only rank: the structure returns pq_candidates rows whatever the caller asked for
+    assert (ann.search(idx.vectors[:2], 5) >= 0).sum(axis=1).tolist() == [100, 100]
+    q = _queries(c)
+    got, exact = idx.search(q, k=3), idx.search_exact(q, k=3)
+    assert np.mean([g[0][0] == e[0][0] for g, e in zip(got, exact)]) >= 0.95  # toy data, a quarter of 32 lists
+    assert all(g[0][1] <= e[0][1] + 1e-5 for g, e in zip(got, exact))  # exact cosines of candidate rows
+    # search knobs from the environment reach a loaded structure without a rebuild
+    monkeypatch.setenv("SKULENS_ANN_PQ_NPROBE", "32")
+    monkeypatch.setenv("SKULENS_ANN_PQ_CANDIDATES", "50")
+    back = SkuIndex.from_bytes(idx.to_bytes())
+    assert back.ann_index is not None and back.ann_index.pq_nprobe == 32
+    assert (back.ann_index.search(idx.vectors[:1], 5) >= 0).sum() == 50
+    assert back.search(q[:50], k=3) == SkuIndex(v, skus, keys, ann=AnnConfig(kind="exact")).search(q[:50], k=3)
