@@ -3,6 +3,7 @@
     .venv/bin/python bench/bench_index.py                       # real GroZi set + 100k synthetic
     .venv/bin/python bench/bench_index.py --sizes 100000 800000 # + 800k (HNSW build: minutes)
     .venv/bin/python bench/bench_index.py --sizes 100000 --kinds hnsw ivf --storage fp16 sq8
+    .venv/bin/python bench/bench_index.py --sizes 100000 800000 --kinds ivfpq --pq-nprobe 256 512 --queries 300
 
 Vectors. Real: EfficientNet-Lite0 (ImageNet weights, the offline default tower) embeddings of GroZi-120
 crops (``--real-per-sku`` per product, evenly spread over each product's frames; embedded once and
@@ -296,7 +297,7 @@ def bench_structure(vectors, skus, keys, queries, exact, config, real_queries=No
     idx.ensure_ann()
     build_s = time.perf_counter() - t0
     ann = idx.ann_index
-    knob = "ef_search" if config.kind == "hnsw" else "nprobe"
+    knob = {"hnsw": "ef_search", "ivf": "nprobe", "ivfpq": "pq_nprobe"}[config.kind]
     rows = []
     for val in (sweep or [getattr(config, knob)]):
         idx.ann = ann.config = replace(config, **{knob: int(val)})
@@ -310,8 +311,11 @@ def bench_structure(vectors, skus, keys, queries, exact, config, real_queries=No
                "recall1": round(r1, 4), "recall1_within_0.01": round(near_recall(got, exact), 4),
                "recall5": round(r5, 4), "queries": len(queries),
                "vectors_mb": round(idx.vectors.nbytes / 2**20), "ann_mb": round(ann.nbytes() / 2**20)}
-        if config.kind == "ivf":
+        if config.kind in ("ivf", "ivfpq"):
             out["nlist"] = int(ann.index.nlist)
+        if config.kind == "ivfpq":
+            out.update(pq_m=int(ann.index.M), pq_candidates=config.pq_candidates, pq_nprobe=ann.pq_nprobe)
+        out["total_mb"] = out["vectors_mb"] + out["ann_mb"] + round(idx.ids.nbytes / 2**20)
         if real_queries is not None:
             _, rg = single_query_times(idx, real_queries, warmup=0)
             out["real_in_scale_recall1"] = round(recall(rg, real_exact)[0], 4)
@@ -357,7 +361,8 @@ def bench_structure(vectors, skus, keys, queries, exact, config, real_queries=No
 
 def run(sizes=(100_000,), per_sku: int = 8, kinds=("hnsw",), storages=("fp16",), ef_search=(128, 256, 512),
         nprobe=(32, 64, 128), n_queries: int = 1000, real_per_sku: int = 12, cache="/tmp/idxbench/grozi_lite0_emb.npz",
-        hnsw_m: int = 32, ef_construction: int = 80, views: int | None = None, log=print) -> dict:
+        hnsw_m: int = 32, ef_construction: int = 80, views: int | None = None, log=print,
+        pq_nprobe=(0,), pq_m: int = 256, pq_candidates: int = 256) -> dict:
     """The whole benchmark; returns {"calibration": ..., "real": [...], "scale": {size: [...]}}."""
     import faiss
 
@@ -382,7 +387,8 @@ def run(sizes=(100_000,), per_sku: int = 8, kinds=("hnsw",), storages=("fp16",),
     for kind in kinds:
         for st in storages:
             cfg = AnnConfig(kind=kind, storage=st, threshold=1, hnsw_m=hnsw_m, ef_construction=ef_construction,
-                            ef_search=ef_search[0], nprobe=nprobe[0], ivf_nlist=16 if kind == "ivf" else 0)
+                            ef_search=ef_search[0], nprobe=nprobe[0], ivf_nlist=16 if kind == "ivf" else 0,
+                            pq_m=pq_m, pq_nprobe=pq_nprobe[0], pq_candidates=pq_candidates)
             idx = SkuIndex(rv[gal], rs[gal], None, ann=cfg)
             r1, r5 = recall(idx.search(rv[~gal], k=5), real_exact)
             row = {"kind": kind, "storage": st, "recall1": round(r1, 4), "recall5": round(r5, 4)}
@@ -428,9 +434,10 @@ def run(sizes=(100_000,), per_sku: int = 8, kinds=("hnsw",), storages=("fp16",),
         for kind in kinds:
             for st in storages:
                 cfg = AnnConfig(kind=kind, storage=st, threshold=1, hnsw_m=hnsw_m, ef_construction=ef_construction,
-                                ef_search=ef_search[0], nprobe=nprobe[0])
+                                ef_search=ef_search[0], nprobe=nprobe[0], pq_m=pq_m, pq_nprobe=pq_nprobe[0],
+                                pq_candidates=pq_candidates)
                 rows += bench_structure(vecs, skus, keys, queries, exact, cfg, rv[~gal], real_exact_n,
-                                        sweep=ef_search if kind == "hnsw" else nprobe, log=log)
+                                        sweep={"hnsw": ef_search, "ivf": nprobe, "ivfpq": pq_nprobe}[kind], log=log)
         report["scale"][len(vecs)] = rows
         del vecs, skus, keys
         gc.collect()
@@ -441,11 +448,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000], help="synthetic rows (800000: HNSW builds for minutes)")
     ap.add_argument("--per-sku", type=int, default=8)
-    ap.add_argument("--kinds", nargs="+", default=["hnsw"], choices=["hnsw", "ivf"])
+    ap.add_argument("--kinds", nargs="+", default=["ivfpq"], choices=["hnsw", "ivf", "ivfpq"])
     ap.add_argument("--storage", nargs="+", default=["fp16"], choices=["fp16", "sq8", "flat"])
     ap.add_argument("--ef-search", type=int, nargs="+", default=[128, 256, 512])
     ap.add_argument("--nprobe", type=int, nargs="+", default=[32, 64, 128])
     ap.add_argument("--hnsw-m", type=int, default=32)
+    ap.add_argument("--pq-nprobe", type=int, nargs="+", default=[0], help="ivfpq lists scanned (0: auto, nlist/4)")
+    ap.add_argument("--pq-m", type=int, default=256)
+    ap.add_argument("--pq-candidates", type=int, default=256)
     ap.add_argument("--ef-construction", type=int, default=80)
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--real-per-sku", type=int, default=12)
@@ -454,7 +464,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, help="also write the report here")
     a = ap.parse_args(argv)
     rep = run(a.sizes, a.per_sku, a.kinds, a.storage, a.ef_search, a.nprobe, a.queries, a.real_per_sku, a.cache,
-              a.hnsw_m, a.ef_construction, a.views)
+              a.hnsw_m, a.ef_construction, a.views, pq_nprobe=a.pq_nprobe, pq_m=a.pq_m,
+              pq_candidates=a.pq_candidates)
     if a.json:
         a.json.write_text(json.dumps(rep, indent=1, default=str))
     return 0
