@@ -216,8 +216,8 @@ class AnnIndex:
         if self.config.kind == "hnsw":
             return np.sort(faiss.vector_to_array(self.index.id_map).astype(np.int64))
         inv = self.index.invlists
-        parts = [faiss.rev_swig_ptr(inv.get_ids(l), inv.list_size(l)).copy()
-                 for l in range(self.index.nlist) if inv.list_size(l)]
+        parts = [faiss.rev_swig_ptr(inv.get_ids(li), inv.list_size(li)).copy()
+                 for li in range(self.index.nlist) if inv.list_size(li)]
         return np.sort(np.concatenate(parts).astype(np.int64)) if parts else np.zeros(0, np.int64)
 
     @property

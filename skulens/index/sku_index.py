@@ -24,8 +24,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import logging
+import os
 import tempfile
 import threading
 from collections.abc import Iterable, Sequence
