@@ -57,6 +57,7 @@ def main() -> None:
     ap.add_argument("--sensor-interval", type=int, default=3, help="SKULENS_SENSOR_INTERVAL for the daemon")
     ap.add_argument("--worker", action=argparse.BooleanOptionalAction, default=True,
                     help="start the warm index worker next to the daemon, as `skulens services up --ui` does")
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = ap.parse_args()
 
     home = args.home or Path(tempfile.mkdtemp(prefix="skulens-bench-"))
@@ -185,6 +186,14 @@ def run_bench(args, settings, mgr) -> None:
         print(f"  {k:<36} " + " ".join(f"{v:6.2f}" for v in vals) + f"   {np.nanmedian(vals):6.2f}")
     print("  published as: " + ", ".join(str(r["mode"]) for r in results))
     print("  published by: " + ", ".join(str(r["path"]) for r in results))
+    if args.json:
+        import json
+
+        args.json.write_text(json.dumps({
+            "skus": args.skus, "images_per_sku": args.images_per_sku, "model": args.model,
+            "embed_dim": rec.index.embed_dim, "index_rows": len(rec.index), "worker": args.worker, "n": len(results),
+            "p50_s": round(float(np.percentile(total, 50)), 2), "p95_s": round(float(np.percentile(total, 95)), 2),
+            "max_s": round(float(total.max()), 2), "per_sku": results}, indent=1, default=str))
 
 
 def one_new_sku(args, settings, client, instance, rec, i: int) -> dict | None:
