@@ -55,6 +55,13 @@ def _timed(fn, n_images: int, repeats: int, warmup: int = 1) -> float:
     return statistics.median(rates)
 
 
+def _wall_cpu(fn) -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds, all threads) of one ``fn()``."""
+    c0, t0 = time.process_time(), time.perf_counter()
+    fn()
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
 def lite0_engine(work_dir: str | os.PathLike, backend: str = "auto", precision: str = "f32",
                  preprocess: str | None = None):
     """``(engine, encoder, model path)`` of EfficientNet-Lite0 (offline ImageNet weights) compiled in
@@ -113,10 +120,10 @@ def decode_only(engine, files: list[str], threads: int | None = None) -> float:
     """images/s of decoding + preprocessing alone (the same thread pool, no inference)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from skulens.model.embed import _decode_threads, _load_for
+    from skulens.model.embed import _decode_threads, _load_for, _max_decode_threads
 
     pre = engine.preprocess
-    with ThreadPoolExecutor(threads or _decode_threads()) as pool:
+    with ThreadPoolExecutor(threads or _decode_threads() or _max_decode_threads()) as pool:
         return _timed(lambda: list(pool.map(lambda f: pre(_load_for(f, pre)), files)), len(files), 1, warmup=0)
 
 
@@ -188,7 +195,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, nargs="*", default=[0],
-                    help="decode threads to try (0: the default, $SKULENS_DECODE_THREADS or min(4, cores))")
+                    help="decode threads to try (0: the default: $SKULENS_DECODE_THREADS, else adaptive)")
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "skulens-bench-embed"))
     ap.add_argument("--bf16", action="store_true", help="also OpenVINO BF16 (opt-in precision)")
     ap.add_argument("--skip-torch", action="store_true", help="skip the (slow) eager/channels_last figures")
@@ -233,23 +240,33 @@ def main(argv=None) -> int:
         sets["1200 px JPEGs"] = large_jpegs(big_src, Path(args.work) / "large")
     print(f"\nfull path: embed_images({base_kind} engine), JPEG files from {args.images}; "
           f"ratio = full / {base_kind} model-only (float input) measured in the same repeat")
+    print("  (vs u8: ratio to model-only on the uint8 input; cpu est.: model-only CPU time per image / the full\n"
+          "   path's, what the ratio would be on idle cores with perfect overlap; pre ms: the full path's\n"
+          "   extra CPU ms per image over model-only, i.e. decoding + preprocessing + pipeline)")
     print(f"  {'images':<16}{'n':>5}{'mode':>7}{'threads':>8}{'decode-only':>13}{'full':>9}{'ratio':>8}"
-          f"{'vs u8':>8}")
+          f"{'vs u8':>8}{'cpu est.':>9}{'pre ms':>9}")
     for name, fs in sets.items():
         for threads in args.threads:
             for mode in MODES:  # warm-up: file cache, thread pool, engine
                 full_path(engines[mode], fs[:args.batch], args.batch, threads=threads)
             rows = {m: [] for m in MODES}
+            xf = np.random.default_rng(0).standard_normal((args.batch, 3, 224, 224)).astype(np.float32)
+            x8 = np.random.default_rng(0).integers(0, 256, (args.batch, 224, 224, 3), dtype=np.uint8)
+            reps = max(1, len(fs) // args.batch)
             for _ in range(args.repeats):
-                mo = model_only(base_kind, path, args.batch, 1, engine=engine)
-                mo8 = model_only(f"{base_kind}-u8", path, args.batch, 1, engine=engine)
+                w, c = _wall_cpu(lambda: [engine.run(xf) for _ in range(reps)])
+                mo, mo_cpu = reps * args.batch / w, c / (reps * args.batch)
+                w, c = _wall_cpu(lambda: [engine.run(x8) for _ in range(reps)])
+                mo8, mo8_cpu = reps * args.batch / w, c / (reps * args.batch)
                 for m in MODES:
-                    f = full_path(engines[m], fs, args.batch, threads=threads)
-                    rows[m].append((f, f / mo, f / mo8))
+                    w, c = _wall_cpu(lambda: full_path(engines[m], fs, args.batch, threads=threads))
+                    f = len(fs) / w
+                    rows[m].append((f, f / mo, f / mo8, mo8_cpu / (c / len(fs)), 1e3 * (c / len(fs) - mo8_cpu)))
             for m in MODES:
                 dec = decode_only(engines[m], fs, threads or None)
-                f, r, r8 = (statistics.median(v[i] for v in rows[m]) for i in range(3))
-                print(f"  {name:<16}{len(fs):>5}{m:>7}{threads or 'dflt':>8}{dec:>13.1f}{f:>9.1f}{r:>8.0%}{r8:>8.0%}")
+                f, r, r8, rc, pre_ms = (statistics.median(v[i] for v in rows[m]) for i in range(5))
+                print(f"  {name:<16}{len(fs):>5}{m:>7}{threads or 'auto':>8}{dec:>13.1f}{f:>9.1f}{r:>8.0%}{r8:>8.0%}"
+                      f"{rc:>9.0%}{pre_ms:>9.2f}")
     if "eager" in figures:
         print(f"\n  speed-up of the full path over the eager model: "
               f"{statistics.median(v[0] for v in rows['fast']) / figures['eager']:.1f}x (last set, fast)")

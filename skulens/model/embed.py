@@ -45,10 +45,13 @@ def _load_for(image: ImageLike, preprocess) -> "Image.Image":  # noqa: F821 - PI
         return f.copy() if out is f else out
 
 
-def _decode_threads() -> int:
+def _decode_threads() -> int | None:
+    """``$SKULENS_DECODE_THREADS`` if set, else None (adaptive: see :func:`_embed_engine`)."""
     raw = os.environ.get("SKULENS_DECODE_THREADS")
-    if raw:
-        return max(1, int(raw))
+    return max(1, int(raw)) if raw else None
+
+
+def _max_decode_threads() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
@@ -66,19 +69,30 @@ def _output_of(pre, image) -> tuple[tuple, np.dtype]:
 def _embed_engine(engine, images: list, batch_size: int, progress: bool, threads: int | None,
                   prefetch: int = 2) -> np.ndarray:
     """Decode + preprocess in a thread pool (PIL releases the GIL in decode and resize) while the
-    engine runs the previous batch; up to ``prefetch`` batches are prepared ahead, each thread writing
-    its image's pixels straight into the batch array (uint8 NHWC for an engine: 12 bytes a pixel less
-    than float32, and the normalisation runs inside the compiled graph)."""
+    engine runs the previous batch; up to ``prefetch`` batches are prepared ahead, the threads writing
+    each image's pixels straight into the batch array (uint8 NHWC for an engine: a quarter of the
+    bytes of float32, and the normalisation runs inside the compiled graph).
+
+    Each batch is cut into ``k`` slices, one task each. ``threads`` (or ``$SKULENS_DECODE_THREADS``)
+    fixes ``k``; by default ``k`` adapts between 1 and min(4, cores): it grows by one when the engine
+    had to wait for a batch (decoding is the bottleneck: large packshots) and shrinks by one after two
+    batches that were ready in time. On 2 cores with small JPEGs one decoding thread costs less CPU
+    per image than two (bench/bench_embed.py), and every cycle it saves goes to inference."""
+    import time
     from concurrent.futures import ThreadPoolExecutor
 
     pre = engine.preprocess
     n = len(images)
     starts = list(range(0, n, batch_size))
-    threads = threads or _decode_threads()
+    fixed = threads or _decode_threads()
+    k_max = fixed or _max_decode_threads()
+    k = fixed or 1
+    ready_streak = 0
     probe = None
 
-    def one(buf, j, im):
-        buf[j] = pre(_load_for(im, pre))
+    def work(buf, offset, chunk):
+        for j, im in enumerate(chunk):
+            buf[offset + j] = pre(_load_for(im, pre))
 
     out = np.empty((n, engine.embed_dim), dtype=np.float32)
     bar = None
@@ -86,7 +100,7 @@ def _embed_engine(engine, images: list, batch_size: int, progress: bool, threads
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(starts), desc=f"embed ({engine.backend})", unit="batch")
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="skulens-decode") as pool:
+    with ThreadPoolExecutor(max_workers=k_max, thread_name_prefix="skulens-decode") as pool:
         pending: deque = deque()
 
         def submit(i):
@@ -95,7 +109,9 @@ def _embed_engine(engine, images: list, batch_size: int, progress: bool, threads
             if probe is None:  # the shape and dtype of one preprocessed image
                 probe = _output_of(pre, chunk[0])
             buf = np.empty((len(chunk), *probe[0]), probe[1])
-            pending.append((starts[i], buf, [pool.submit(one, buf, j, im) for j, im in enumerate(chunk)]))
+            step = -(-len(chunk) // k)
+            pending.append((starts[i], buf, [pool.submit(work, buf, o, chunk[o:o + step])
+                                             for o in range(0, len(chunk), step)]))
 
         nxt = 0
         while nxt < len(starts) and nxt < prefetch + 1:
@@ -104,8 +120,17 @@ def _embed_engine(engine, images: list, batch_size: int, progress: bool, threads
         try:
             while pending:
                 start, batch, futs = pending.popleft()
+                waited = not all(f.done() for f in futs)
+                t0 = time.perf_counter()
                 for f in futs:
                     f.result()
+                if not fixed and nxt > prefetch + 1:  # past the first batches (which nobody can have ready)
+                    if waited and time.perf_counter() - t0 > 1e-3:
+                        k, ready_streak = min(k_max, k + 1), 0
+                    else:
+                        ready_streak += 1
+                        if ready_streak >= 2 and k > 1:
+                            k, ready_streak = k - 1, 0
                 if nxt < len(starts):  # keep the decoders busy while the engine runs this batch
                     submit(nxt)
                     nxt += 1
@@ -185,7 +210,7 @@ def embed_images(
     ``index_update``, ``recognize`` and ``serve`` all call it.
 
     With an engine (:mod:`skulens.model.engine`) decoding and preprocessing run in threads
-    (``num_workers`` of them, default ``$SKULENS_DECODE_THREADS`` or min(4, cores)), overlapping
+    (``num_workers`` of them, else ``$SKULENS_DECODE_THREADS``, else 1 to min(4, cores), adapting), overlapping
     inference; ``device`` and ``amp_dtype`` are the engine's business and ignored; torch is not imported.
     """
     if batch_size < 1:
