@@ -254,8 +254,8 @@ def main(argv=None) -> int:
             x8 = np.random.default_rng(0).integers(0, 256, (args.batch, 224, 224, 3), dtype=np.uint8)
             reps = max(1, len(fs) // args.batch)
             for _ in range(args.repeats):
-                w, c = _wall_cpu(lambda: [engine.run(xf) for _ in range(reps)])
-                mo, mo_cpu = reps * args.batch / w, c / (reps * args.batch)
+                w, _ = _wall_cpu(lambda: [engine.run(xf) for _ in range(reps)])
+                mo = reps * args.batch / w
                 w, c = _wall_cpu(lambda: [engine.run(x8) for _ in range(reps)])
                 mo8, mo8_cpu = reps * args.batch / w, c / (reps * args.batch)
                 for m in MODES:

@@ -4,9 +4,15 @@ reproduces PyTorch, cached next to the model file, loaded without torch afterwar
 Backends (``backend=``):
 
 * ``openvino``    - OpenVINO on the CPU (IR converted from the ONNX export, ``PERFORMANCE_HINT``
-  ``THROUGHPUT``, one async infer request per stream, the batch split across them; FP32 by default);
-* ``onnxruntime`` - onnxruntime on the CPU (one intra-op thread per core);
-* ``torch``       - PyTorch (``channels_last``), on CUDA when ``device`` is a CUDA device;
+  ``THROUGHPUT``, one infer request per stream, the batch dealt out to them in chunks of
+  ``SKULENS_OPENVINO_CHUNK`` = 8 rows; FP32 by default). Its input is the uint8 NHWC pixels: the
+  float conversion, mean/std normalisation and layout change are fused into the compiled graph
+  (``openvino.preprocess.PrePostProcessor``); a float32 NCHW batch is also accepted (a second
+  compile, on first use, parity-checked then). ``SKULENS_OPENVINO_STREAMS`` / ``_THREADS`` override
+  ``NUM_STREAMS`` / ``INFERENCE_NUM_THREADS``;
+* ``onnxruntime`` - onnxruntime on the CPU (one intra-op thread per core; uint8 input normalised in numpy);
+* ``torch``       - PyTorch (``channels_last``), on CUDA when ``device`` is a CUDA device (uint8 input
+  normalised on the device);
 * ``auto``        - CUDA: ``torch``; CPU: the first of ``openvino``, ``onnxruntime``, ``torch`` that is
   installed, compiles and passes the parity check (each one skipped is recorded with why, in
   ``engine.fallbacks``). Measured on the 2-core machine, batch 64, EfficientNet-Lite0 at 224 px:
@@ -21,9 +27,16 @@ blob directory of its sha256)::
     <model>.engine/openvino/         model.xml + model.bin (FP32 IR)
     <model>.engine/ov_cache/         OpenVINO's compiled-blob cache (CACHE_DIR)
 
-Parity: at compile time PyTorch embeds ``reference.npz``'s batch on the CPU and every backend must
-reproduce it (``max |engine - torch|`` <= ``atol`` and ``max (1 - cosine)`` <= ``cos_tol``). A
-process that finds the artifact cached re-checks it against the stored reference (milliseconds,
+Preprocessing (``preprocess=`` / ``$SKULENS_PREPROCESS``): ``engine.preprocess`` turns a PIL image into
+the uint8 ``(S, S, 3)`` pixels; ``exact`` reproduces torchvision's resize + centre crop, ``fast`` (the
+default) resizes the crop box in one step and lets large JPEGs decode at reduced scale (see
+:class:`~skulens.model.transform.EvalTransformNP`; measured on GroZi-120: 1-NN top-1 0.5969 exact vs
+0.5973 fast, mean cosine 0.9999). The mode is in ``engine.info()``, the index meta and the embedding
+cache key.
+
+Parity: at compile time PyTorch embeds ``reference.npz``'s uint8 batch (normalised) on the CPU and
+every backend must reproduce it from the uint8 batch (``max |engine - torch|`` <= ``atol`` and
+``max (1 - cosine)`` <= ``cos_tol``). A process that finds the artifact cached re-checks it against the stored reference (milliseconds,
 no torch), so a runtime upgrade that changes the numbers is caught, not trusted. The result is
 ``engine.parity``.
 
