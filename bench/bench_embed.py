@@ -160,8 +160,9 @@ def _top1(gallery: np.ndarray, g_labels: list, queries: np.ndarray, q_labels: li
     return float(np.mean([g_labels[i] == q for i, q in zip(nn, q_labels)]))
 
 
-def accuracy(work: str, images_dir: str, large_every: int = 4, batch: int = 64) -> None:
-    """Print 1-NN top-1 exact vs fast on GroZi (and on its large-JPEG copies) and the embeddings' cosine."""
+def accuracy(work: str, images_dir: str, large_every: int = 4, batch: int = 64) -> list[dict]:
+    """Print (and return) 1-NN top-1 exact vs fast on GroZi (and on its large-JPEG copies) and the
+    cosine between the two embeddings of each image."""
     rows = _grozi_frames(images_dir)
     first = {}
     for sku, p, _ in rows:
@@ -179,12 +180,17 @@ def accuracy(work: str, images_dir: str, large_every: int = 4, batch: int = 64) 
     print(f"\naccuracy: 1-NN top-1, gallery = first frame of each of {len(gal)} products, "
           f"ImageNet EfficientNet-Lite0 on {engines['exact'].backend}")
     print(f"  {'images':<22}{'queries':>8}{'exact':>9}{'fast':>9}{'diff':>8}{'mean cos':>10}{'min cos':>9}")
+    rows = []
     for name, (g, q) in sets.items():
         emb = {m: embed_images(e, [p for _, p in g] + [p for _, p in q], batch_size=batch) for m, e in engines.items()}
         top = {m: _top1(v[:len(g)], [s for s, _ in g], v[len(g):], [s for s, _ in q]) for m, v in emb.items()}
         cos = np.sum(emb["exact"] * emb["fast"], axis=1)
         print(f"  {name:<22}{len(q):>8}{top['exact']:>9.4f}{top['fast']:>9.4f}"
               f"{100 * (top['fast'] - top['exact']):>+7.2f}p{cos.mean():>10.5f}{cos.min():>9.5f}")
+        rows.append({"set": name, "queries": len(q), "top1_exact": round(top["exact"], 4),
+                     "top1_fast": round(top["fast"], 4), "mean_cos": round(float(cos.mean()), 5),
+                     "min_cos": round(float(cos.min()), 5)})
+    return rows
 
 
 def main(argv=None) -> int:
@@ -200,6 +206,7 @@ def main(argv=None) -> int:
     ap.add_argument("--bf16", action="store_true", help="also OpenVINO BF16 (opt-in precision)")
     ap.add_argument("--skip-torch", action="store_true", help="skip the (slow) eager/channels_last figures")
     ap.add_argument("--accuracy", action="store_true", help="also 1-NN top-1 exact vs fast on GroZi (~2 min)")
+    ap.add_argument("--json", help="also write the figures here (bench/bench_speed.py reads them)")
     args = ap.parse_args(argv)
 
     t0 = time.perf_counter()
@@ -243,6 +250,7 @@ def main(argv=None) -> int:
     print("  (vs u8: ratio to model-only on the uint8 input; cpu est.: model-only CPU time per image / the full\n"
           "   path's, what the ratio would be on idle cores with perfect overlap; pre ms: the full path's\n"
           "   extra CPU ms per image over model-only, i.e. decoding + preprocessing + pipeline)")
+    full_rows = []
     print(f"  {'images':<16}{'n':>5}{'mode':>7}{'threads':>8}{'decode-only':>13}{'full':>9}{'ratio':>8}"
           f"{'vs u8':>8}{'cpu est.':>9}{'pre ms':>9}")
     for name, fs in sets.items():
@@ -265,13 +273,23 @@ def main(argv=None) -> int:
             for m in MODES:
                 dec = decode_only(engines[m], fs, threads or None)
                 f, r, r8, rc, pre_ms = (statistics.median(v[i] for v in rows[m]) for i in range(5))
+                full_rows.append({"set": name, "n": len(fs), "mode": m, "threads": threads or "auto",
+                                  "decode_only_images_per_s": round(dec, 1), "images_per_s": round(f, 1),
+                                  "ratio": round(r, 3), "ratio_u8": round(r8, 3), "cpu_estimate": round(rc, 3),
+                                  "preprocess_cpu_ms": round(pre_ms, 3)})
                 print(f"  {name:<16}{len(fs):>5}{m:>7}{threads or 'auto':>8}{dec:>13.1f}{f:>9.1f}{r:>8.0%}{r8:>8.0%}"
                       f"{rc:>9.0%}{pre_ms:>9.2f}")
     if "eager" in figures:
         print(f"\n  speed-up of the full path over the eager model: "
               f"{statistics.median(v[0] for v in rows['fast']) / figures['eager']:.1f}x (last set, fast)")
-    if args.accuracy:
-        accuracy(args.work, args.images, batch=args.batch)
+    acc = accuracy(args.work, args.images, batch=args.batch) if args.accuracy else None
+    if args.json:
+        import json
+
+        Path(args.json).write_text(json.dumps({
+            "backend": base_kind, "batch": args.batch, "cores": os.cpu_count(), "load_avg": os.getloadavg()[0],
+            "model_only": {k: round(v, 1) for k, v in figures.items()}, "full_path": full_rows,
+            "accuracy": acc}, indent=2))
     return 0
 
 
