@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from skulens.catalog import contract, importer
+from skulens.catalog.notes import NOTES_PREFIX, read_note
 from skulens.catalog.s3 import list_objects
 
 SKULENS = str(Path(sys.executable).parent / "skulens")
@@ -84,7 +85,9 @@ def test_import_rejects_unsafe_names_and_uploads_the_rest(s3, tmp_path):
     assert "rejected" in out.stderr and "bad sku" in out.stderr and "control" in out.stderr
     assert "3 rejected" in out.stdout and "3 file(s) rejected and not uploaded" in out.stderr
     keys = {o.key for o in list_objects(s3.client(), bucket, "")}
-    assert keys == {"catalog/products.csv", "catalog/images/good-1/a.jpg"}  # the rest went in
+    notes = {k for k in keys if k.startswith(NOTES_PREFIX)}
+    assert keys - notes == {"catalog/products.csv", "catalog/images/good-1/a.jpg"}  # the rest went in
+    assert len(notes) == 1 and read_note(s3.client(), bucket, notes.pop()) == ["good-1"]  # the index worker's note
     again = _cli(s3, bucket, "import", "catalog", str(src), "--allow-rejects")  # accepted on purpose: exit 0
     assert "3 rejected" in again.stdout and "0 uploaded" in again.stdout
 

@@ -479,7 +479,7 @@ def test_hostile_payloads_direct(tmp_path):
     assert (_rgb(out) == first).all()  # the first frame, as RGB
 
 
-_SLOW_LIMIT = 0.05  # s; the slow PNG takes about 1 s to inspect (asserted > 10x the limit below)
+_SLOW_LIMIT = 0.02  # s; the slow PNG takes 0.5-1 s to inspect (asserted > 10x the limit below)
 
 
 @pytest.fixture(scope="module")
@@ -508,7 +508,7 @@ def test_decode_timeout_drops_the_slow_file_and_the_run_goes_on(slow_catalog, tm
     reasons = dict(zip(r.images["key"].str.rsplit("/", n=1).str[-1], r.images["reason"]))
     assert reasons == {"slow.png": C.DECODE_TIMEOUT, **{f"good_{i}.jpg": "" for i in range(5)}}
     row = r.images[r.images["reason"] == C.DECODE_TIMEOUT].iloc[0]
-    assert "decode_timeout_s 0.05 s" in row["detail"] and row["format"] == "PNG"
+    assert f"decode_timeout_s {_SLOW_LIMIT:g} s" in row["detail"] and row["format"] == "PNG"
     assert r.stats["dropped_by_reason"] == {C.DECODE_TIMEOUT: 1} and len(r.kept) == 5
     assert elapsed < full_s  # the slow file was cut short, not decoded to the end
     # the previous SIGALRM handler is back, and an outer timer (pytest-timeout's) keeps running
