@@ -160,6 +160,33 @@ def _top1(gallery: np.ndarray, g_labels: list, queries: np.ndarray, q_labels: li
     return float(np.mean([g_labels[i] == q for i, q in zip(nn, q_labels)]))
 
 
+def accuracy_vs_torch(work: str, images_dir: str, every: int = 3, batch: int = 64) -> dict:
+    """1-NN top-1 on GroZi (gallery = first frame of each product, queries = every ``every``-th other
+    frame) with the PyTorch encoder (eager, torchvision preprocessing: the reference) and with the default
+    engine (backend ``auto``, the default preprocessing), on the same images."""
+    from skulens.model.embed import embed_images
+    from skulens.model.io import load_encoder
+
+    rows = _grozi_frames(images_dir)
+    first = {}
+    for sku, p, _ in rows:
+        first.setdefault(sku, p)
+    qry = [(s, p) for s, p, _ in rows if first[s] != p][::every]
+    files = list(first.values()) + [p for _, p in qry]
+    engine, _, path = lite0_engine(work, "auto")
+    torch_enc = load_encoder(path, device="cpu")
+    vecs = {"pytorch": embed_images(torch_enc, files, batch_size=batch),
+            f"{engine.backend} ({engine.preprocess_mode})": embed_images(engine, files, batch_size=batch)}
+    g_labels, q_labels = list(first), [s for s, _ in qry]
+    out = {name: _top1(v[:len(first)], g_labels, v[len(first):], q_labels) for name, v in vecs.items()}
+    a, b = vecs.values()
+    agree = float(np.mean(np.argmax(a[len(first):] @ a[:len(first)].T, 1) == np.argmax(b[len(first):] @ b[:len(first)].T, 1)))
+    print(f"\naccuracy vs PyTorch: 1-NN top-1 on {len(qry)} GroZi queries against the first frame of {len(first)} "
+          f"products: " + ", ".join(f"{k} {v:.4f}" for k, v in out.items())
+          + f"; same nearest neighbour for {agree:.1%} of queries; mean cosine {float(np.mean(np.sum(a * b, 1))):.5f}")
+    return {"top1": out, "nn_agreement": agree, "queries": len(qry)}
+
+
 def accuracy(work: str, images_dir: str, large_every: int = 4, batch: int = 64) -> list[dict]:
     """Print (and return) 1-NN top-1 exact vs fast on GroZi (and on its large-JPEG copies) and the
     cosine between the two embeddings of each image."""
@@ -206,8 +233,13 @@ def main(argv=None) -> int:
     ap.add_argument("--bf16", action="store_true", help="also OpenVINO BF16 (opt-in precision)")
     ap.add_argument("--skip-torch", action="store_true", help="skip the (slow) eager/channels_last figures")
     ap.add_argument("--accuracy", action="store_true", help="also 1-NN top-1 exact vs fast on GroZi (~2 min)")
+    ap.add_argument("--vs-torch", action="store_true",
+                    help="only 1-NN top-1 on GroZi with PyTorch eager vs the default engine (~1 min), then exit")
     ap.add_argument("--json", help="also write the figures here (bench/bench_speed.py reads them)")
     args = ap.parse_args(argv)
+    if args.vs_torch:
+        accuracy_vs_torch(args.work, args.images, batch=args.batch)
+        return 0
 
     t0 = time.perf_counter()
     engines = {m: lite0_engine(args.work, preprocess=m)[0] for m in MODES}
