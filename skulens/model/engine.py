@@ -170,6 +170,7 @@ class _OpenVINORunner:
         self._float = None
         self._float_check: Callable | None = None
         self.lock = threading.Lock()
+        self._float_lock = threading.Lock()
         self.info = {"device": "CPU", "hint": hint, "precision": precision, "infer_requests": self.uint8[1],
                      "chunk": OV_CHUNK,
                      "input": "uint8 NHWC (normalisation fused)",
@@ -215,11 +216,12 @@ class _OpenVINORunner:
 
     def run_float(self, x: np.ndarray) -> np.ndarray:
         if self._float is None:
-            with self.lock:
+            with self._float_lock:  # not self.lock: the check below runs _infer, which takes it
                 if self._float is None:
-                    self._float = self._compile(self.core.read_model(str(self.xml)))
-            if self._float_check is not None:  # the float model is checked once, on first use
-                self._float_check(lambda a: self._infer(self._float, a))
+                    compiled = self._compile(self.core.read_model(str(self.xml)))
+                    if self._float_check is not None:  # checked once, before anyone can use it
+                        self._float_check(lambda a: self._infer(compiled, a))
+                    self._float = compiled
         return self._infer(self._float, x)
 
 
