@@ -315,10 +315,7 @@ class AnnIndex:
         stored = AnnConfig.resolve(info.get("config"), env=False)
         # build-time knobs come from the file; search-time knobs may be overridden by ``config``
         if config is not None:
-            stored = replace(stored, ef_search=config.ef_search, nprobe=config.nprobe,
-                             candidates=config.candidates, rows_per_sku=config.rows_per_sku,
-                             pq_nprobe=config.pq_nprobe, pq_candidates=config.pq_candidates,
-                             max_tombstone_share=config.max_tombstone_share, threshold=config.threshold)
+            stored = replace(stored, **{k: getattr(config, k) for k in (*SEARCH_KNOBS, "threshold")})
         return cls(index, stored, int(info["dim"]), tombstones)
 
     def nbytes(self) -> int:
