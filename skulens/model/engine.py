@@ -123,8 +123,7 @@ def _available(backend: str) -> str | None:
     """None if ``backend``'s runtime can be imported, else why not."""
     import importlib.util
 
-    mod = {"openvino": "openvino", "onnxruntime": "onnxruntime", "torch": "torch"}[backend]
-    return None if importlib.util.find_spec(mod) is not None else f"{mod} is not installed"
+    return None if importlib.util.find_spec(backend) is not None else f"{backend} is not installed"
 
 
 # ====================================================================== runners
@@ -597,8 +596,7 @@ def load_engine(model_path: str | os.PathLike, backend: str | None = None, devic
             log.warning("inference backend %s skipped for %s: %s", b, Path(model_path).name, e)
             fallbacks.append({"backend": b, "reason": str(e)})
             continue
-        spec = _spec_of(comp.model_path, comp.record) or comp.spec()
-        return InferenceEngine(spec, b, device if b == "torch" else "cpu", runner, parity, artifact, fallbacks,
+        return InferenceEngine(comp.spec(), b, device if b == "torch" else "cpu", runner, parity, artifact, fallbacks,
                                round(time.perf_counter() - t0, 3), preprocess)
     raise EngineError(f"no inference backend for {model_path}: "
                       + "; ".join(f"{f['backend']}: {f['reason']}" for f in fallbacks))
