@@ -100,6 +100,18 @@ def _exists(client, bucket: str, key: str) -> bool:
         raise
 
 
+def _new_version(client, bucket: str, prefix: str, folder: str, tag: str) -> tuple:
+    """``(now, version, key)`` of a new immutable object ``<prefix>/<folder>/<UTC time>-<tag>.npz``: same
+    microsecond and same content never overwrite history."""
+    while True:
+        now = _utcnow()
+        version = f"{now:%Y%m%dT%H%M%S%fZ}-{tag}"
+        key = _key(prefix, folder, f"{version}.npz")
+        if not _exists(client, bucket, key):
+            return now, version, key
+        time.sleep(0.001)
+
+
 def publish_index(client, bucket: str, index: SkuIndex, prefix: str = "index", verify: str = "full",
                   base=_UNSET) -> str:
     """Upload ``index`` as a new immutable version, verify it, then swap ``CURRENT.json`` to it.
@@ -121,14 +133,7 @@ def publish_index(client, bucket: str, index: SkuIndex, prefix: str = "index", v
         base = read_pointer(client, bucket, prefix)
     data = index.to_bytes()
     sha = hashlib.sha256(data).hexdigest()
-    now = _utcnow()
-    version = f"{now:%Y%m%dT%H%M%S%fZ}-{index.content_hash()[:12]}"
-    key = _key(prefix, "versions", f"{version}.npz")
-    while _exists(client, bucket, key):  # same microsecond and same content: never overwrite history
-        time.sleep(0.001)
-        now = _utcnow()
-        version = f"{now:%Y%m%dT%H%M%S%fZ}-{index.content_hash()[:12]}"
-        key = _key(prefix, "versions", f"{version}.npz")
+    now, version, key = _new_version(client, bucket, prefix, "versions", index.content_hash()[:12])
 
     client.put_object(
         Bucket=bucket, Key=key, Body=data, ContentType="application/octet-stream",
@@ -682,14 +687,7 @@ def publish_delta(client, bucket: str, delta: Delta, index: SkuIndex, base: dict
     data = delta.to_bytes()
     sha = hashlib.sha256(data).hexdigest()
     chash = delta.meta.get("content_hash") or index.content_hash()
-    now = _utcnow()
-    version = f"{now:%Y%m%dT%H%M%S%fZ}-d{chash[:12]}"
-    key = _key(prefix, "deltas", f"{version}.npz")
-    while _exists(client, bucket, key):
-        time.sleep(0.001)
-        now = _utcnow()
-        version = f"{now:%Y%m%dT%H%M%S%fZ}-d{chash[:12]}"
-        key = _key(prefix, "deltas", f"{version}.npz")
+    now, version, key = _new_version(client, bucket, prefix, "deltas", f"d{chash[:12]}")
     client.put_object(Bucket=bucket, Key=key, Body=data, ContentType="application/octet-stream",
                       Metadata={"sha256": sha, "model-version": str(index.model_version), "parent": str(base["version"])})
     head = client.head_object(Bucket=bucket, Key=key)
