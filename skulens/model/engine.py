@@ -256,11 +256,10 @@ class _TorchRunner:
         self.channels_last = bool(channels_last)
         if self.channels_last:
             self.encoder.to(memory_format=torch.channels_last)
-        # (x / 255 - mean) / std == x * scale + shift, as EvalTransformNP.normalize
-        std_a = np.asarray(std, np.float32)
-        self.scale = torch.from_numpy((1.0 / (255.0 * std_a)).astype(np.float32)).to(self.device).view(1, 3, 1, 1)
-        self.shift = torch.from_numpy((-np.asarray(mean, np.float32) / std_a).astype(np.float32)) \
-            .to(self.device).view(1, 3, 1, 1)
+        # (x / 255 - mean) / std == x * scale + shift: EvalTransformNP.normalize's constants, on the device
+        norm = eval_transform_np(mean=mean, std=std)
+        self.scale = torch.from_numpy(norm.scale).to(self.device).view(1, 3, 1, 1)
+        self.shift = torch.from_numpy(norm.shift).to(self.device).view(1, 3, 1, 1)
         self.info = {"device": str(self.device), "channels_last": self.channels_last,
                      "input": "uint8 NHWC (normalised by torch on the device)"}
 

@@ -131,8 +131,6 @@ class EvalTransformNP:
         std_a = np.asarray(std, dtype=np.float32)
         self.scale = (1.0 / (255.0 * std_a)).astype(np.float32).reshape(1, 1, 3)
         self.shift = (-np.asarray(mean, dtype=np.float32) / std_a).astype(np.float32).reshape(1, 1, 3)
-        self.mean = np.asarray(mean, dtype=np.float32)
-        self.std = std_a
         self.mode = mode
         self.output = output
         self.draft = (mode == "fast") if draft is None else bool(draft)
