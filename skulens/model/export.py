@@ -31,7 +31,6 @@ def export_onnx(
     """
     import numpy as np
     import onnx
-    import onnxruntime as ort
     import torch
 
     path = Path(path)
@@ -61,6 +60,8 @@ def export_onnx(
             return {"path": str(path), "opset": int(opset), "input_shape": ["batch", 3, size, size],
                     "embed_dim": None, "max_abs_diff": None, "max_cos_diff": None, "parity_ok": None,
                     "parity_batch": 0, "size_bytes": path.stat().st_size}
+
+        import onnxruntime as ort  # only for the check: check=False (OpenVINO's export) works without it
 
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(parity_batch, 3, size, size, generator=g)
