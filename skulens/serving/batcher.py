@@ -50,7 +50,8 @@ def _trim(res: dict, k: int, batch_size: int) -> dict:
     return out
 
 
-def _settle(fut: Future, result=None, exc: BaseException | None = None) -> None:
+def settle(fut: Future, result=None, exc: BaseException | None = None) -> None:
+    """Resolve ``fut`` unless it is already resolved or cancelled."""
     try:
         if exc is not None:
             fut.set_exception(exc)
@@ -111,7 +112,7 @@ class MicroBatcher:
             self._queue.clear()
             self._cond.notify_all()
         for it in left:
-            _settle(it.future, exc=BatcherClosed("the service is shutting down"))
+            settle(it.future, exc=BatcherClosed("the service is shutting down"))
         t = self._thread
         if t is not None and t is not threading.current_thread():
             t.join(timeout)
@@ -190,7 +191,7 @@ class MicroBatcher:
             except BaseException as e:  # noqa: BLE001 - never leave a request hanging, never kill the thread
                 log.exception("inference batch failed")
                 for it in batch:
-                    _settle(it.future, exc=e)
+                    settle(it.future, exc=e)
 
     def _run(self, batch: list[_Item]) -> None:
         waited = time.monotonic() * len(batch) - sum(it.t_enqueued for it in batch)
@@ -206,11 +207,11 @@ class MicroBatcher:
                 if len(results) != len(batch):
                     raise RuntimeError(f"recognize returned {len(results)} results for {len(batch)} images")
                 for it, res in zip(batch, results):
-                    _settle(it.future, _trim(res, it.k, len(batch)))
+                    settle(it.future, _trim(res, it.k, len(batch)))
             except Exception as e:  # noqa: BLE001
                 if len(batch) == 1:
                     failed = 1
-                    _settle(batch[0].future, exc=e)
+                    settle(batch[0].future, exc=e)
                 else:  # one bad image must not fail the others: retry each on its own
                     retried = 1
                     log.warning("batch of %d failed (%s: %s); retrying one by one", len(batch), type(e).__name__, e)
@@ -219,9 +220,9 @@ class MicroBatcher:
                             res = rec.recognize([it.image], k=it.k)[0]
                         except Exception as e1:  # noqa: BLE001
                             failed += 1
-                            _settle(it.future, exc=e1)
+                            settle(it.future, exc=e1)
                         else:
-                            _settle(it.future, _trim(res, it.k, 1))
+                            settle(it.future, _trim(res, it.k, 1))
             busy = time.perf_counter() - t0
         with self._cond:
             self._sizes[len(batch)] += 1

@@ -99,14 +99,14 @@ def create_app(
     import asyncio
     import hmac
     import json as _json
-    from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
+    from concurrent.futures import Future, ThreadPoolExecutor
     from contextlib import asynccontextmanager
 
     from fastapi import HTTPException, Query, Request
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import JSONResponse
 
-    from skulens.serving.batcher import BatcherClosed, MicroBatcher
+    from skulens.serving.batcher import BatcherClosed, MicroBatcher, settle
 
     access = logging.getLogger("skulens.access")
     pending = threading.BoundedSemaphore(max_pending) if max_pending > 0 else None
@@ -264,11 +264,7 @@ def create_app(
                 if prepare is not None:
                     img = prepare(img)
             except BaseException as e:  # noqa: BLE001 - handed to the request
-                if not result.cancelled():
-                    try:
-                        result.set_exception(e)
-                    except InvalidStateError:
-                        pass
+                settle(result, exc=e)
                 release()
                 return
             result.add_done_callback(release)  # runs now if the client already gave up
@@ -277,10 +273,7 @@ def create_app(
             try:
                 batcher.submit(img, k, future=result)
             except BatcherClosed as e:
-                try:
-                    result.set_exception(e)
-                except InvalidStateError:
-                    pass
+                settle(result, exc=e)
 
         try:
             decoders.submit(decode_and_queue)
