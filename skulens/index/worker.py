@@ -169,8 +169,10 @@ class IndexWorker:
     def _products_etag(self) -> str | None:
         from botocore.exceptions import ClientError
 
-        try:
-            return self.client.head_object(Bucket=self.bucket, Key=contract.PRODUCTS_KEY)["ETag"].strip('"')
+        from skulens.catalog.s3 import normalize_etag
+
+        try:  # normalised as the full listing's (catalog_signal), so the two compare equal
+            return normalize_etag(self.client.head_object(Bucket=self.bucket, Key=contract.PRODUCTS_KEY)["ETag"])
         except ClientError as e:
             if str(e.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
                 return None
