@@ -622,6 +622,7 @@ def get_engine(model_path: str | os.PathLike, backend: str | None = None, device
             eng = load_engine(model_path, backend, device, load_torch, precision, preprocess=preprocess)
             with _memo_lock:
                 _memo[k] = eng
+                _build_locks.pop(k, None)  # later callers find it in _memo (or build it afresh, evicted)
                 while len(_memo) > 4:  # challenger, champion, base... a few versions at most
                     _memo.popitem(last=False)
     return eng
