@@ -302,11 +302,11 @@ def evaluate_all(
             base_spec = ModelSpec.from_dict(base_spec)
         _seeded(base_seed)
         base = create_encoder(base_spec, device="cpu")
-        run("base", _base_engine(base, store, cache_dir, backend, device, engine_of), None)
+        run("base", _base_engine(base, store, cache_dir, device, engine_of), None)
     return out
 
 
-def _base_engine(base, store, cache_dir, backend, device, engine_of):
+def _base_engine(base, store, cache_dir, device, engine_of):
     """The base tower through the engine too: saved to a file (deterministic weights: the same file and
     sha256 every run, so it is compiled once), compiled like any model; PyTorch when that fails."""
     import tempfile
