@@ -238,10 +238,10 @@ class Base:
     loaded on first use. ``attempt`` counts from 0."""
 
     def __init__(self, client, bucket: str, pointer: dict | None, attempt: int, cache_dir=None,
-                 prefix: str = "index", previous: tuple | None = None):
+                 prefix: str = "index"):
         self.pointer, self.attempt = pointer, attempt
         self._client, self._bucket, self._cache_dir, self._index = client, bucket, cache_dir, None
-        self._prefix, self._previous, self.meta = prefix, previous, None
+        self._prefix, self.meta = prefix, None
         self.load = None  # how the index was obtained: memo / deltas / full
 
     @property
@@ -250,12 +250,10 @@ class Base:
 
     @property
     def index(self) -> SkuIndex | None:
-        """The index the pointer names: this process's last published/loaded one when it is that version,
-        else the previous attempt's index advanced by the new deltas, else loaded (base + deltas)."""
+        """The index the pointer names: this process's last published/loaded one (the memo, also a lost
+        attempt's base) when it is that version, else that one advanced by the new deltas, else loaded."""
         if self._index is None and self.pointer is not None:
             have, index = _recall(self._client, self._bucket, self._prefix)
-            if have is None and self._previous is not None:
-                have, index = self._previous
             if have is not None and index is not None:
                 index, info = advance(self._client, self._bucket, have, index, self.pointer, self._cache_dir)
                 self.load = "memo" if info["mode"] == "same" else info["mode"]
@@ -290,9 +288,8 @@ def publish_with_retry(client, bucket: str, make, prefix: str = "index", start=_
     pointer = read_pointer(client, bucket, prefix) if start is _UNSET else start
     conflicts: list[str] = []
     spent = 0.0  # seconds in publishing (diff, upload, verify, swap)
-    previous = None
     for attempt in range(max(1, int(attempts))):
-        base = Base(client, bucket, pointer, attempt, cache_dir, prefix=prefix, previous=previous)
+        base = Base(client, bucket, pointer, attempt, cache_dir, prefix=prefix)
         index = make(base)
         chash = index.content_hash() if index is not None else None
         if index is None or (pointer is not None and pointer.get("content_hash") == chash):
@@ -325,8 +322,6 @@ def publish_with_retry(client, bucket: str, make, prefix: str = "index", start=_
         except PublishConflict as c:
             spent += time.perf_counter() - t0
             conflicts.append(c.current.get("version") if c.current else None)
-            if base._index is not None:
-                previous = (pointer, base._index)
             pointer = c.current
             time.sleep(backoff * (attempt + 1) * random.uniform(0.5, 1.5))
             continue
