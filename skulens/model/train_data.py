@@ -162,12 +162,16 @@ class DecodedCache:
         tmp = data.with_name(f".{data.name}.tmp{os.getpid()}")
         off = 0
         n_threads = max(1, int(threads if threads is not None else min(4, os.cpu_count() or 1)))
-        with open(tmp, "wb") as f, ThreadPoolExecutor(n_threads) as pool:
-            for kind, path, a in pool.map(decode, jobs):
-                f.write(a.tobytes())
-                out[kind][path] = (off, int(a.shape[0]), int(a.shape[1]))
-                off += a.nbytes
-        os.replace(tmp, data)
+        try:
+            with open(tmp, "wb") as f, ThreadPoolExecutor(n_threads) as pool:
+                for kind, path, a in pool.map(decode, jobs):
+                    f.write(a.tobytes())
+                    out[kind][path] = (off, int(a.shape[0]), int(a.shape[1]))
+                    off += a.nbytes
+            os.replace(tmp, data)
+        except BaseException:  # an unreadable image or an interrupt: no half-written cache left in out_dir
+            tmp.unlink(missing_ok=True)
+            raise
         itmp = index.with_name(f".{index.name}.tmp{os.getpid()}")
         itmp.write_text(json.dumps(out))
         os.replace(itmp, index)
