@@ -289,7 +289,7 @@ class ServiceManager:
                 "state": "running" if alive else ("stale" if st else "stopped"),
                 "pid": st.pid if st else None,
                 "url": st.url if st else None,
-                "answering": alive and self._ready(name, env) if name not in ("dagster-daemon", "index-worker") else alive,
+                "answering": alive and self._ready(name, env),  # no port (daemon, index worker): alive
             })
         return out
 
