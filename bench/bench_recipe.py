@@ -1,0 +1,270 @@
+"""Recipe benchmark on real shelf crops (GroZi-120): which training and gallery levers help, measured.
+
+Every row fine-tunes through the ``main`` job's own path (``split_validation`` + ``balance`` as the
+``balanced_dataset`` asset does, then :func:`skulens.model.training_run.run_training` with the launchpad
+defaults of ``TrainSettings`` / ``BalanceSettings`` plus the row's overrides), then embeds with the
+compiled inference engine, as evaluation does.
+
+Two protocols, so that nothing is tuned on the figures we report (frames of each product ordered by N
+in ``videoN.jpg``; neighbouring frames are near-duplicates, so splits are by ranges of N):
+
+* ``dev`` (choose levers here): products held out from training drawn with seed ``1000 + seed``;
+  training on frames ``[0, n/4)`` of the other products; gallery = first k frames of every product;
+  queries = frames ``[n/4, n/2)``. Never touches the second half of any product.
+* ``test`` (report here; the protocol of ``bench_grozi.py``): products held out drawn with ``seed``;
+  training on frames ``[0, n/2)``; gallery = first k frames; queries = frames ``[n/2, n)``.
+
+Gallery levers are scored from the same embeddings, so they cost no training: ``nn`` (a SKU scores its
+best gallery image), ``centroid`` (the normalised mean of its gallery images), and ``flip`` (test-time
+horizontal flip: each image's embedding is the normalised sum of it and its mirror image).
+
+Results are appended to ``<out>/results.jsonl`` (one line per variant x protocol x seed; rows already
+there are skipped, so an interrupted run continues) and the table is printed from that file.
+
+Usage::
+
+    .venv/bin/python bench/bench_recipe.py --variants base lite0-e8 --protocol dev --seeds 0 1
+    .venv/bin/python bench/bench_recipe.py --table              # print the table of what is there
+    .venv/bin/python bench/bench_recipe.py --list               # the variants
+
+The data set is used for this benchmark only; nothing in ``skulens`` references it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from bench_grozi import DEFAULT_DATA, load_grozi  # noqa: E402
+
+#: name -> (TrainSettings overrides, BalanceSettings overrides). "none": no fine-tuning (the base tower).
+#: "base" is today's defaults spelled out, so the row keeps its meaning when the defaults change.
+VARIANTS: dict[str, tuple[dict, dict]] = {
+    "none": ({}, {}),
+    "none-lite1": ({"model": "efficientnet-lite1"}, {}),
+    "none-lite2": ({"model": "efficientnet-lite2"}, {}),
+    "base": ({"model": "efficientnet-lite0", "epochs": 4, "train_image_size": 128}, {"depth": 16}),
+    "e8": ({"model": "efficientnet-lite0", "epochs": 8, "train_image_size": 128}, {"depth": 16}),
+    "e12": ({"model": "efficientnet-lite0", "epochs": 12, "train_image_size": 128}, {"depth": 16}),
+    "px176-e8": ({"model": "efficientnet-lite0", "epochs": 8, "train_image_size": 176}, {"depth": 16}),
+    "px224-e8": ({"model": "efficientnet-lite0", "epochs": 8, "train_image_size": 224}, {"depth": 16}),
+    "aug0.5-e8": ({"model": "efficientnet-lite0", "epochs": 8, "train_image_size": 128, "augment_strength": 0.5},
+                  {"depth": 16}),
+    "augall-e8": ({"model": "efficientnet-lite0", "epochs": 8, "train_image_size": 128, "augment_originals": True},
+                  {"depth": 16}),
+    "lite1-e8": ({"model": "efficientnet-lite1", "epochs": 8, "train_image_size": 128}, {"depth": 16}),
+    "lite2-e8": ({"model": "efficientnet-lite2", "epochs": 8, "train_image_size": 128}, {"depth": 16}),
+    "lite2-px176-e8": ({"model": "efficientnet-lite2", "epochs": 8, "train_image_size": 176}, {"depth": 16}),
+}
+SCORINGS = ("nn", "centroid")
+KS = (1, 3, 5)
+
+
+def protocol(df, mode: str, seed: int, holdout_frac: float = 0.25):
+    """``(train_df, queries, held)`` for the ``dev`` or ``test`` protocol (see the module docstring)."""
+    skus = np.array(sorted(df["sku"].unique()))
+    rng = np.random.default_rng(seed if mode == "test" else 1000 + seed)
+    held = set(rng.choice(skus, size=round(holdout_frac * len(skus)), replace=False).tolist())
+    r, n = df["rank"], df["n"]
+    if mode == "test":
+        train_mask, query_mask = r < n // 2, r >= n // 2
+    elif mode == "dev":
+        train_mask, query_mask = r < n // 4, (r >= np.maximum(n // 4, max(KS))) & (r < n // 2)
+    else:
+        raise ValueError(mode)
+    train_df = df[train_mask & ~df["sku"].isin(held)].reset_index(drop=True)
+    return train_df, df[query_mask].reset_index(drop=True), held
+
+
+def _flip_embed(engine, paths, batch_size=64):
+    from PIL import ImageOps
+
+    from skulens.data.images import load_rgb
+    from skulens.model.embed import embed_images
+
+    out = []
+    for i in range(0, len(paths), 256):
+        out.append(embed_images(engine, [ImageOps.mirror(load_rgb(p)) for p in paths[i:i + 256]],
+                                batch_size=batch_size))
+    return np.concatenate(out) if out else np.zeros((0, engine.embed_dim), np.float32)
+
+
+def score(df, queries, held, emb: dict[str, np.ndarray]) -> dict:
+    """``{f"{flip}/{scoring}/k{k}": {"seen", "unseen", "all", "top5_all"}}`` from the embeddings by path."""
+    q_paths = queries["clean_path"].tolist()
+    q_sku = queries["sku"].to_numpy()
+    q_held = queries["sku"].isin(held).to_numpy()
+    out = {}
+    for flip in ("plain", "flip"):
+        def vec(paths, flip=flip):
+            v = np.stack([emb["plain"][p] + (emb["flip"][p] if flip == "flip" else 0) for p in paths])
+            return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+        q = vec(q_paths)
+        for k in KS:
+            gal = df[df["rank"] < k]
+            g = vec(gal["clean_path"].tolist())
+            g_sku = gal["sku"].to_numpy()
+            skus, inv = np.unique(g_sku, return_inverse=True)
+            sims = q @ g.T
+            for scoring in SCORINGS:
+                if scoring == "nn":
+                    per_sku = np.full((len(q), len(skus)), -np.inf, dtype=np.float32)
+                    for j in range(len(skus)):
+                        per_sku[:, j] = sims[:, inv == j].max(axis=1)
+                else:
+                    cent = np.stack([g[inv == j].sum(axis=0) for j in range(len(skus))])
+                    cent /= np.linalg.norm(cent, axis=1, keepdims=True)
+                    per_sku = q @ cent.T
+                order = np.argsort(-per_sku, axis=1)[:, :5]
+                ok1 = skus[order[:, 0]] == q_sku
+                ok5 = (skus[order] == q_sku[:, None]).any(axis=1)
+                out[f"{flip}/{scoring}/k{k}"] = {
+                    "seen": float(ok1[~q_held].mean()), "unseen": float(ok1[q_held].mean()),
+                    "all": float(ok1.mean()), "top5_all": float(ok5.mean()),
+                }
+    return out
+
+
+def embed_all(model_path: str, paths: list[str]) -> tuple[dict, dict]:
+    from skulens.model.embed import embed_images
+    from skulens.model.engine import get_engine
+
+    t0 = time.perf_counter()
+    engine = get_engine(model_path)
+    plain = embed_images(engine, paths)
+    flip = _flip_embed(engine, paths)
+    info = {"backend": engine.info().get("backend"), "embed_s": round(time.perf_counter() - t0, 1)}
+    return {"plain": dict(zip(paths, plain)), "flip": dict(zip(paths, flip))}, info
+
+
+def run_one(name: str, mode: str, seed: int, args) -> dict:
+    from assets.datasets import BalanceSettings
+    from assets.training import TrainSettings
+    from skulens.data import balance as bal
+    from skulens.data import layout
+    from skulens.model import ModelSpec, create_encoder
+    from skulens.model.io import save_encoder
+    from skulens.model.training_run import run_training
+
+    t_over, b_over = VARIANTS[name]
+    df = load_grozi(Path(args.data))
+    train_df, queries, held = protocol(df, mode, seed)
+    work = Path(args.out) / "runs" / f"{name}-{mode}-s{seed}"
+    need = sorted(set(df[df["rank"] < max(KS)]["clean_path"]) | set(queries["clean_path"]))
+    ts = TrainSettings().model_copy(update={**t_over, "seed": seed})
+    row: dict = {"variant": name, "protocol": mode, "seed": seed, "train": t_over, "balance": b_over,
+                 "n_train_images": len(train_df), "n_queries": len(queries), "n_held_products": len(held)}
+    if name.startswith("none"):
+        work.mkdir(parents=True, exist_ok=True)
+        model_path = str(work / "encoder.pt")
+        save_encoder(create_encoder(ModelSpec.from_dict(ts.spec())), model_path)
+        row.update(train_minutes=0.0)
+    else:
+        bs = BalanceSettings().model_copy(update={**b_over, "seed": seed})
+        train_src, val = bal.split_validation(train_df, per_sku=bs.val_per_sku, seed=seed)
+        depth = bs.depth or bal.suggest_depth(train_src)
+        balanced = bal.balance(train_src, depth, seed=seed)
+        layout.write_balanced(balanced, val, Path(args.data), work / "balanced", {"depth": depth})
+        request = {"balanced_dir": str(work / "balanced"), "clean_dir": str(args.data), "spec": ts.spec(),
+                   "config": ts.train_config(), "out_dir": str(work / "train"), "progress": sys.stderr.isatty(),
+                   "device": "cpu"}
+        t0 = time.perf_counter()
+        summary = run_training(request, echo=lambda m: print("  " + m, flush=True))
+        row.update(train_minutes=round((time.perf_counter() - t0) / 60, 2), images_per_s=summary["images_per_s"],
+                   steps=summary["steps"], val_acc_per_epoch=summary.get("val_acc_per_epoch"),
+                   best_epoch=summary.get("best_epoch"), balanced_rows=len(balanced))
+        model_path = summary["encoder_uri"]
+    emb, info = embed_all(model_path, need)
+    row.update(info, scores=score(df, queries, held, emb), load=os.getloadavg()[0])
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return row
+
+
+def load_rows(out: Path) -> list[dict]:
+    f = out / "results.jsonl"
+    return [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.exists() else []
+
+
+def table(rows: list[dict], mode: str, gallery: str = "plain/nn") -> str:
+    """Mean (and half the spread of the seeds) per variant, for one protocol and one gallery scoring."""
+    by: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["protocol"] == mode:
+            by.setdefault(r["variant"], []).append(r)
+    cols = [("k1", "seen"), ("k1", "unseen"), ("k5", "seen"), ("k5", "unseen"), ("k5", "top5_all")]
+    head = (f"{'variant':<16} {'seeds':>5} " + " ".join(f"{k}-{c:<7}".rjust(14) for k, c in cols)
+            + f" {'train min':>9} {'img/s':>6}")
+    lines = [f"protocol {mode}, gallery {gallery} (mean ± half-range over seeds)", head]
+    for name, rs in by.items():
+        cells = []
+        for k, c in cols:
+            v = np.array([r["scores"][f"{gallery}/{k}"][c] for r in rs])
+            cells.append(f"{v.mean():.3f}±{(v.max() - v.min()) / 2:.3f}".rjust(14))
+        mins = np.mean([r.get("train_minutes", 0) for r in rs])
+        ips = [r["images_per_s"] for r in rs if r.get("images_per_s")]
+        lines.append(f"{name:<16} {len(rs):>5} " + " ".join(cells) + f" {mins:>9.1f} "
+                     + (f"{np.mean(ips):>6.1f}" if ips else f"{'-':>6}"))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=DEFAULT_DATA)
+    ap.add_argument("--out", default=".skulens/bench-recipe")
+    ap.add_argument("--variants", nargs="+", default=["none", "base"])
+    ap.add_argument("--protocol", nargs="+", default=["dev"], choices=["dev", "test"])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--gallery", nargs="+", default=["plain/nn", "flip/nn", "plain/centroid", "flip/centroid"])
+    ap.add_argument("--table", action="store_true", help="only print the table of the results so far")
+    ap.add_argument("--list", action="store_true", help="list the variants")
+    ap.add_argument("--keep", action="store_true", help="keep each run's balanced folder and model")
+    ap.add_argument("--redo", action="store_true", help="run rows again even if results.jsonl has them")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    if args.list:
+        for k, (t, b) in VARIANTS.items():
+            print(f"{k:<16} train {t} balance {b}")
+        return 0
+    if not args.table:
+        import torch
+
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"torch threads {torch.get_num_threads()}", flush=True)
+        for mode in args.protocol:
+            for name in args.variants:
+                for seed in args.seeds:
+                    done = {(r["variant"], r["protocol"], r["seed"]) for r in load_rows(out)}
+                    if (name, mode, seed) in done and not args.redo:
+                        continue
+                    t0 = time.perf_counter()
+                    print(f"== {name} {mode} seed {seed}", flush=True)
+                    row = run_one(name, mode, seed, args)
+                    row["wall_minutes"] = round((time.perf_counter() - t0) / 60, 2)
+                    with open(out / "results.jsonl", "a") as f:
+                        f.write(json.dumps(row, default=str) + "\n")
+                    s = row["scores"]["plain/nn/k1"], row["scores"]["plain/nn/k5"]
+                    print(f"   k1 seen {s[0]['seen']:.3f} unseen {s[0]['unseen']:.3f} | k5 seen {s[1]['seen']:.3f} "
+                          f"unseen {s[1]['unseen']:.3f} | {row['wall_minutes']} min", flush=True)
+    rows = load_rows(out)
+    for mode in args.protocol if not args.table else ("dev", "test"):
+        for g in args.gallery:
+            if any(r["protocol"] == mode for r in rows):
+                print("\n" + table(rows, mode, g))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
