@@ -2,10 +2,23 @@
 
 Layout (documented in the README)::
 
-    catalog/products.csv                 sku (required, unique), name, category, other attributes
+    catalog/products.csv                 sku (required, unique), name, category, packshot (optional), other attributes
     catalog/images/<sku>/<file>          product DB images, any number per SKU
     shelf/crops/<sku>/<file>             labelled shelf crops held out for evaluation
     shelf/photos/<file> + shelf/boxes.csv (photo,sku,x,y,w,h)  full shelf photos to cut crops from
+
+Packshot (the product's reference image, optional): the ``packshot`` column of products.csv names one file
+of ``catalog/images/<sku>/`` by its file name (``front.jpg``, not a path; a value written as
+``<sku>/front.jpg`` or ``images/<sku>/front.jpg`` is read as ``front.jpg``). A SKU whose cell is empty, or
+a products.csv without the column, falls back to the file-name convention: an image named
+``packshot.<ext>`` (any case, e.g. ``packshot.jpg``) in the SKU's folder. Where it is used: the
+RetailKLIP gallery (one image per SKU + shelf-like views) and the confusion-plot thumbnails take the
+packshot, else the SKU's first image by path. Everything else is unchanged: every usable image of a SKU
+is indexed, and a SKU with 1..2 usable images (a launch with only its packshot) is indexed and evaluated
+but never trained on. A packshot cell that is not a safe file name, or that names a file that is not in
+the SKU's folder or that the cleaning drops, never fails a run: it is reported (``skulens import``
+warnings, ``CleanResult.packshots`` / ``packshots.csv`` with the reason) and the SKU falls back to the
+rule above. :func:`packshot_names` parses the column.
 """
 
 from __future__ import annotations
@@ -35,6 +48,10 @@ MAX_KEY_BYTES = 1024
 MAX_NAME_BYTES = 240
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 BOXES_COLUMNS = ["photo", "sku", "x", "y", "w", "h"]
+#: products.csv column naming a SKU's reference image (a file name in catalog/images/<sku>/); optional
+PACKSHOT_COLUMN = "packshot"
+#: file-name convention when products.csv names none: ``packshot.<image suffix>`` (case-insensitive)
+PACKSHOT_STEM = "packshot"
 
 
 class CatalogError(ValueError):
@@ -203,7 +220,47 @@ def read_products(data: bytes | str) -> pd.DataFrame:
     for col in ("name", "category"):
         if col not in df.columns:
             df[col] = ""
+    if PACKSHOT_COLUMN in df.columns:
+        df[PACKSHOT_COLUMN] = df[PACKSHOT_COLUMN].fillna("").astype(str).str.strip()
     return df
+
+
+def _packshot_file(sku: str, value: str) -> str:
+    """One packshot cell -> the file name it names within ``catalog/images/<sku>/`` (CatalogError if unsafe)."""
+    v = value.strip()
+    for prefix in (CATALOG_IMAGES_PREFIX + sku + "/", "images/" + sku + "/", sku + "/"):
+        if v.startswith(prefix):
+            v = v[len(prefix):]
+            break
+    validate_name_part(v, "packshot file name")
+    if not is_image_name(v):
+        raise CatalogError(f"packshot {value!r} is not an image file name (one of {sorted(IMAGE_SUFFIXES)})")
+    return v
+
+
+def packshot_names(products: pd.DataFrame | None) -> tuple[dict[str, str], list[tuple[str, str, str]]]:
+    """The ``packshot`` column of products.csv: ``({sku: file name}, problems)``; ``problems`` lists
+    ``(sku, cell, why)`` for cells that are not a safe image file name (those SKUs fall back to the
+    ``packshot.<ext>`` convention / first image). Empty cells and a missing column name nothing."""
+    if products is None or PACKSHOT_COLUMN not in products.columns or "sku" not in products.columns:
+        return {}, []
+    names: dict[str, str] = {}
+    problems: list[tuple[str, str, str]] = []
+    skus = products["sku"].fillna("").astype(str).str.strip()
+    cells = products[PACKSHOT_COLUMN].fillna("").astype(str).str.strip()
+    for sku, cell in zip(skus, cells):
+        if not sku or not cell or sku in names:
+            continue
+        try:
+            names[sku] = _packshot_file(sku, cell)
+        except CatalogError as exc:
+            problems.append((sku, cell, str(exc)))
+    return names, problems
+
+
+def is_packshot_convention(filename: str) -> bool:
+    """``packshot.<image suffix>`` (any case): the reference image when products.csv names none."""
+    return is_image_name(filename) and filename[: filename.rfind(".")].lower() == PACKSHOT_STEM
 
 
 def check_products(df: pd.DataFrame) -> list[str]:

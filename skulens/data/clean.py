@@ -13,6 +13,13 @@ Only SKUs with fewer than ``min_index_images`` (1) usable images are dropped (SK
 a packshot-only catalog is kept whole. ``kept`` carries the ``role`` column; ``sku_roles`` has one
 row per kept SKU.
 
+Packshots (the catalog contract, :mod:`skulens.catalog.contract`): ``kept`` and ``images`` carry a boolean
+``packshot`` column, True on at most one kept row per SKU: the file products.csv's ``packshot`` column
+names, else a file named ``packshot.<ext>``, when that file is kept. A named packshot that is not a safe
+file name, is not in the manifest or is dropped is never an error: the SKU falls back (no packshot row:
+consumers take its first image) and ``packshots`` records why. Of byte-identical copies within a SKU
+(DUPLICATE_IN_SKU) the packshot's copy is the one kept.
+
 Input is the ingest manifest (one row per S3 object: ``sku, key, etag, bytes, path``) and, optionally,
 the ``products`` table from ``catalog/products.csv``. Originals are never modified: usable plain-RGB
 images keep ``clean_path == path`` (bit-exact); images that need normalisation (EXIF rotation, CMYK,
@@ -67,6 +74,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
+from skulens.catalog import contract
 from skulens.data.images import to_rgb  # the one RGB conversion (also used by every embedding path)
 
 # --------------------------------------------------------------------------------------------------
@@ -83,7 +91,7 @@ TOO_SMALL_DIMENSIONS = "TOO_SMALL_DIMENSIONS"  # shorter side < cfg.min_side
 TRUNCATED = "TRUNCATED"  # data ends early (partial download)
 CORRUPT = "CORRUPT"  # decoder / container error, or local bytes differ from the S3 ETag
 DECODE_TIMEOUT = "DECODE_TIMEOUT"  # decoding one file took longer than cfg.decode_timeout_s
-DUPLICATE_IN_SKU = "DUPLICATE_IN_SKU"  # same bytes as an earlier key (key order) of the same SKU
+DUPLICATE_IN_SKU = "DUPLICATE_IN_SKU"  # same bytes as an earlier key (key order; the packshot first) of the same SKU
 DUPLICATE_ACROSS_SKUS = "DUPLICATE_ACROSS_SKUS"  # same bytes filed under 2+ SKUs (see CleanConfig)
 UNKNOWN_SKU = "UNKNOWN_SKU"  # image's SKU is not in products.csv (only when products is given)
 NORMALISATION_FAILED = "NORMALISATION_FAILED"  # decoded, but could not be converted to RGB / written
@@ -705,6 +713,10 @@ class CleanResult:
     dropped_skus  -- sku, reason, detail, usable_images (SKUs from the manifest and from products.csv).
     sku_roles     -- sku, usable_images, role ("train" or "index"): one row per kept SKU.
     stats         -- counts (see ``clean_catalog``), JSON-serialisable.
+    packshots     -- one row per SKU that names a packshot (products.csv) or has a ``packshot.<ext>`` file:
+                     sku, packshot (the cell or file name), source ("products.csv" / "file name"),
+                     status ("used", "missing", "dropped", "invalid"), reason (the drop reason when
+                     dropped), detail, key (the image key used as the SKU's packshot; "" when none).
     """
 
     images: pd.DataFrame
@@ -714,6 +726,7 @@ class CleanResult:
     stats: dict[str, Any]
     config: CleanConfig | None = None
     sku_roles: pd.DataFrame | None = None
+    packshots: pd.DataFrame | None = None
 
     def write_csv(self, directory: str | os.PathLike) -> dict[str, Path]:
         """Write dropped_files.csv, dropped_skus.csv and stats.json into ``directory``; return their paths."""
@@ -723,14 +736,57 @@ class CleanResult:
             "dropped_files": d / "dropped_files.csv",
             "dropped_skus": d / "dropped_skus.csv",
             "sku_roles": d / "sku_roles.csv",
+            "packshots": d / "packshots.csv",
             "stats": d / "stats.json",
         }
         self.dropped_files.to_csv(paths["dropped_files"], index=False)
         self.dropped_skus.to_csv(paths["dropped_skus"], index=False)
         roles = self.sku_roles if self.sku_roles is not None else pd.DataFrame(columns=["sku", "usable_images", "role"])
         roles.to_csv(paths["sku_roles"], index=False)
+        shots = self.packshots if self.packshots is not None else pd.DataFrame(columns=PACKSHOT_REPORT_COLUMNS)
+        shots.to_csv(paths["packshots"], index=False)
         paths["stats"].write_text(json.dumps(self.stats, indent=2, sort_keys=True) + "\n")
         return paths
+
+
+PACKSHOT_REPORT_COLUMNS = ["sku", "packshot", "source", "status", "reason", "detail", "key"]
+
+
+def _packshot_ranks(img: pd.DataFrame, named: dict[str, str]) -> np.ndarray:
+    """Per manifest row: 0 = the file products.csv names as the SKU's packshot, 1 = a ``packshot.<ext>`` file,
+    2 = any other image."""
+    fname = img["key"].astype(str).str.rsplit("/", n=1).str[-1]
+    is_named = (fname == img["sku"].map(named)).to_numpy(dtype=bool)
+    conv = fname.map(contract.is_packshot_convention).to_numpy(dtype=bool)
+    return np.where(is_named, 0, np.where(conv, 1, 2))
+
+
+def _packshot_report(img: pd.DataFrame, rank: np.ndarray, chosen: np.ndarray, named: dict[str, str],
+                     bad_cells: list[tuple[str, str, str]]) -> pd.DataFrame:
+    """The ``packshots`` table of :class:`CleanResult` (see there)."""
+    used = dict(zip(img.loc[chosen, "sku"], img.loc[chosen, "key"].astype(str)))
+    rows = []
+    for sku, cell, why in bad_cells:
+        rows.append((sku, cell, "products.csv", "invalid", "", why + "; falls back", used.get(sku, "")))
+    named_rows = img.loc[rank == 0, ["sku", "reason", "detail"]].drop_duplicates("sku")
+    found = dict(zip(named_rows["sku"], zip(named_rows["reason"], named_rows["detail"])))
+    for sku, name in sorted(named.items()):
+        fallback = f"; the SKU uses {used[sku]}" if sku in used else "; the SKU uses its first image"
+        if sku not in found:
+            rows.append((sku, name, "products.csv", "missing", "",
+                         f"no file {name!r} in {contract.CATALOG_IMAGES_PREFIX}{sku}/{fallback}", used.get(sku, "")))
+            continue
+        why, detail = found[sku]
+        if why:
+            rows.append((sku, name, "products.csv", "dropped", why, f"{detail}{fallback}", used.get(sku, "")))
+        else:
+            rows.append((sku, name, "products.csv", "used", "", "", used[sku]))
+    conv_used = img.loc[chosen & (rank == 1), ["sku", "key"]]
+    for sku, key in zip(conv_used["sku"], conv_used["key"].astype(str)):
+        if sku not in named:
+            rows.append((sku, key.rsplit("/", 1)[-1], "file name", "used", "", "", key))
+    df = pd.DataFrame(rows, columns=PACKSHOT_REPORT_COLUMNS)
+    return df.sort_values(["sku", "source"], kind="stable").reset_index(drop=True)
 
 
 def _product_skus(products: pd.DataFrame | None) -> set[str] | None:
@@ -764,6 +820,8 @@ def clean_catalog(manifest: pd.DataFrame, products: pd.DataFrame | None, out_dir
     img["key"] = img["key"].astype(str)
     img = img.sort_values(["sku", "key"], kind="mergesort").reset_index(drop=True)
     n = len(img)
+    named_packshots, bad_packshot_cells = contract.packshot_names(products)
+    shot_rank = _packshot_ranks(img, named_packshots)  # 0 named, 1 packshot.<ext>, 2 other
     etags = img["etag"].tolist() if cfg.verify_etag else [None] * n
     items = list(zip(img["path"].astype(str).tolist(), etags))
     min_n = cfg.min_index_images  # below this a SKU is dropped; below min_images_per_sku it is index-only
@@ -812,9 +870,10 @@ def clean_catalog(manifest: pd.DataFrame, products: pd.DataFrame | None, out_dir
                     f" (+{len(others) - 10} more)" if len(others) > 10 else ""
                 )
 
-        # 3. identical bytes twice in one SKU: keep the first by key order
+        # 3. identical bytes twice in one SKU: keep the packshot's copy, else the first by key order
         ok = reason == ""
-        sub = img.loc[ok, ["sku", "sha256", "key"]]
+        sub = (img.loc[ok, ["sku", "sha256", "key"]].assign(_rank=shot_rank[ok])
+               .sort_values(["sku", "_rank", "key"], kind="stable")[["sku", "sha256", "key"]])
         dup = sub.duplicated(["sku", "sha256"], keep="first")
         if dup.any():
             first_key = sub[~dup].set_index(["sku", "sha256"])["key"]
@@ -873,14 +932,23 @@ def clean_catalog(manifest: pd.DataFrame, products: pd.DataFrame | None, out_dir
     normalised[m] = False  # a normalised copy may exist on disk, but it is not part of the clean set
 
     kept_mask = reason == ""
+    # the SKU's packshot: its best-ranked kept candidate (named file, else packshot.<ext>; first by key)
+    cand = kept_mask & (shot_rank < 2)
+    order = (pd.DataFrame({"sku": img["sku"].to_numpy()[cand], "rank": shot_rank[cand]}, index=np.flatnonzero(cand))
+             .sort_values(["sku", "rank"], kind="stable"))
+    chosen = np.zeros(n, dtype=bool)
+    chosen[order.index[~order["sku"].duplicated()].to_numpy(dtype=int)] = True
     img["normalised"] = normalised
     img["clean_path"] = pd.array(clean_path, dtype="string")
     img["status"] = np.where(kept_mask, "kept", "dropped")
     img["reason"] = reason.astype(str)
     img["detail"] = detail.astype(str)
+    img["packshot"] = chosen
+    packshots = _packshot_report(img, shot_rank, chosen, named_packshots, bad_packshot_cells)
 
-    extra = [c for c in manifest.columns if c not in MANIFEST_COLUMNS]
-    kept_cols = [*MANIFEST_COLUMNS, *extra, "sha256", "width", "height", "format", "mode", "normalised", "clean_path"]
+    extra = [c for c in manifest.columns if c not in MANIFEST_COLUMNS and c != "packshot"]
+    kept_cols = [*MANIFEST_COLUMNS, *extra, "sha256", "width", "height", "format", "mode", "normalised", "clean_path",
+                 "packshot"]
     kept = img.loc[kept_mask, kept_cols].reset_index(drop=True)
     for c in ("width", "height"):
         kept[c] = kept[c].astype("int64")
@@ -908,6 +976,8 @@ def clean_catalog(manifest: pd.DataFrame, products: pd.DataFrame | None, out_dir
         "skus_train": int((sku_roles["role"] == "train").sum()),
         "skus_index_only": int((sku_roles["role"] == "index").sum()),
         "files_index_only": int((kept["role"] == "index").sum()),
+        "skus_with_packshot": int(chosen.sum()),
+        "packshot_problems": int((packshots["status"] != "used").sum()),
         "normalised": int(normalised.sum()),
         "dropped_by_reason": {k: int(v) for k, v in sorted(pd.Series(reason[~kept_mask]).value_counts().items())},
         "skus_dropped_by_reason": {k: int(v) for k, v in sorted(dropped_skus["reason"].value_counts().items())},
@@ -921,4 +991,4 @@ def clean_catalog(manifest: pd.DataFrame, products: pd.DataFrame | None, out_dir
         "backend": cfg.backend if runner.parallel else "serial",
     }
     return CleanResult(images=img, kept=kept, dropped_files=dropped_files, dropped_skus=dropped_skus,
-                       stats=stats, config=cfg, sku_roles=sku_roles)
+                       stats=stats, config=cfg, sku_roles=sku_roles, packshots=packshots)

@@ -165,10 +165,12 @@ def retailklip_gallery(
     model_version: str | None = None,
     batch_size: int = 64,
 ) -> SkuIndex:
-    """RetailKLIP variant gallery: for each SKU take one catalog image (the first by path order) and
+    """RetailKLIP variant gallery: for each SKU take one catalog image (its packshot: the row whose
+    ``packshot`` column is true, see :mod:`skulens.catalog.contract`; else the first by path order) and
     embed it plus ``n_aug`` shelf-like augmentations (:func:`skulens.model.augment.shelf_augment`, seeded
     per SKU so the result does not depend on catalog order). Returns an :class:`SkuIndex` with
-    ``1 + n_aug`` rows per SKU; row keys are ``<image key>`` and ``<image key>#aug<i>``.
+    ``1 + n_aug`` rows per SKU; row keys are ``<image key>`` and ``<image key>#aug<i>``. The meta records
+    ``packshot_skus``: how many SKUs are represented by their packshot.
 
     ``catalog_df`` has a ``sku`` column and a local image path column (``image_col``, or the first of
     path/image_path/local_path/file/image); ``key_col`` (if present) is the S3 key recorded per row.
@@ -176,15 +178,18 @@ def retailklip_gallery(
     import zlib
 
     from skulens.data.images import load_rgb
+    from skulens.index.build import packshot_mask, reference_rows
     from skulens.model.embed import embed_images
 
     if n_aug < 0:
         raise ValueError("n_aug must be >= 0")
     col = _path_column(catalog_df, image_col)
     df = catalog_df.copy()
-    df["sku"] = df["sku"].astype(str)
     df[col] = df[col].astype(str)
-    first = df.sort_values(["sku", col]).drop_duplicates("sku", keep="first")
+    first = reference_rows(df, col)  # the packshot, else the first image by path
+    n_packshot = int(packshot_mask(first).sum())
+    if "packshot" in first.columns:
+        first = first.drop(columns="packshot")  # itertuples below: no name clash
     vecs, skus, keys = [], [], []
     for row in first.itertuples(index=False):
         sku, path = row.sku, getattr(row, col)
@@ -198,4 +203,5 @@ def retailklip_gallery(
     dim = getattr(encoder, "embed_dim", None) or (vecs[0].shape[1] if vecs else 0)
     vectors = np.concatenate(vecs, axis=0) if vecs else np.zeros((0, dim), dtype=np.float32)
     return SkuIndex(vectors=vectors, skus=skus, keys=keys, model_version=model_version,
-                    meta={"variant": "retailklip", "n_aug": int(n_aug), "seed": int(seed)})
+                    meta={"variant": "retailklip", "n_aug": int(n_aug), "seed": int(seed),
+                          "packshot_skus": n_packshot})

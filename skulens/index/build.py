@@ -20,17 +20,43 @@ SPARSE_VIEWS = 8
 
 
 def catalog_frame(kept: pd.DataFrame) -> pd.DataFrame:
-    """Cleaned catalog images (sku, key, clean_path), sorted by sku then path; only existing files."""
+    """Cleaned catalog images (sku, key, clean_path, packshot), sorted by sku then path; only existing files.
+    ``packshot`` (bool) marks the SKU's reference image (:mod:`skulens.catalog.contract`; all False when
+    ``kept`` has no such column)."""
     df = kept[["sku", "key", "clean_path"]].copy()
     df["sku"] = df["sku"].astype(str)
     df["clean_path"] = df["clean_path"].astype(str)
+    df["packshot"] = packshot_mask(kept)
     df = df[df["clean_path"].map(lambda p: Path(p).is_file()).astype(bool)]  # bool: an empty mask selects rows too
     return df.sort_values(["sku", "clean_path"], kind="stable").reset_index(drop=True)
 
 
+def packshot_mask(df: pd.DataFrame, col: str = "packshot"):
+    """``df[col]`` as a boolean numpy array (True, 1, "true", "yes" are true); all False without the column."""
+    import numpy as np
+
+    if col not in df.columns:
+        return np.zeros(len(df), dtype=bool)
+    v = df[col]
+    if v.dtype == bool:
+        return v.to_numpy()
+    return v.map(lambda x: str(x).strip().lower() in ("true", "1", "1.0", "yes")).to_numpy(dtype=bool)
+
+
+def reference_rows(catalog: pd.DataFrame, path_col: str = "clean_path") -> pd.DataFrame:
+    """One row per SKU: its packshot (``packshot`` column) when it has one, else its first image by
+    ``path_col``. Sorted by SKU."""
+    df = catalog.copy()
+    df["sku"] = df["sku"].astype(str)
+    df[path_col] = df[path_col].astype(str)
+    df["_not_packshot"] = ~packshot_mask(df)
+    df = df.sort_values(["sku", "_not_packshot", path_col], kind="stable")
+    return df.drop_duplicates("sku", keep="first").drop(columns="_not_packshot").reset_index(drop=True)
+
+
 def thumbnails(catalog: pd.DataFrame) -> dict[str, str]:
-    """sku -> its first cleaned catalog image (for the confusion plot)."""
-    first = catalog.drop_duplicates("sku", keep="first")
+    """sku -> its packshot, else its first cleaned catalog image (for the confusion plot)."""
+    first = reference_rows(catalog)
     return dict(zip(first["sku"], first["clean_path"]))
 
 
