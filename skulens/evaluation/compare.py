@@ -243,7 +243,8 @@ def evaluate_all(
                  "catalog_images": len(catalog), "catalog_skus": int(catalog["sku"].nunique()),
                  "k": int(k), "n_aug": int(n_aug), "aug_seed": int(aug_seed), "device": device,
                  "challenger_sha256": challenger_sha, "champion_checked": bool(include_champion),
-                 "models": {}, "reports": {}, "champion_version": None, "champion_error": None,
+                 "models": {}, "reports": {}, "champion_version": None, "champion_run_id": None,
+                 "champion_error": None,
                  "inference": {"backends": {}, "parity": None}}
 
     def run(role: str, encoder, version: str | None, sha: str | None = None, torch_encoder=None) -> None:
@@ -278,6 +279,7 @@ def evaluate_all(
         if ref is not None:
             version = ref.version
             out["champion_version"] = version
+            out["champion_run_id"] = ref.run_id  # its training run: what it was trained on (open-set split)
             try:
                 path = store.path(ref)
                 sha = file_sha256(path)
@@ -330,14 +332,19 @@ def _base_engine(base, store, cache_dir, device, engine_of):
 
 # ====================================================================== reporting
 def flat_metrics(evaluation: dict, roles: tuple[str, ...] = MODEL_ROLES) -> dict[str, float]:
-    """``eval/<role>/<gallery>/<metric>`` -> value, for MLflow."""
+    """``eval/<role>/<gallery>/<metric>`` -> value, for MLflow; with the open-set split when it was added
+    (:func:`skulens.evaluation.splits.add_open_set`: ``top1_seen``, ``top1_unseen``, ``n_seen``, ...,
+    ``top1_cat_<category>``) and ``eval/<role>/trained_skus``."""
     out = {}
     for role in roles:
         m = evaluation["models"].get(role)
         if not m:
             continue
+        open_set = m.get("open_set") or {}
         for g, metrics in m["metrics"].items():
-            for key, v in metrics.items():
+            for key, v in {**metrics, **(open_set.get(g) or {}).get("metrics", {})}.items():
                 if v is not None and math.isfinite(float(v)):
                     out[f"eval/{role}/{g}/{key}"] = float(v)
+        if m.get("trained_skus") is not None:
+            out[f"eval/{role}/trained_skus"] = float(m["trained_skus"])
     return out

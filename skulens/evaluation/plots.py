@@ -44,6 +44,41 @@ def plot_per_sku(report: EvalReport, path: str | os.PathLike, max_bars: int = 60
     return str(path)
 
 
+def plot_per_category(table, path: str | os.PathLike, title: str = "Top-1 per category") -> str:
+    """Grouped horizontal bars of an open-set table (:func:`skulens.evaluation.splits.open_set_table`; a
+    DataFrame or its records): top-1 of every query and, when the table has the split, of the SKUs the model
+    was trained on (seen) and of those it never saw (unseen), for ``(all)`` and each category. PNG."""
+    import pandas as pd
+
+    plt = _plt()
+    df = pd.DataFrame(table).iloc[::-1].reset_index(drop=True)  # (all) on top
+    bars = [("top1", "n", "all", "#34495e")]
+    if "top1_seen" in df.columns:
+        bars += [("top1_seen", "n_seen", "seen in training", "#27ae60"),
+                 ("top1_unseen", "n_unseen", "never seen", "#e67e22")]
+    h = 0.8 / len(bars)
+    fig, ax = plt.subplots(figsize=(8, max(2.5, 0.32 * len(df) * len(bars) + 1.2)))
+    try:
+        y = np.arange(len(df))
+        for i, (col, ncol, label, color) in enumerate(bars):
+            vals = pd.to_numeric(df[col], errors="coerce").fillna(0.0).to_numpy()
+            pos = y + (len(bars) - 1 - i) * h - 0.4 + h / 2
+            ax.barh(pos, vals, height=h, color=color, label=label)
+            for yy, v, n in zip(pos, vals, df[ncol]):
+                ax.text(min(float(v), 0.93) + 0.01, yy, f"n={int(n or 0)}", va="center", fontsize=6)
+        ax.set_yticks(y)
+        ax.set_yticklabels([str(c)[:30] for c in df["category"]], fontsize=7)
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("top-1 accuracy")
+        ax.set_title(title, fontsize=9)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(bars), fontsize=7, frameon=False)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
+    return str(path)
+
+
 def plot_confusions(
     report: EvalReport, thumbnails: dict, path: str | os.PathLike, top: int = 8, thumb_px: int = 96
 ) -> str:
