@@ -2,6 +2,11 @@
 
 A file is unchanged when an object with the same key has the same size and the same MD5
 (the ETag of a single-part upload, or the ``md5`` metadata we attach to multipart ones).
+
+products.csv is uploaded as it is. Its optional ``packshot`` column (the contract's, see
+:mod:`skulens.catalog.contract`) is checked against the folder: a cell that is not a safe image file name,
+or that names a file missing from ``images/<sku>/``, is a warning (``ImportReport.warnings``, shown by
+``skulens import``), never a reason to refuse the import: that SKU falls back to its first image.
 """
 
 from __future__ import annotations
@@ -33,12 +38,17 @@ class ImportReport:
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (local path, reason)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (key, error)
     bytes_uploaded: int = 0
+    warnings: list[str] = field(default_factory=list)  # uploaded, but worth a look (e.g. a packshot not found)
 
     def summary(self) -> str:
-        return (
+        text = (
             f"{len(self.uploaded)} uploaded ({self.bytes_uploaded / 1e6:.1f} MB), "
             f"{len(self.unchanged)} unchanged, {len(self.rejected)} rejected, {len(self.failed)} failed"
         )
+        if self.warnings:
+            more = f" (and {len(self.warnings) - 1} more)" if len(self.warnings) > 1 else ""
+            text += f"; {len(self.warnings)} warning(s): {self.warnings[0]}{more}"
+        return text
 
     def raise_for_failures(self) -> "ImportReport":
         """Raise ImportFailed when any upload failed (rejected files are a recorded drop, not a failure)."""
@@ -91,8 +101,18 @@ def plan_image_tree(root: Path, prefix: str, report: ImportReport) -> list[Uploa
     return items
 
 
+def packshot_warnings(products, images: Path) -> list[str]:
+    """products.csv's ``packshot`` cells that are unsafe or name no file of ``images/<sku>/`` (one line each)."""
+    names, problems = contract.packshot_names(products)
+    out = [f"packshot of {sku}: {why}" for sku, _cell, why in problems]
+    for sku, name in sorted(names.items()):
+        if not (Path(images) / sku / name).is_file():
+            out.append(f"packshot of {sku}: no file {name!r} in {Path(images) / sku}/ (the SKU uses its first image)")
+    return out
+
+
 def plan_catalog(src: Path, report: ImportReport) -> list[UploadItem]:
-    """``DIR/products.csv`` + ``DIR/images/<sku>/<file>``."""
+    """``DIR/products.csv`` + ``DIR/images/<sku>/<file>``; unusable ``packshot`` cells go to ``report.warnings``."""
     src = Path(src)
     products = src / "products.csv"
     images = src / "images"
@@ -106,6 +126,8 @@ def plan_catalog(src: Path, report: ImportReport) -> list[UploadItem]:
         problems = contract.check_products(df)
         if problems:
             raise contract.CatalogError(f"{products}: " + "; ".join(problems))
+        if images.is_dir():
+            report.warnings += packshot_warnings(df, images)
         items.append(UploadItem(products, contract.PRODUCTS_KEY, products.stat().st_size))
     if images.is_dir():
         items += plan_image_tree(images, contract.CATALOG_IMAGES_PREFIX, report)
