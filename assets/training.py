@@ -41,7 +41,14 @@ class TrainSettings(dg.Config):
                                                        "(every SKU is still indexed)")
     min_train_images: int = Field(default=16, description="skip fine-tuning below this many training images")
     augment_strength: float = 1.0
+    augment_originals: bool = Field(default=False, description="also augment the non-oversampled images")
     freeze_bn: bool = True
+    ema_decay: float | None = Field(default=None, description="exponential moving average of the weights "
+                                                              "(e.g. 0.999; validated and saved); None: off")
+    keep_best: bool = Field(default=True, description="save the epoch with the best validation accuracy")
+    early_stop_patience: int | None = Field(default=None, description="stop after this many epochs without a "
+                                                                      "better validation accuracy")
+    val_augment: bool = Field(default=True, description="validation queries are shelf-like augmented views")
     seed: int = 0
     # speed levers: they change how fast training runs, not what it learns, so they stay out of model_dump()
     # (exclude=True) and of train.config_hash: editing them does not make the nightly run retrain
@@ -60,7 +67,8 @@ class TrainSettings(dg.Config):
 
     def train_config(self) -> dict:
         keys = ("epochs", "batch_size", "base_lr", "lr_decay", "arcface_lr", "weight_decay", "margin", "scale",
-                "warmup_steps", "max_steps", "amp", "augment_strength", "freeze_bn", "seed", "channels_last",
+                "warmup_steps", "max_steps", "amp", "augment_strength", "augment_originals", "freeze_bn", "ema_decay",
+                "keep_best", "early_stop_patience", "val_augment", "seed", "channels_last",
                 "decode_cache", "num_workers")
         cfg = {k: getattr(self, k) for k in keys}
         cnn = self.model in ("efficientnet-lite0", "tiny-test") or "efficientnet" in self.model.lower()

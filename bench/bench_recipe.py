@@ -54,19 +54,29 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "none": ({}, {}),
     "none-lite1": ({"model": "efficientnet-lite1"}, {}),
     "none-lite2": ({"model": "efficientnet-lite2"}, {}),
-    "base": ({"model": "efficientnet-lite0", "epochs": 4, "train_image_size": 128}, {"depth": 16}),
-    "e8": ({"model": "efficientnet-lite0", "epochs": 8, "train_image_size": 128}, {"depth": 16}),
-    "e12": ({"model": "efficientnet-lite0", "epochs": 12, "train_image_size": 128}, {"depth": 16}),
-    "px176-e8": ({"model": "efficientnet-lite0", "epochs": 8, "train_image_size": 176}, {"depth": 16}),
-    "px224-e8": ({"model": "efficientnet-lite0", "epochs": 8, "train_image_size": 224}, {"depth": 16}),
-    "aug0.5-e8": ({"model": "efficientnet-lite0", "epochs": 8, "train_image_size": 128, "augment_strength": 0.5},
-                  {"depth": 16}),
-    "augall-e8": ({"model": "efficientnet-lite0", "epochs": 8, "train_image_size": 128, "augment_originals": True},
-                  {"depth": 16}),
-    "lite1-e8": ({"model": "efficientnet-lite1", "epochs": 8, "train_image_size": 128}, {"depth": 16}),
-    "lite2-e8": ({"model": "efficientnet-lite2", "epochs": 8, "train_image_size": 128}, {"depth": 16}),
-    "lite2-px176-e8": ({"model": "efficientnet-lite2", "epochs": 8, "train_image_size": 176}, {"depth": 16}),
 }
+#: the defaults before this benchmark (issue 9): Lite0, 4 epochs at 128 px, depth 16, last epoch saved
+OLD = {"model": "efficientnet-lite0", "epochs": 4, "train_image_size": 128, "keep_best": False, "ema_decay": None,
+       "augment_strength": 1.0, "augment_originals": False}
+
+
+def _v(name: str, depth: int = 16, **over) -> None:
+    VARIANTS[name] = ({**OLD, **over}, {"depth": depth})
+
+
+_v("base")
+_v("e8", epochs=8)
+_v("e12", epochs=12)
+_v("e8-best", epochs=8, keep_best=True)
+_v("e8-ema", epochs=8, ema_decay=0.998)
+_v("px176-e8", epochs=8, train_image_size=176)
+_v("px224-e8", epochs=8, train_image_size=224)
+_v("aug0.5-e8", epochs=8, augment_strength=0.5)
+_v("augall-e8", epochs=8, augment_originals=True)
+_v("d32-e4", depth=32)
+_v("lite1-e8", epochs=8, model="efficientnet-lite1")
+_v("lite2-e8", epochs=8, model="efficientnet-lite2")
+_v("lite2-px176-e8", epochs=8, model="efficientnet-lite2", train_image_size=176)
 SCORINGS = ("nn", "centroid")
 KS = (1, 3, 5)
 

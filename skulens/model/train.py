@@ -47,6 +47,7 @@ far is in it, so a logger that buffers can persist what it has not sent yet).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -65,6 +66,7 @@ import numpy as np
 import pandas as pd
 
 from skulens.data.balance import balance, label_map, suggest_depth
+from skulens.model.averaging import BestWeights, WeightEMA
 from skulens.model.embed import embed_images
 from skulens.model.factory import ModelSpec, _eval_transform_for, create_encoder
 from skulens.model.io import save_encoder
@@ -113,6 +115,11 @@ class TrainConfig:
     freeze_bn: bool = True  # keep BatchNorm running stats at their pretrained values
     grad_clip: float | None = 1.0
     val_before: bool = True  # validation accuracy before the first step (epoch 0)
+    # model selection and averaging
+    ema_decay: float | None = None  # exponential moving average of the weights (validated and saved); None: off
+    keep_best: bool = True  # save the weights of the epoch with the best validation accuracy (latest on ties)
+    early_stop_patience: int | None = None  # stop after this many epochs without a better validation accuracy
+    val_augment: bool = True  # validation queries get a seeded shelf-like augmentation (catalog -> shelf gap)
     embed_batch_size: int = 64
     checkpoint_every_steps: int | None = None  # also checkpoint inside an epoch every this many steps
     checkpoint_every_s: float | None = 300.0  # ... and at least this often (seconds; None: epoch ends only)
@@ -171,6 +178,18 @@ def training_frame(train_df: pd.DataFrame, depth: int | None, seed: int) -> tupl
         return frame, int(per_sku.max())
     depth = int(depth or suggest_depth(train_df))
     return balance(train_df, depth, seed=seed), depth
+
+
+def shelf_views(paths: Sequence[str], seed: int) -> list:
+    """One shelf-like view (:func:`skulens.model.augment.shelf_augment`) of each image, seeded per file
+    name, so a validation query looks like a shelf crop and the same run always sees the same views."""
+    import zlib
+
+    from skulens.data.images import load_rgb
+    from skulens.model.augment import shelf_augment
+
+    return [shelf_augment(load_rgb(p), np.random.default_rng([int(seed), zlib.crc32(str(p).encode())]))
+            for p in paths]
 
 
 def _nn_top1(
@@ -438,6 +457,8 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(total_steps, warmup, cfg.min_lr_ratio)
     )
+    ema = WeightEMA(encoder.model, cfg.ema_decay) if cfg.ema_decay else None
+    best = BestWeights()
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     top_idx = max(
         (i for i, g in enumerate(optimizer.param_groups) if g["name"] != "arcface"),
@@ -466,6 +487,9 @@ def train(
             scaler.load_state_dict(ck["scaler"])
             _set_rng_state(ck["rng"])
             start_epoch, step, history = int(ck["epoch"]), int(ck["step"]), list(ck["history"])
+            if ema is not None and ck.get("ema"):
+                ema.load_state_dict(ck["ema"])
+            best.load_state_dict(ck.get("best"))
             train_images, train_seconds = int(ck["train_images"]), float(ck["train_seconds"])
             resumed_from = step
             if int(ck.get("epoch_step") or 0) > 0:
@@ -487,11 +511,15 @@ def train(
         "amp_dtype": amp_dtype,
     }
 
+    val_queries: list = val_df["clean_path"].astype(str).tolist() if val_df is not None else []
+    if val_df is not None and cfg.val_augment:  # a catalog image vs its own SKU's others is too easy a query
+        val_queries = shelf_views(val_queries, cfg.seed)
+
     def validate(gallery: np.ndarray | None = None) -> float | None:
         if val_df is None:
             return None
         g = gallery if gallery is not None else embed_images(encoder, gallery_paths, **embed_kw)
-        q = embed_images(encoder, val_df["clean_path"].astype(str).tolist(), **embed_kw)
+        q = embed_images(encoder, val_queries, **embed_kw)
         return _nn_top1(g, gallery_skus, q, val_df["sku"].astype(str).tolist())
 
     def emit(kind: str, at: int, metrics: dict) -> None:
@@ -542,6 +570,8 @@ def train(
                 "scaler": scaler.state_dict(),
                 "rng": _rng_state(),
                 "history": history,
+                "ema": ema.state_dict() if ema is not None else None,
+                "best": best.state_dict(),
                 "train_images": train_images,
                 "train_seconds": train_seconds,
             },
@@ -575,7 +605,7 @@ def train(
     )
     clip_params = [p for g in optimizer.param_groups for p in g["params"]]
     try:
-        while epoch < cfg.epochs and step < total_steps:
+        while epoch < cfg.epochs and step < total_steps and not (history and history[-1].get("early_stop")):
             dataset.epoch = epoch
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
             perm = torch.randperm(n, generator=gen).tolist()
@@ -608,6 +638,8 @@ def train(
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
+                if ema is not None:
+                    ema.update(encoder.model)
                 step += 1
                 epoch_step += 1
                 seen += x.shape[0]
@@ -635,7 +667,13 @@ def train(
             train_images += seen
             train_seconds += secs
             epoch += 1
-            acc = validate()
+            with ema.applied(encoder.model) if ema is not None else contextlib.nullcontext():
+                acc = validate()  # the weights that would be saved: the average when there is one
+                if cfg.keep_best:
+                    best.offer(epoch, acc, encoder.model.state_dict())
+            patience = cfg.early_stop_patience
+            stop = bool(patience and best.improved is not None and best.epochs_since(epoch) >= patience
+                        and epoch < cfg.epochs)
             rec = {
                 "epoch": epoch,
                 "step": step,
@@ -645,12 +683,16 @@ def train(
                 "images_per_s": seen / secs if secs > 0 else float("nan"),
                 "data_wait_s": wait,
                 "lr": optimizer.param_groups[top_idx]["lr"],
+                "best_epoch": best.epoch,
+                "early_stop": stop,
             }
             history.append(rec)
             checkpoint(epoch)
             last_ckpt = time.monotonic()
             emit("epoch", step, rec)
             emit("checkpoint", step, {"epoch": epoch, "epoch_step": 0})
+            if stop:
+                log.info("early stop after epoch %d: no better validation accuracy since epoch %d", epoch, best.improved)
     finally:
         if bar is not None:
             bar.close()
@@ -659,6 +701,13 @@ def train(
             it._shutdown_workers()
 
     cache_mb = round(cache.nbytes / 1e6, 1) if cache is not None else None
+    saved = "last"
+    if cfg.keep_best and best.state is not None:
+        encoder.model.load_state_dict(best.state)
+        saved = f"best (epoch {best.epoch})"
+    elif ema is not None:
+        encoder.model.load_state_dict(ema.shadow)
+        saved = "ema"
     encoder.eval()
     encoder.to(memory_format=torch.contiguous_format)  # the saved encoder in the usual layout
     save_encoder(encoder, enc_path)
@@ -693,5 +742,10 @@ def train(
             "decode_cache_s": cache.seconds if cache is not None else None,
             "decode_cache_reused": cache.reused if cache is not None else None,
             "decode_cache_mb": cache_mb,
+            "saved_weights": saved,
+            "best_epoch": best.epoch,
+            "best_val_acc": best.acc,
+            "ema_decay": cfg.ema_decay,
+            "stopped_early": bool(trained and trained[-1].get("early_stop")),
         },
     )

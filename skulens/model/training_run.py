@@ -296,6 +296,10 @@ def run_training(request: dict, echo: Callable[[str], None] | None = None) -> di
         "skus": len(result.labels),
         "balanced_rows": int(result.extra["balanced_rows"]),
         "augmented_rows": int(result.extra["augmented_rows"]),
+        "saved_weights": result.extra.get("saved_weights"),
+        "best_epoch": result.extra.get("best_epoch"),
+        "best_val_acc": result.extra.get("best_val_acc"),
+        "stopped_early": result.extra.get("stopped_early"),
         "speed": {k: result.extra.get(k) for k in ("num_workers", "channels_last", "fused_optimizer", "torch_threads",
                                                     "decode_cache_s", "decode_cache_mb")},
     }
