@@ -43,6 +43,9 @@ class TrainSettings(dg.Config):
     augment_strength: float = 1.0
     augment_originals: bool = Field(default=False, description="also augment the non-oversampled images")
     freeze_bn: bool = True
+    sub_centers: int = Field(default=1, description="ArcFace centres per SKU (> 1: sub-center ArcFace)")
+    m_per_class: int | None = Field(default=None, description="batches of m images per SKU (MPerClassSampler); "
+                                                              "None: plain shuffle")
     ema_decay: float | None = Field(default=None, description="exponential moving average of the weights "
                                                               "(e.g. 0.999; validated and saved); None: off")
     keep_best: bool = Field(default=True, description="save the epoch with the best validation accuracy")
@@ -67,7 +70,7 @@ class TrainSettings(dg.Config):
 
     def train_config(self) -> dict:
         keys = ("epochs", "batch_size", "base_lr", "lr_decay", "arcface_lr", "weight_decay", "margin", "scale",
-                "warmup_steps", "max_steps", "amp", "augment_strength", "augment_originals", "freeze_bn", "ema_decay",
+                "warmup_steps", "max_steps", "amp", "augment_strength", "augment_originals", "freeze_bn", "ema_decay", "sub_centers", "m_per_class",
                 "keep_best", "early_stop_patience", "val_augment", "seed", "channels_last",
                 "decode_cache", "num_workers")
         cfg = {k: getattr(self, k) for k in keys}

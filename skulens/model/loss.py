@@ -10,13 +10,21 @@ from __future__ import annotations
 __all__ = ["arcface_param_group", "create_arcface", "init_from_prototypes"]
 
 
-def create_arcface(num_classes: int, embed_dim: int, margin: float = 28.6, scale: float = 64.0):
+def create_arcface(num_classes: int, embed_dim: int, margin: float = 28.6, scale: float = 64.0,
+                   sub_centers: int = 1):
     """``pytorch_metric_learning.losses.ArcFaceLoss`` for ``num_classes`` SKUs on ``embed_dim``
-    features. Call it as ``loss(embeddings, labels)`` (it normalises the embeddings itself)."""
-    from pytorch_metric_learning.losses import ArcFaceLoss
+    features, or ``SubCenterArcFaceLoss`` with ``sub_centers`` > 1 (each SKU may have several centres:
+    front and side views, old and new packaging). Call it as ``loss(embeddings, labels)`` (it normalises
+    the embeddings itself)."""
+    from pytorch_metric_learning.losses import ArcFaceLoss, SubCenterArcFaceLoss
 
     if num_classes < 2:
         raise ValueError("ArcFace needs at least 2 classes (SKUs)")
+    if int(sub_centers) < 1:
+        raise ValueError("sub_centers must be >= 1")
+    if int(sub_centers) > 1:
+        return SubCenterArcFaceLoss(num_classes=int(num_classes), embedding_size=int(embed_dim), margin=margin,
+                                    scale=scale, sub_centers=int(sub_centers))
     return ArcFaceLoss(
         num_classes=int(num_classes), embedding_size=int(embed_dim), margin=margin, scale=scale
     )
@@ -47,7 +55,9 @@ def init_from_prototypes(loss, embeddings, labels) -> None:
     emb = torch.as_tensor(embeddings, dtype=torch.float32)
     lab = torch.as_tensor(labels, dtype=torch.long)
     emb = torch.nn.functional.normalize(emb, dim=1)
-    d, c = loss.W.shape  # pytorch-metric-learning stores W as (embedding_size, num_classes)
+    d, c = loss.W.shape  # pytorch-metric-learning stores W as (embedding_size, num_classes x sub_centers)
+    sub = int(getattr(loss, "sub_centers", 1) or 1)  # SubCenterArcFace: columns c*sub .. c*sub+sub-1
+    c //= sub
     if emb.shape[1] != d:
         raise ValueError(f"embedding dim {emb.shape[1]} != ArcFace embedding size {d}")
     sums = torch.zeros(c, d).index_add_(0, lab, emb)
@@ -55,6 +65,9 @@ def init_from_prototypes(loss, embeddings, labels) -> None:
     with torch.no_grad():
         has = counts > 0
         centres = torch.nn.functional.normalize(sums[has] / counts[has, None], dim=1)
-        w = loss.W.detach().clone()
-        w[:, has.to(w.device)] = centres.T.to(w.device, w.dtype)
-        loss.W.copy_(w)
+        w = loss.W.detach().clone().view(d, c, sub)
+        # sub-centres start at the prototype plus a little of their random init, so they can separate
+        jitter = 0.0 if sub == 1 else 0.1
+        fresh = torch.nn.functional.normalize(w[:, has.to(w.device)], dim=0)
+        w[:, has.to(w.device)] = centres.T.to(w.device, w.dtype)[:, :, None] + jitter * fresh
+        loss.W.copy_(w.view(d, c * sub))

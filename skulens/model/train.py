@@ -116,6 +116,8 @@ class TrainConfig:
     grad_clip: float | None = 1.0
     val_before: bool = True  # validation accuracy before the first step (epoch 0)
     # model selection and averaging
+    sub_centers: int = 1  # > 1: sub-center ArcFace (several centres per SKU)
+    m_per_class: int | None = None  # batches of m images from each of batch_size / m SKUs (PML MPerClassSampler)
     ema_decay: float | None = None  # exponential moving average of the weights (validated and saved); None: off
     keep_best: bool = True  # save the weights of the epoch with the best validation accuracy (latest on ties)
     early_stop_patience: int | None = None  # stop after this many epochs without a better validation accuracy
@@ -190,6 +192,27 @@ def shelf_views(paths: Sequence[str], seed: int) -> list:
 
     return [shelf_augment(load_rgb(p), np.random.default_rng([int(seed), zlib.crc32(str(p).encode())]))
             for p in paths]
+
+
+def m_per_class_order(labels: np.ndarray, m: int, batch_size: int, length: int, seed: int) -> list[int]:
+    """Row order for one epoch from pytorch-metric-learning's ``MPerClassSampler``: every batch holds
+    ``m`` rows of each of ``batch_size / m`` SKUs. Seeded by ``seed`` alone (the sampler draws from PML's
+    module-level ``NUMPY_RANDOM``, which is swapped for a seeded one while it runs), so a resumed run
+    takes the same batches."""
+    from pytorch_metric_learning.samplers import MPerClassSampler
+    from pytorch_metric_learning.utils import common_functions as c_f
+
+    if batch_size % m:
+        raise ValueError(f"m_per_class={m} must divide batch_size={batch_size}")
+    if m * len(np.unique(labels)) < batch_size:
+        raise ValueError(f"m_per_class={m} x {len(np.unique(labels))} SKUs < batch_size={batch_size}")
+    saved = c_f.NUMPY_RANDOM
+    c_f.NUMPY_RANDOM = np.random.RandomState(seed % (2**32))
+    try:
+        order = list(iter(MPerClassSampler(labels, m, batch_size=batch_size, length_before_new_iter=length)))
+    finally:
+        c_f.NUMPY_RANDOM = saved
+    return [int(i) for i in order]
 
 
 def _nn_top1(
@@ -452,7 +475,7 @@ def train(
     warmup = min(int(warmup), max(0, total_steps - 1))
 
     # --- loss, optimiser, schedule
-    loss_fn = create_arcface(len(labels), encoder.embed_dim, cfg.margin, cfg.scale).to(dev)
+    loss_fn = create_arcface(len(labels), encoder.embed_dim, cfg.margin, cfg.scale, cfg.sub_centers).to(dev)
     optimizer = build_optimizer(encoder, loss_fn, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(total_steps, warmup, cfg.min_lr_ratio)
@@ -609,6 +632,9 @@ def train(
             dataset.epoch = epoch
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
             perm = torch.randperm(n, generator=gen).tolist()
+            if cfg.m_per_class:
+                perm = m_per_class_order(bal["label"].to_numpy(), int(cfg.m_per_class), bs, steps_per_epoch * bs,
+                                         cfg.seed * 1_000_003 + epoch)
             batches = [perm[i * bs : (i + 1) * bs] for i in range(steps_per_epoch)]
             skip, losses, seen, prior_secs, mid_rng = mid if mid else (0, [], 0, 0.0, None)
             mid = None

@@ -1,0 +1,58 @@
+"""Recipe levers: m-per-class batches and sub-center ArcFace."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from skulens.data.balance import split_validation
+from skulens.model.loss import create_arcface, init_from_prototypes
+from skulens.model.train import m_per_class_order, train
+from tests.model.test_train import _cfg, _one_thread, catalog  # noqa: F401 - fixtures
+
+
+def test_m_per_class_batches_hold_m_rows_of_each_sku_and_are_seeded():
+    labels = np.repeat(np.arange(10), 6)
+    order = m_per_class_order(labels, m=4, batch_size=16, length=48, seed=3)
+    assert len(order) == 48
+    for b in range(3):
+        lab = labels[order[b * 16:(b + 1) * 16]]
+        _, counts = np.unique(lab, return_counts=True)
+        assert len(counts) == 4 and set(counts) == {4}
+    assert order == m_per_class_order(labels, 4, 16, 48, seed=3)
+    assert order != m_per_class_order(labels, 4, 16, 48, seed=4)
+    with pytest.raises(ValueError, match="divide"):
+        m_per_class_order(labels, 3, 16, 48, 0)
+    with pytest.raises(ValueError, match="SKUs"):
+        m_per_class_order(np.repeat(np.arange(2), 6), 4, 16, 48, 0)
+
+
+def test_sub_center_arcface_starts_every_centre_near_its_prototype():
+    torch.manual_seed(0)
+    loss = create_arcface(5, 8, sub_centers=3)
+    emb = torch.nn.functional.normalize(torch.randn(20, 8), dim=1)
+    labels = torch.arange(20) % 5
+    init_from_prototypes(loss, emb, labels)
+    w = torch.nn.functional.normalize(loss.W.detach(), dim=0).view(8, 5, 3)
+    protos = torch.nn.functional.normalize(torch.stack([emb[labels == c].mean(0) for c in range(5)]), dim=1)
+    cos = torch.einsum("dcs,cd->cs", w, protos)
+    assert (cos > 0.98).all() and (cos < 1 - 1e-6).any()  # near the prototype, not all identical
+    with pytest.raises(ValueError):
+        create_arcface(5, 8, sub_centers=0)
+
+
+def test_training_with_sub_centres_and_m_per_class(catalog, tmp_path):  # noqa: F811
+    tr, val = split_validation(catalog, per_sku=2, seed=0)
+    res = train(tr, val, "tiny-test", _cfg(epochs=2, sub_centers=2, m_per_class=4), tmp_path, progress=False,
+                device="cpu")
+    losses = [h["train_loss"] for h in res.history if h["epoch"] > 0]
+    assert res.steps == 2 * res.extra["steps_per_epoch"] and all(np.isfinite(losses))
+    again = train(tr, val, "tiny-test", _cfg(epochs=2, sub_centers=2, m_per_class=4), tmp_path / "b",
+                  progress=False, device="cpu")
+    assert [h["train_loss"] for h in again.history] == [h["train_loss"] for h in res.history]
