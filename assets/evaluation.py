@@ -12,7 +12,7 @@ from assets import OWNERS
 from resources import LocalStateResource, SparseViewsResource
 from resources.mlflow import MlflowResource
 from resources.training import TrainingResource
-from skulens.evaluation import compare, reports
+from skulens.evaluation import compare, reports, splits
 from skulens.index import rules
 from skulens.model import embed, export
 from skulens.registry import promotion
@@ -28,6 +28,29 @@ def _md(df: pd.DataFrame, limit: int = 40) -> dg.MetadataValue:
 def _run_url(mlflow: MlflowResource, run_id: str) -> dg.MetadataValue:
     exp = mlflow.client().get_run(run_id).info.experiment_id
     return dg.MetadataValue.url(f"{mlflow.tracking_uri}/#/experiments/{exp}/runs/{run_id}")
+
+
+def _trained_skus(context: dg.AssetExecutionContext, mlflow: MlflowResource, trained_encoder: dict,
+                  champion_run_id: str | None) -> dict:
+    """role -> the SKUs that model was trained on: the ``trained`` list of the ``catalog_state.json`` of its
+    training run (None: not recorded or MLflow did not answer; its open-set split is then left out). The base
+    tower, and a challenger that is the base tower, have seen none."""
+    from skulens.registry.promotion import _run_record
+
+    def of(run_id):
+        if not run_id:
+            return None
+        try:
+            with mlflow.bounded():
+                record = _run_record(mlflow.client(), run_id)
+        except Exception as e:  # noqa: BLE001 - a missing split must not fail the evaluation
+            context.log.warning(f"training SKUs of run {run_id} not readable ({type(e).__name__}): "
+                                "no seen/unseen split for it")
+            return None
+        return None if record is None or "trained" not in record else record["trained"]
+
+    return {"challenger": set() if trained_encoder.get("base_tower") else of(trained_encoder.get("mlflow_run_id")),
+            "champion": of(champion_run_id), "base": set()}
 
 
 class EvalSettings(dg.Config):
@@ -79,6 +102,9 @@ def model_evaluation(context: dg.AssetExecutionContext, config: EvalSettings, tr
                             f"(counted as errors): {', '.join(unknown[:10])}")
     if ev["champion_error"]:
         context.log.warning(f"champion not evaluated: {ev['champion_error']} (it will not be replaced)")
+    # the open-set claim: top-1 on the SKUs each model was trained on vs those it never saw, and per category
+    splits.add_open_set(ev, _trained_skus(context, mlflow, trained_encoder, ev.get("champion_run_id")),
+                        catalog_products)
     files = reports.write_reports(ev, catalog, state.path("evaluation", context.run.run_id[:8]),
                              top_confusions=config.top_confusions)
     run_id = trained_encoder.get("mlflow_run_id")
@@ -102,12 +128,24 @@ def model_evaluation(context: dg.AssetExecutionContext, config: EvalSettings, tr
     }
     if run_id:
         meta["mlflow_run"] = _run_url(mlflow, run_id)
+    meta["open_set"] = _md(reports.open_set_summary(ev))
+    meta["per_category"] = _md(reports.per_category_table(ev), limit=60)
+    if "per_category_png" in files:
+        meta["per_category_plot"] = dg.MetadataValue.md(reports.png_markdown(
+            files["per_category_png"], "Challenger top-1 per category: SKUs seen in training vs never seen"))
     for role in compare.MODEL_ROLES:
         if role in m:
             for g, met in m[role]["metrics"].items():
                 for key in ("top1", "top5", "top1_sparse", "top1_rich"):
                     if met.get(key) is not None:
                         meta[f"{role}_{g}_{key}"] = dg.MetadataValue.float(round(met[key], 4))
+                split = ((m[role].get("open_set") or {}).get(g) or {}).get("metrics", {})
+                for key in ("top1_seen", "top1_unseen"):
+                    if key in split:
+                        meta[f"{role}_{g}_{key}"] = dg.MetadataValue.float(round(split[key], 4))
+                for key in ("n_seen", "n_unseen"):
+                    if key in split:
+                        meta[f"{role}_{g}_{key}"] = int(split[key])
     if ev["champion_error"]:
         meta["champion_error"] = ev["champion_error"]
     inf = ev.get("inference") or {}

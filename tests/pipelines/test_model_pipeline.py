@@ -147,6 +147,27 @@ def test_model_pipeline_promotes_first_keeps_champion_over_worse_and_serves(
     assert {"per_sku_accuracy.png", "confusions.png", "comparison.csv"} <= arts
     meta1 = _meta(r1, "model_evaluation")
     assert "data:image/png;base64," in meta1["per_sku_plot"] and meta1["eval_set"] == ev1["eval_set"]
+    # the open-set claim: top-1 on the SKUs each model was trained on vs never seen (its run's catalog_state.json;
+    # the demo crops are all of training SKUs; the base tower saw none), and per category; the counts add up
+    trained_skus = set(r1.output_for_node("balanced_dataset")["train"]["sku"])
+    n_unseen = int((~crops["sku"].isin(trained_skus)).sum())
+    assert n_unseen < 56 and ev1["models"]["challenger"]["trained_skus"] == len(trained_skus)
+    for g in ("catalog", "retailklip"):
+        assert meta1[f"challenger_{g}_n_seen"] + meta1[f"challenger_{g}_n_unseen"] == 56
+        assert meta1[f"challenger_{g}_n_unseen"] == n_unseen and 0 <= meta1[f"challenger_{g}_top1_seen"] <= 1
+        assert meta1[f"base_{g}_n_seen"] == 0 and meta1[f"base_{g}_n_unseen"] == 56 and f"base_{g}_top1_seen" not in meta1
+        # LR 0: the challenger is the base tower: the base's top-1 on its crops (all unseen) is the challenger's
+        assert meta1[f"base_{g}_top1_unseen"] == meta1[f"challenger_{g}_top1"]
+        split = ev1["models"]["challenger"]["open_set"][g]
+        cats = [r for r in split["table"] if r["category"] != "(all)"]
+        assert len(cats) == crops["sku"].map(r1.output_for_node("catalog_products").set_index("sku")["category"]).nunique()
+        assert sum(r["n"] for r in cats) == 56 and sum(r["n_seen"] for r in cats) == 56 - n_unseen
+    assert "top1_challenger" in meta1["per_category"] and "n_seen" in meta1["open_set"]
+    assert "data:image/png;base64," in meta1["per_category_plot"]
+    assert train_run.data.metrics["eval/challenger/catalog/n_unseen"] == n_unseen
+    assert "eval/challenger/catalog/top1_seen" in train_run.data.metrics
+    assert any(k.startswith("eval/challenger/catalog/top1_cat_") for k in train_run.data.metrics)
+    assert {"open_set.csv", "per_category_accuracy.png"} <= arts
 
     # the index: every cleaned catalog image, built by the champion, behind the pointer
     kept = r1.output_for_node("cleaned_catalog").kept
@@ -171,6 +192,10 @@ def test_model_pipeline_promotes_first_keeps_champion_over_worse_and_serves(
     assert ev2["eval_set"] == ev1["eval_set"] and ev2["champion_version"] == "1"
     champ2 = ev2["models"]["champion"]["metrics"]["catalog"]
     assert champ2["top1"] == pytest.approx(ch1)  # champion re-scored on the same crops: same numbers
+    # the champion's split is relative to its own training SKUs (read from its run's catalog_state.json)
+    meta2e = _meta(r2, "model_evaluation")
+    assert meta2e["champion_catalog_n_unseen"] == n_unseen and meta2e["challenger_catalog_n_unseen"] == n_unseen
+    assert meta2e["champion_catalog_top1_seen"] == pytest.approx(meta1["challenger_catalog_top1_seen"], abs=1e-4)
     worse = ev2["models"]["challenger"]["metrics"]["catalog"]["top1"]
     assert worse < champ2["top1"] - 0.1, (worse, champ2)  # really worse, on the same crops
 
