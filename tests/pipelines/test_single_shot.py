@@ -66,6 +66,9 @@ def test_packshot_only_catalog_is_indexed_and_recognized(s3, mlflow_server, dvc_
     ev = r.output_for_node("model_evaluation")
     m = ev["models"]["challenger"]["metrics"]["catalog"]
     assert m["n_sparse"] == ev["n_crops"] == 16 and m["n_rich"] == 0  # every SKU is sparse here
+    split = ev["models"]["challenger"]["open_set"]["catalog"]["metrics"]  # the base tower: nothing was seen
+    assert ev["models"]["challenger"]["trained_skus"] == 0 and split["n_seen"] == 0 and split["n_unseen"] == 16
+    assert split["top1_unseen"] == pytest.approx(m["top1"]) and "top1_seen" not in split
     reg = r.output_for_node("registered_model")
     assert reg["promoted"] and reg["version"] == "1"  # the base tower is the first model
     idx = r.output_for_node("sku_index")
@@ -84,6 +87,7 @@ def test_packshot_only_catalog_is_indexed_and_recognized(s3, mlflow_server, dvc_
     assert r2.output_for_node("registered_model")["version"] is None
     ev2 = r2.output_for_node("model_evaluation")
     assert "challenger" not in ev2["models"] and ev2["champion_version"] == "1"
+    assert ev2["models"]["champion"]["open_set"]["catalog"]["metrics"]["n_unseen"] == 16  # v1: the base tower
     assert r2.output_for_node("sku_index")["model_version"] == "1"
 
 
@@ -112,6 +116,12 @@ def test_mixed_catalog_trains_on_rich_skus_and_indexes_all(s3, mlflow_server, dv
     assert not trained.get("skipped") and trained["encoder_uri"].startswith("runs:/")
     m = r.output_for_node("model_evaluation")["models"]["challenger"]["metrics"]["catalog"]
     assert m["n_sparse"] == 3 * 2 and m["n_rich"] == 6 * 2
+    # the open-set claim: the three launches were never trained on; their crops are the unseen ones
+    meta = {k: v.value for k, v in r.asset_materializations_for_node("model_evaluation")[-1].metadata.items()}
+    assert meta["challenger_catalog_n_seen"] == 6 * 2 and meta["challenger_catalog_n_unseen"] == 3 * 2
+    assert 0 <= meta["challenger_catalog_top1_unseen"] <= 1 and 0 <= meta["challenger_catalog_top1_seen"] <= 1
+    assert meta["challenger_catalog_n_seen"] * meta["challenger_catalog_top1_seen"] + meta[
+        "challenger_catalog_n_unseen"] * meta["challenger_catalog_top1_unseen"] == pytest.approx(18 * m["top1"], abs=1e-3)
     idx = r.output_for_node("sku_index")
     assert idx["n_skus"] == 9 and idx["count"] == 6 * 4 + 3 * (1 + VIEWS)  # every SKU, sparse ones with views
 
