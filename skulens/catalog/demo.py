@@ -218,9 +218,9 @@ def write_demo(
     rng = random.Random(seed)
     with open(cat_dir / "products.csv", "w", newline="") as fh:
         wr = csv.writer(fh)
-        wr.writerow(["sku", "name", "category", "brand", "size"])
-        for p in products:
-            wr.writerow([p.sku, p.name, p.category, p.brand.title(), p.size])
+        wr.writerow(["sku", "name", "category", "brand", "size", "packshot"])
+        for p in products:  # view 0 (the front, on white) is the reference image: the contract's packshot column
+            wr.writerow([p.sku, p.name, p.category, p.brand.title(), p.size, "00.jpg"])
     counts = {"skus": len(products), "catalog_images": 0, "shelf_crops": 0, "photo_boxes": 0, "bad_files": 0}
     for p in products:
         d = cat_dir / "images" / p.sku
@@ -268,7 +268,7 @@ def write_demo(
         (img / products[3].sku / "thumb.jpg").write_bytes(
             _jpeg_bytes(render_packshot(products[3]).resize((20, 20)), 95) + b"\0" * 1200)
         (img / products[0].sku / "00-copy.jpg").write_bytes(good)  # exact duplicate within a SKU
-        # a delisted-looking SKU with only two usable images: dropped (fewer than 3)
+        # a launch-like SKU with only two usable images (its packshot named): index-only, never trained on
         lone = Product(sku=f"demo-{len(products) + 1:03d}", name="Lonely Two-Image Product 100 g",
                        category="snacks", shape="pouch", brand="LONE", primary=(60, 60, 200),
                        secondary=(240, 240, 240), pattern="plain", logo="circle", size="100 g")
@@ -276,7 +276,7 @@ def write_demo(
         for v in range(2):
             (img / lone.sku / f"{v:02d}.jpg").write_bytes(_jpeg_bytes(render_packshot(lone, view=v), 92))
         with open(cat_dir / "products.csv", "a", newline="") as fh:
-            csv.writer(fh).writerow([lone.sku, lone.name, lone.category, "Lone", lone.size])
+            csv.writer(fh).writerow([lone.sku, lone.name, lone.category, "Lone", lone.size, "00.jpg"])
         counts["bad_files"] = 7
         counts["catalog_images"] += 7
     rng.random()

@@ -31,13 +31,14 @@ def _img(seed: int) -> bytes:
 
 def test_packshot_names_parses_and_validates():
     products = pd.DataFrame({
-        "sku": ["A", "B", "C", "D", "E", "F", "G"],
+        "sku": ["A", "B", "C", "D", "E", "F", "G", "H", "I"],
         "packshot": ["front.jpg", "B/front.png", "catalog/images/C/x.webp", "", "../../etc/x.jpg", "notes.txt",
-                     "a/b.jpg"],
+                     "a/b.jpg", "%2e%2e%2fx.jpg", "bell\x07.jpg"],
     })
     names, problems = contract.packshot_names(products)
     assert names == {"A": "front.jpg", "B": "front.png", "C": "x.webp"}
-    assert [p[0] for p in problems] == ["E", "F", "G"]  # a path, not an image, a path into another folder
+    # a path, not an image, a path into another folder, a percent-encoded '../', a control character
+    assert [p[0] for p in problems] == ["E", "F", "G", "H", "I"]
     assert contract.packshot_names(products.drop(columns="packshot")) == ({}, [])
     assert contract.packshot_names(None) == ({}, [])
     # read_products keeps the column (stripped); no column, no change
