@@ -75,6 +75,8 @@ def cleaned_catalog(context: dg.AssetExecutionContext, config: CleanSettings, ca
             "share_dropped": round(s["share_dropped"], 4), "skus_kept": s["skus_kept"], "skus_dropped": s["skus_dropped"],
             "skus_train": s["skus_train"], "skus_index_only": s["skus_index_only"],
             "sku_roles": _md_table(result.sku_roles),
+            "skus_with_packshot": s.get("skus_with_packshot", 0), "packshot_problems": s.get("packshot_problems", 0),
+            "packshots": _md_table(result.packshots if result.packshots is not None else pd.DataFrame()),
             "normalised": s["normalised"], "images_per_s": s["images_per_s"],
             "dropped_by_reason": s["dropped_by_reason"],
             "dropped_files": _md_table(result.dropped_files),

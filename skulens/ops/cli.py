@@ -157,6 +157,8 @@ def _run_import(kind: str, src: Path, workers: int, allow_rejects: bool = False)
         click.echo(f"rejected {path}: {why}", err=True)
     for key, err in report.failed:
         click.echo(f"failed {key}: {err}", err=True)
+    for w in getattr(report, "warnings", []):
+        click.echo(f"warning {w}", err=True)
     click.echo(f"{kind} -> s3://{s.bucket}: {report.summary()}")
     if report.failed:
         raise click.ClickException(f"{len(report.failed)} upload(s) failed; run the import again to retry them")
