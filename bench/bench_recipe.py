@@ -225,7 +225,18 @@ def run_one(name: str, mode: str, seed: int, args) -> dict:
                    best_epoch=summary.get("best_epoch"), balanced_rows=len(balanced))
         model_path = summary["encoder_uri"]
     emb, info = embed_all(model_path, need, df)
-    row.update(info, scores=score(df, queries, held, emb), load=os.getloadavg()[0])
+    scores = score(df, queries, held, emb)
+    for size in args.eval_sizes or ():  # the same weights evaluated at other input sizes (CNN towers)
+        import dataclasses
+
+        from skulens.model.io import load_encoder, save_encoder
+
+        enc = load_encoder(model_path)
+        enc.spec = dataclasses.replace(enc.spec, image_size=int(size))
+        sized = save_encoder(enc, work / f"eval{size}" / "encoder.pt")
+        e2, _ = embed_all(str(sized), need, df)
+        scores.update({f"px{size}/{k}": v for k, v in score(df, queries, held, e2).items()})
+    row.update(info, scores=scores, load=os.getloadavg()[0])
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     return row
@@ -304,6 +315,8 @@ def main(argv=None) -> int:
     ap.add_argument("--protocol", nargs="+", default=["dev"], choices=["dev", "test"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--gallery", nargs="+", default=["plain/nn", "plain/views", "flip/nn", "flip/views", "plain/centroid"])
+    ap.add_argument("--eval-sizes", type=int, nargs="*", default=[],
+                    help="also evaluate each model at these input sizes (scores 'px<size>/<gallery>')")
     ap.add_argument("--table", action="store_true", help="only print the table of the results so far")
     ap.add_argument("--list", action="store_true", help="list the variants")
     ap.add_argument("--budget", action="store_true",
