@@ -118,6 +118,7 @@ class TrainConfig:
     # model selection and averaging
     sub_centers: int = 1  # > 1: sub-center ArcFace (several centres per SKU)
     m_per_class: int | None = None  # batches of m images from each of batch_size / m SKUs (PML MPerClassSampler)
+    wise_alpha: float = 1.0  # WiSE-FT: save alpha * fine-tuned + (1 - alpha) * start weights (1 = off)
     ema_decay: float | None = None  # exponential moving average of the weights (validated and saved); None: off
     keep_best: bool = True  # save the weights of the epoch with the best validation accuracy (latest on ties)
     early_stop_patience: int | None = None  # stop after this many epochs without a better validation accuracy
@@ -459,6 +460,11 @@ def train(
             spec = dataclasses.replace(spec, image_size=int(cfg.image_size))
         encoder = create_encoder(spec, device=str(dev))
     spec = encoder.spec
+    if not 0.0 <= float(cfg.wise_alpha) <= 1.0:
+        raise ValueError(f"wise_alpha must be in [0, 1], got {cfg.wise_alpha}")
+    # the start weights, for WiSE-FT (a resumed run builds the same start model before loading its checkpoint)
+    start_state = ({k: v.detach().to("cpu", copy=True) for k, v in encoder.model.state_dict().items()}
+                   if cfg.wise_alpha < 1.0 else None)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     encoder.to(memory_format=fmt)
 
@@ -734,6 +740,12 @@ def train(
     elif ema is not None:
         encoder.model.load_state_dict(ema.shadow)
         saved = "ema"
+    if start_state is not None:  # WiSE-FT (Wortsman et al., CVPR 2022): keeps more of what the start model knew
+        a = float(cfg.wise_alpha)
+        mixed = {k: (a * v.detach().cpu() + (1 - a) * start_state[k]).to(v.dtype) if v.is_floating_point() else v
+                 for k, v in encoder.model.state_dict().items()}
+        encoder.model.load_state_dict(mixed)
+        saved += f", WiSE-FT alpha {a}"
     encoder.eval()
     encoder.to(memory_format=torch.contiguous_format)  # the saved encoder in the usual layout
     save_encoder(encoder, enc_path)

@@ -56,3 +56,22 @@ def test_training_with_sub_centres_and_m_per_class(catalog, tmp_path):  # noqa: 
     again = train(tr, val, "tiny-test", _cfg(epochs=2, sub_centers=2, m_per_class=4), tmp_path / "b",
                   progress=False, device="cpu")
     assert [h["train_loss"] for h in again.history] == [h["train_loss"] for h in res.history]
+
+
+def test_wise_ft_interpolates_between_start_and_fine_tuned_weights(catalog, tmp_path):  # noqa: F811
+    from skulens.model import create_encoder, load_encoder
+
+    tr, val = split_validation(catalog, per_sku=2, seed=0)
+    kw = {"epochs": 1, "keep_best": False}
+    ft = load_encoder(train(tr, val, "tiny-test", _cfg(**kw), tmp_path / "ft", progress=False,
+                            device="cpu").encoder_path).model.state_dict()
+    half = train(tr, val, "tiny-test", _cfg(wise_alpha=0.5, **kw), tmp_path / "h", progress=False, device="cpu")
+    assert "WiSE-FT alpha 0.5" in half.extra["saved_weights"]
+    mixed = load_encoder(half.encoder_path).model.state_dict()
+    torch.manual_seed(0)  # train() seeds with cfg.seed before building the model: the same start weights
+    start = create_encoder("tiny-test").model.state_dict()
+    for k, v in mixed.items():
+        if v.is_floating_point():
+            assert torch.allclose(v, 0.5 * ft[k] + 0.5 * start[k], atol=1e-6), k
+    with pytest.raises(ValueError):
+        train(tr, val, "tiny-test", _cfg(wise_alpha=1.5), tmp_path / "bad", progress=False, device="cpu")
