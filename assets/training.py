@@ -46,6 +46,7 @@ class TrainSettings(dg.Config):
     sub_centers: int = Field(default=1, description="ArcFace centres per SKU (> 1: sub-center ArcFace)")
     m_per_class: int | None = Field(default=None, description="batches of m images per SKU (MPerClassSampler); "
                                                               "None: plain shuffle")
+    freeze_blocks: int = Field(default=0, description="blocks from the input kept frozen (faster backward pass)")
     wise_alpha: float = Field(default=1.0, description="WiSE-FT: save alpha x fine-tuned + (1 - alpha) x start "
                                                        "weights (1 = off); lower keeps more of the pretrained tower")
     ema_decay: float | None = Field(default=None, description="exponential moving average of the weights "
@@ -72,7 +73,7 @@ class TrainSettings(dg.Config):
 
     def train_config(self) -> dict:
         keys = ("epochs", "batch_size", "base_lr", "lr_decay", "arcface_lr", "weight_decay", "margin", "scale",
-                "warmup_steps", "max_steps", "amp", "augment_strength", "augment_originals", "freeze_bn", "ema_decay", "wise_alpha", "sub_centers", "m_per_class",
+                "warmup_steps", "max_steps", "amp", "augment_strength", "augment_originals", "freeze_bn", "ema_decay", "wise_alpha", "freeze_blocks", "sub_centers", "m_per_class",
                 "keep_best", "early_stop_patience", "val_augment", "seed", "channels_last",
                 "decode_cache", "num_workers")
         cfg = {k: getattr(self, k) for k in keys}

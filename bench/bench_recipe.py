@@ -58,7 +58,7 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
 #: the defaults before this benchmark (issue 9): Lite0, 4 epochs at 128 px, depth 16, last epoch saved
 OLD = {"model": "efficientnet-lite0", "epochs": 4, "train_image_size": 128, "keep_best": False, "ema_decay": None,
        "augment_strength": 1.0, "augment_originals": False, "wise_alpha": 1.0, "sub_centers": 1, "m_per_class": None,
-       "image_size": None}
+       "image_size": None, "freeze_blocks": 0}
 
 
 def _v(name: str, depth: int = 16, **over) -> None:
@@ -77,6 +77,9 @@ _v("augall-e8", epochs=8, augment_originals=True)
 _v("d32-e4", depth=32)
 _v("e8-wise0.7", epochs=8, wise_alpha=0.7)
 _v("e8-wise0.5", epochs=8, wise_alpha=0.5)
+_v("e8-f3", epochs=8, freeze_blocks=3)
+_v("px176-e8-f3", epochs=8, train_image_size=176, freeze_blocks=3)
+_v("px176-e8-f3-ema", epochs=8, train_image_size=176, freeze_blocks=3, ema_decay=0.998)
 _v("e8-subc3", epochs=8, sub_centers=3)
 _v("e8-mpc4", epochs=8, m_per_class=4)
 _v("lite1-e8", epochs=8, model="efficientnet-lite1")

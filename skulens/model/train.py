@@ -118,6 +118,7 @@ class TrainConfig:
     # model selection and averaging
     sub_centers: int = 1  # > 1: sub-center ArcFace (several centres per SKU)
     m_per_class: int | None = None  # batches of m images from each of batch_size / m SKUs (PML MPerClassSampler)
+    freeze_blocks: int = 0  # blocks from the input kept frozen (no gradient: a shorter, cheaper backward pass)
     wise_alpha: float = 1.0  # WiSE-FT: save alpha * fine-tuned + (1 - alpha) * start weights (1 = off)
     ema_decay: float | None = None  # exponential moving average of the weights (validated and saved); None: off
     keep_best: bool = True  # save the weights of the epoch with the best validation accuracy (latest on ties)
@@ -193,6 +194,26 @@ def shelf_views(paths: Sequence[str], seed: int) -> list:
 
     return [shelf_augment(load_rgb(p), np.random.default_rng([int(seed), zlib.crc32(str(p).encode())]))
             for p in paths]
+
+
+def freeze_blocks(encoder, n: int) -> int:
+    """Stop gradients to the tower's first ``n`` blocks (:func:`skulens.model.lr.block_ids`: block 0 is the stem).
+    Block-wise LR decay already gives them the smallest steps; frozen, the backward pass ends above them,
+    which saves most of its cost at the high-resolution end of a CNN. Returns how many tensors were frozen."""
+    from skulens.model.lr import block_ids
+
+    if n <= 0:
+        return 0
+    tower = getattr(encoder, "model", encoder)
+    ids, top = block_ids(tower)
+    if n > top:
+        raise ValueError(f"freeze_blocks={n}: the tower has blocks 0..{top}; the top block must train")
+    count = 0
+    for name, p in tower.named_parameters():
+        if ids[name] < n:
+            p.requires_grad_(False)
+            count += 1
+    return count
 
 
 def m_per_class_order(labels: np.ndarray, m: int, batch_size: int, length: int, seed: int) -> list[int]:
@@ -480,6 +501,7 @@ def train(
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, round(0.05 * total_steps))
     warmup = min(int(warmup), max(0, total_steps - 1))
 
+    frozen = freeze_blocks(encoder, cfg.freeze_blocks)
     # --- loss, optimiser, schedule
     loss_fn = create_arcface(len(labels), encoder.embed_dim, cfg.margin, cfg.scale, cfg.sub_centers).to(dev)
     optimizer = build_optimizer(encoder, loss_fn, cfg)
@@ -781,6 +803,7 @@ def train(
             "decode_cache_reused": cache.reused if cache is not None else None,
             "decode_cache_mb": cache_mb,
             "saved_weights": saved,
+            "frozen_tensors": frozen,
             "best_epoch": best.epoch,
             "best_val_acc": best.acc,
             "ema_decay": cfg.ema_decay,
