@@ -26,7 +26,8 @@ class TrainSettings(dg.Config):
     train_image_size: int | None = Field(
         default=128, description="training resolution for CNN towers (3x faster on CPU than 224 at the same GroZi "
                                  "accuracy); ignored for ViT towers, which train at their own size")
-    epochs: int = 4
+    epochs: int = Field(default=8, description="passes over the balanced set (8 with 3 frozen blocks: GroZi recipe "
+                                               "table in the README; about the time 4 took with none)")
     batch_size: int = 32
     base_lr: float = Field(default=2e-4, description="LR of the top block; each earlier block x lr_decay")
     lr_decay: float = 0.7
@@ -46,12 +47,14 @@ class TrainSettings(dg.Config):
     sub_centers: int = Field(default=1, description="ArcFace centres per SKU (> 1: sub-center ArcFace)")
     m_per_class: int | None = Field(default=None, description="batches of m images per SKU (MPerClassSampler); "
                                                               "None: plain shuffle")
-    freeze_blocks: int = Field(default=0, description="blocks from the input kept frozen (faster backward pass)")
+    freeze_blocks: int = Field(default=3, description="blocks from the input kept frozen (no gradient: 1.4x faster "
+                                                      "training on Lite0; the top block always trains)")
     wise_alpha: float = Field(default=1.0, description="WiSE-FT: save alpha x fine-tuned + (1 - alpha) x start "
                                                        "weights (1 = off); lower keeps more of the pretrained tower")
     ema_decay: float | None = Field(default=None, description="exponential moving average of the weights "
                                                               "(e.g. 0.999; validated and saved); None: off")
-    keep_best: bool = Field(default=True, description="save the epoch with the best validation accuracy")
+    keep_best: bool = Field(default=False, description="save the epoch with the best validation accuracy (latest on "
+                                                       "ties) instead of the last one")
     early_stop_patience: int | None = Field(default=None, description="stop after this many epochs without a "
                                                                       "better validation accuracy")
     val_augment: bool = Field(default=True, description="validation queries are shelf-like augmented views")
@@ -73,7 +76,8 @@ class TrainSettings(dg.Config):
 
     def train_config(self) -> dict:
         keys = ("epochs", "batch_size", "base_lr", "lr_decay", "arcface_lr", "weight_decay", "margin", "scale",
-                "warmup_steps", "max_steps", "amp", "augment_strength", "augment_originals", "freeze_bn", "ema_decay", "wise_alpha", "freeze_blocks", "sub_centers", "m_per_class",
+                "warmup_steps", "max_steps", "amp", "augment_strength", "augment_originals", "freeze_bn", "ema_decay",
+                "wise_alpha", "freeze_blocks", "sub_centers", "m_per_class",
                 "keep_best", "early_stop_patience", "val_augment", "seed", "channels_last",
                 "decode_cache", "num_workers")
         cfg = {k: getattr(self, k) for k in keys}

@@ -65,6 +65,8 @@ def _v(name: str, depth: int = 16, **over) -> None:
     VARIANTS[name] = ({**OLD, **over}, {"depth": depth})
 
 
+#: "defaults": the launchpad defaults of the code being run (each row records the resolved config)
+VARIANTS["defaults"] = ({}, {})
 _v("base")
 _v("e8", epochs=8)
 _v("e12", epochs=12)
@@ -211,6 +213,7 @@ def run_one(name: str, mode: str, seed: int, args) -> dict:
     need = sorted(set(df[df["rank"] < max(KS)]["clean_path"]) | set(queries["clean_path"]))
     ts = TrainSettings().model_copy(update={**t_over, "seed": seed})
     row: dict = {"variant": name, "protocol": mode, "seed": seed, "train": t_over, "balance": b_over,
+                 "config": ts.train_config(),
                  "n_train_images": len(train_df), "n_queries": len(queries), "n_held_products": len(held)}
     if name.startswith("none"):
         work.mkdir(parents=True, exist_ok=True)

@@ -121,7 +121,7 @@ class TrainConfig:
     freeze_blocks: int = 0  # blocks from the input kept frozen (no gradient: a shorter, cheaper backward pass)
     wise_alpha: float = 1.0  # WiSE-FT: save alpha * fine-tuned + (1 - alpha) * start weights (1 = off)
     ema_decay: float | None = None  # exponential moving average of the weights (validated and saved); None: off
-    keep_best: bool = True  # save the weights of the epoch with the best validation accuracy (latest on ties)
+    keep_best: bool = False  # save the weights of the epoch with the best validation accuracy (latest on ties)
     early_stop_patience: int | None = None  # stop after this many epochs without a better validation accuracy
     val_augment: bool = True  # validation queries get a seeded shelf-like augmentation (catalog -> shelf gap)
     embed_batch_size: int = 64
@@ -199,7 +199,8 @@ def shelf_views(paths: Sequence[str], seed: int) -> list:
 def freeze_blocks(encoder, n: int) -> int:
     """Stop gradients to the tower's first ``n`` blocks (:func:`skulens.model.lr.block_ids`: block 0 is the stem).
     Block-wise LR decay already gives them the smallest steps; frozen, the backward pass ends above them,
-    which saves most of its cost at the high-resolution end of a CNN. Returns how many tensors were frozen."""
+    which saves most of its cost at the high-resolution end of a CNN. The top block always trains: a tower
+    with fewer blocks gets fewer frozen (with a warning). Returns how many tensors were frozen."""
     from skulens.model.lr import block_ids
 
     if n <= 0:
@@ -207,7 +208,9 @@ def freeze_blocks(encoder, n: int) -> int:
     tower = getattr(encoder, "model", encoder)
     ids, top = block_ids(tower)
     if n > top:
-        raise ValueError(f"freeze_blocks={n}: the tower has blocks 0..{top}; the top block must train")
+        warnings.warn(f"freeze_blocks={n}: the tower has blocks 0..{top}; freezing {top} (the top block trains)",
+                      stacklevel=2)
+        n = top
     count = 0
     for name, p in tower.named_parameters():
         if ids[name] < n:

@@ -93,5 +93,8 @@ def test_frozen_blocks_do_not_move_and_the_rest_trains(catalog, tmp_path):  # no
     moved = {name: not torch.equal(before[name], after[name]) for name, _ in start.model.named_parameters()}
     assert not any(m for name, m in moved.items() if ids[name] < 2)
     assert any(m for name, m in moved.items() if ids[name] >= 2)
-    with pytest.raises(ValueError, match="top block"):
-        freeze_blocks(create_encoder("tiny-test"), top + 1)
+    enc = create_encoder("tiny-test")
+    with pytest.warns(UserWarning, match="top block trains"):
+        freeze_blocks(enc, top + 5)
+    assert not any(p.requires_grad for name, p in enc.model.named_parameters() if ids[name] < top)
+    assert all(p.requires_grad for name, p in enc.model.named_parameters() if ids[name] == top)
