@@ -66,8 +66,9 @@ class BestWeights:
         self.state: dict | None = None
         self.improved: int | None = None  # the last epoch that beat every earlier one (early stopping)
 
-    def offer(self, epoch: int, acc: float | None, state: dict) -> bool:
-        """Keep ``state`` (copied to the CPU) if ``acc`` is at least the best so far; True if kept."""
+    def offer(self, epoch: int, acc: float | None, state: dict | None) -> bool:
+        """Keep ``state`` (copied to the CPU) if ``acc`` is at least the best so far; True if kept.
+        ``state`` None tracks the best epoch and accuracy only (early stopping without ``keep_best``)."""
         if acc is None or acc != acc:  # no validation set, or NaN
             return False
         if self.acc is not None and acc < self.acc:
@@ -75,7 +76,7 @@ class BestWeights:
         if self.acc is None or acc > self.acc:
             self.improved = int(epoch)
         self.epoch, self.acc = int(epoch), float(acc)
-        self.state = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+        self.state = None if state is None else {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
         return True
 
     def epochs_since(self, epoch: int) -> int:

@@ -726,8 +726,8 @@ def train(
             epoch += 1
             with ema.applied(encoder.model) if ema is not None else contextlib.nullcontext():
                 acc = validate()  # the weights that would be saved: the average when there is one
-                if cfg.keep_best:
-                    best.offer(epoch, acc, encoder.model.state_dict())
+                if cfg.keep_best or cfg.early_stop_patience:  # early stopping needs the best epoch too
+                    best.offer(epoch, acc, encoder.model.state_dict() if cfg.keep_best else None)
             patience = cfg.early_stop_patience
             stop = bool(patience and best.improved is not None and best.epochs_since(epoch) >= patience
                         and epoch < cfg.epochs)

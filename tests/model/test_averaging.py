@@ -111,12 +111,14 @@ def test_ema_is_what_is_validated_and_saved(catalog, tmp_path):  # noqa: F811
     assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())
 
 
-def test_early_stop_ends_training_and_a_resume_does_not_continue(catalog, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("keep_best", [True, False])  # early stopping does not need keep_best
+def test_early_stop_ends_training_and_a_resume_does_not_continue(catalog, tmp_path, keep_best):  # noqa: F811
     tr, val = split_validation(catalog, per_sku=2, seed=0)
     # base_lr 0: the tower never changes, so validation accuracy never improves after epoch 1
-    cfg = _cfg(epochs=6, keep_best=True, early_stop_patience=1, base_lr=0.0, arcface_lr=0.0)
+    cfg = _cfg(epochs=6, keep_best=keep_best, early_stop_patience=1, base_lr=0.0, arcface_lr=0.0)
     res = train(tr, val, "tiny-test", cfg, tmp_path / "s", progress=False, device="cpu")
     trained = [h for h in res.history if h["epoch"] > 0]
     assert res.extra["stopped_early"] and len(trained) < 6
+    assert res.extra["saved_weights"].startswith("best") if keep_best else res.extra["saved_weights"] == "last"
     again = train(tr, val, "tiny-test", cfg, tmp_path / "s", progress=False, device="cpu")
     assert again.steps == res.steps and len([h for h in again.history if h["epoch"] > 0]) == len(trained)
