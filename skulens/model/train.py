@@ -184,16 +184,26 @@ def training_frame(train_df: pd.DataFrame, depth: int | None, seed: int) -> tupl
     return balance(train_df, depth, seed=seed), depth
 
 
-def shelf_views(paths: Sequence[str], seed: int) -> list:
+def shelf_views(paths: Sequence[str], seed: int, max_short_side: int | None = None) -> list:
     """One shelf-like view (:func:`skulens.model.augment.shelf_augment`) of each image, seeded per file
-    name, so a validation query looks like a shelf crop and the same run always sees the same views."""
+    name, so a validation query looks like a shelf crop and the same run always sees the same views.
+    The views stay in memory for the whole run: ``max_short_side`` first shrinks larger images (aspect kept)
+    so that a catalog of camera photos does not hold every validation image at full resolution."""
     import zlib
+
+    from PIL import Image
 
     from skulens.data.images import load_rgb
     from skulens.model.augment import shelf_augment
 
-    return [shelf_augment(load_rgb(p), np.random.default_rng([int(seed), zlib.crc32(str(p).encode())]))
-            for p in paths]
+    def load(p):
+        img = load_rgb(p)
+        if max_short_side and min(img.size) > max_short_side:
+            r = max_short_side / min(img.size)
+            img = img.resize((max(1, round(img.width * r)), max(1, round(img.height * r))), Image.Resampling.BICUBIC)
+        return img
+
+    return [shelf_augment(load(p), np.random.default_rng([int(seed), zlib.crc32(str(p).encode())])) for p in paths]
 
 
 def freeze_blocks(encoder, n: int) -> int:
@@ -567,7 +577,7 @@ def train(
 
     val_queries: list = val_df["clean_path"].astype(str).tolist() if val_df is not None else []
     if val_df is not None and cfg.val_augment:  # a catalog image vs its own SKU's others is too easy a query
-        val_queries = shelf_views(val_queries, cfg.seed)
+        val_queries = shelf_views(val_queries, cfg.seed, max_short_side=max(512, 4 * int(spec.image_size)))
 
     def validate(gallery: np.ndarray | None = None) -> float | None:
         if val_df is None:

@@ -76,6 +76,18 @@ def test_shelf_views_are_seeded_per_file(catalog):  # noqa: F811
     assert [im.tobytes() for im in a] != [im.tobytes() for im in c]
 
 
+def test_shelf_views_cap_large_images(tmp_path):
+    from PIL import Image
+
+    big = tmp_path / "big.png"
+    Image.new("RGB", (900, 600), (200, 30, 30)).save(big)
+    # shelf_augment keeps 80-100 % of each side of what it is given
+    (view,) = shelf_views([str(big)], 0, max_short_side=100)
+    assert 80 <= view.size[1] <= 100 and 120 <= view.size[0] <= 150  # shrunk to 150 x 100 first
+    (full,) = shelf_views([str(big)], 0, max_short_side=600)  # not larger than the cap: full size
+    assert full.size[0] >= 720 and full.size[1] >= 480
+
+
 def test_keep_best_saves_the_best_epochs_weights(catalog, tmp_path):  # noqa: F811
     tr, val = split_validation(catalog, per_sku=2, seed=0)
     res = train(tr, val, "tiny-test", _cfg(epochs=3, keep_best=True), tmp_path / "a", progress=False, device="cpu")
