@@ -606,7 +606,8 @@ def train(
         val_before = history[0].get("val_acc")
 
     bar = None
-    if progress and step < total_steps:
+    stopped = bool(history and history[-1].get("early_stop"))  # a resumed run that already stopped early
+    if progress and step < total_steps and not stopped:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total_steps, initial=step, desc="fine-tune", unit="step", dynamic_ncols=True)
@@ -647,7 +648,7 @@ def train(
     last_ckpt = time.monotonic()
     epoch = start_epoch
     cache = None
-    if cfg.decode_cache and epoch < cfg.epochs and step < total_steps:  # something left to train
+    if cfg.decode_cache and epoch < cfg.epochs and step < total_steps and not stopped:  # something left to train
         aug_paths, plain_paths = dataset.cache_paths()
         pixels = split_eval_transform(encoder.preprocess)[0]
         cache = DecodedCache.build(out_dir, aug_paths, plain_paths if pixels is not None else [],

@@ -134,3 +134,4 @@ def test_early_stop_ends_training_and_a_resume_does_not_continue(catalog, tmp_pa
     assert res.extra["saved_weights"].startswith("best") if keep_best else res.extra["saved_weights"] == "last"
     again = train(tr, val, "tiny-test", cfg, tmp_path / "s", progress=False, device="cpu")
     assert again.steps == res.steps and len([h for h in again.history if h["epoch"] > 0]) == len(trained)
+    assert again.extra["decode_cache_s"] is None  # nothing left to train: no image decoded again
