@@ -59,6 +59,8 @@ class TrainSettings(dg.Config):
                                                        "ties) instead of the last one")
     early_stop_patience: int | None = Field(default=None, description="stop after this many epochs without a "
                                                                       "better validation accuracy")
+    val_every: int = Field(default=2, description="validate after every n-th epoch and after the last (1: every "
+                                                  "epoch; keep_best/early stopping then see every epoch)")
     val_augment: bool = Field(default=True, description="validation queries are shelf-like augmented views")
     seed: int = 0
     # speed levers: they change how fast training runs, not what it learns, so they stay out of model_dump()
@@ -80,7 +82,7 @@ class TrainSettings(dg.Config):
         keys = ("epochs", "batch_size", "base_lr", "lr_decay", "arcface_lr", "weight_decay", "margin", "scale",
                 "warmup_steps", "max_steps", "amp", "augment_strength", "augment_originals", "freeze_bn", "ema_decay",
                 "wise_alpha", "freeze_blocks", "sub_centers", "m_per_class",
-                "keep_best", "early_stop_patience", "val_augment", "seed", "channels_last",
+                "keep_best", "early_stop_patience", "val_every", "val_augment", "seed", "channels_last",
                 "decode_cache", "num_workers")
         cfg = {k: getattr(self, k) for k in keys}
         cnn = self.model in ("efficientnet-lite0", "tiny-test") or "efficientnet" in self.model.lower()

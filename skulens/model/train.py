@@ -123,6 +123,7 @@ class TrainConfig:
     ema_decay: float | None = None  # exponential moving average of the weights (validated and saved); None: off
     keep_best: bool = False  # save the weights of the epoch with the best validation accuracy (latest on ties)
     early_stop_patience: int | None = None  # stop after this many epochs without a better validation accuracy
+    val_every: int = 2  # validate after every n-th epoch and after the last (1: every epoch)
     val_augment: bool = True  # validation queries get a seeded shelf-like augmentation (catalog -> shelf gap)
     embed_batch_size: int = 64
     checkpoint_every_steps: int | None = None  # also checkpoint inside an epoch every this many steps
@@ -735,10 +736,12 @@ def train(
             train_images += seen
             train_seconds += secs
             epoch += 1
-            with ema.applied(encoder.model) if ema is not None else contextlib.nullcontext():
-                acc = validate()  # the weights that would be saved: the average when there is one
-                if cfg.keep_best or cfg.early_stop_patience:  # early stopping needs the best epoch too
-                    best.offer(epoch, acc, encoder.model.state_dict() if cfg.keep_best else None)
+            acc = None
+            if epoch >= cfg.epochs or step >= total_steps or epoch % max(1, int(cfg.val_every)) == 0:
+                with ema.applied(encoder.model) if ema is not None else contextlib.nullcontext():
+                    acc = validate()  # the weights that would be saved: the average when there is one
+                    if cfg.keep_best or cfg.early_stop_patience:  # early stopping needs the best epoch too
+                        best.offer(epoch, acc, encoder.model.state_dict() if cfg.keep_best else None)
             patience = cfg.early_stop_patience
             stop = bool(patience and best.improved is not None and best.epochs_since(epoch) >= patience
                         and epoch < cfg.epochs)

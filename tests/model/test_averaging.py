@@ -135,3 +135,9 @@ def test_early_stop_ends_training_and_a_resume_does_not_continue(catalog, tmp_pa
     again = train(tr, val, "tiny-test", cfg, tmp_path / "s", progress=False, device="cpu")
     assert again.steps == res.steps and len([h for h in again.history if h["epoch"] > 0]) == len(trained)
     assert again.extra["decode_cache_s"] is None  # nothing left to train: no image decoded again
+
+
+def test_val_every_validates_every_nth_epoch_and_the_last(catalog, tmp_path):  # noqa: F811
+    tr, val = split_validation(catalog, per_sku=2, seed=0)
+    res = train(tr, val, "tiny-test", _cfg(epochs=3, val_every=2), tmp_path, progress=False, device="cpu")
+    assert [h["val_acc"] is not None for h in res.history if h["epoch"] > 0] == [False, True, True]

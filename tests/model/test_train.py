@@ -85,6 +85,7 @@ def _cfg(**kw) -> TrainConfig:
         "val_before": False,
         "seed": 0,
         "num_workers": 0,
+        "val_every": 1,
     }
     base.update(kw)
     return TrainConfig(**base)

@@ -92,7 +92,7 @@ def dataset(tmp_path_factory):
 def _request(dataset, out_dir, uri, run_id, **logger) -> dict:
     return {"balanced_dir": str(dataset[0]), "clean_dir": str(dataset[1]), "spec": {"name": "tiny-test"},
             "config": {"epochs": 2, "batch_size": 16, "warmup_steps": 1, "val_before": False, "seed": 0,
-                       "num_workers": 0},
+                       "num_workers": 0, "val_every": 1},
             "out_dir": str(out_dir), "mlflow_uri": uri, "mlflow_run_id": run_id, "progress": False, "device": "cpu",
             "mlflow_logger": {"retry_every_s": 0.0, "final_retry_s": 2.0, "timeout_s": 5.0, "retries": 0, **logger}}
 
