@@ -60,7 +60,7 @@ class TrainSettings(dg.Config):
     early_stop_patience: int | None = Field(default=None, description="stop after this many epochs without a "
                                                                       "better validation accuracy")
     val_every: int = Field(default=2, description="validate after every n-th epoch and after the last (1: every "
-                                                  "epoch; keep_best/early stopping then see every epoch)")
+                                                  "epoch); keep_best and early stopping see the validated epochs")
     val_augment: bool = Field(default=True, description="validation queries are shelf-like augmented views")
     seed: int = 0
     # speed levers: they change how fast training runs, not what it learns, so they stay out of model_dump()
