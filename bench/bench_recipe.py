@@ -90,7 +90,6 @@ _v("lite1-e8", epochs=8, model="efficientnet-lite1")
 _v("lite1-e8-f3", epochs=8, model="efficientnet-lite1", freeze_blocks=3)
 _v("lite2-e8", epochs=8, model="efficientnet-lite2")
 _v("lite2-px176-e8", epochs=8, model="efficientnet-lite2", train_image_size=176)
-SCORINGS = ("nn", "centroid", "views")
 KS = (1, 3, 5)
 
 
@@ -123,6 +122,23 @@ def _flip_embed(engine, paths, batch_size=64):
     return np.concatenate(out) if out else np.zeros((0, engine.embed_dim), np.float32)
 
 
+def _best_per_sku(sims: np.ndarray, g_sku: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(skus, per-SKU score)``: each SKU scores its best gallery row (1-NN per SKU, as the index does)."""
+    skus, inv = np.unique(g_sku, return_inverse=True)
+    per_sku = np.full((len(sims), len(skus)), -np.inf, dtype=np.float32)
+    for j in range(len(skus)):
+        per_sku[:, j] = sims[:, inv == j].max(axis=1)
+    return skus, per_sku
+
+
+def _rank_metrics(skus: np.ndarray, per_sku: np.ndarray, q_sku: np.ndarray, q_held: np.ndarray) -> dict:
+    order = np.argsort(-per_sku, axis=1)[:, :5]
+    ok1 = skus[order[:, 0]] == q_sku
+    ok5 = (skus[order] == q_sku[:, None]).any(axis=1)
+    return {"seen": float(ok1[~q_held].mean()), "unseen": float(ok1[q_held].mean()),
+            "all": float(ok1.mean()), "top5_all": float(ok5.mean())}
+
+
 def score(df, queries, held, emb: dict[str, np.ndarray]) -> dict:
     """``{f"{flip}/{scoring}/k{k}": {"seen", "unseen", "all", "top5_all"}}`` from the embeddings by path."""
     q_paths = queries["clean_path"].tolist()
@@ -139,43 +155,18 @@ def score(df, queries, held, emb: dict[str, np.ndarray]) -> dict:
             gal = df[df["rank"] < k]
             g = vec(gal["clean_path"].tolist())
             g_sku = gal["sku"].to_numpy()
+            nn = _rank_metrics(*_best_per_sku(q @ g.T, g_sku), q_sku, q_held)
+            out[f"{flip}/nn/k{k}"] = nn
             skus, inv = np.unique(g_sku, return_inverse=True)
-            sims = q @ g.T
-            for scoring in SCORINGS:
-                if scoring == "views":  # as the index does: SKUs with < 3 images also get 8 shelf-like views each
-                    if k >= 3:
-                        out[f"{flip}/views/k{k}"] = out[f"{flip}/nn/k{k}"]
-                        continue
-                    vg = np.concatenate([g, emb["views"][k]])
-                    v_sku = np.concatenate([g_sku, emb["views_sku"][k]])
-                    vsk, vinv = np.unique(v_sku, return_inverse=True)
-                    vs = q @ vg.T
-                    per_sku = np.full((len(q), len(vsk)), -np.inf, dtype=np.float32)
-                    for j in range(len(vsk)):
-                        per_sku[:, j] = vs[:, vinv == j].max(axis=1)
-                    order = np.argsort(-per_sku, axis=1)[:, :5]
-                    ok1 = vsk[order[:, 0]] == q_sku
-                    ok5 = (vsk[order] == q_sku[:, None]).any(axis=1)
-                    out[f"{flip}/views/k{k}"] = {
-                        "seen": float(ok1[~q_held].mean()), "unseen": float(ok1[q_held].mean()),
-                        "all": float(ok1.mean()), "top5_all": float(ok5.mean()),
-                    }
-                    continue
-                if scoring == "nn":
-                    per_sku = np.full((len(q), len(skus)), -np.inf, dtype=np.float32)
-                    for j in range(len(skus)):
-                        per_sku[:, j] = sims[:, inv == j].max(axis=1)
-                else:
-                    cent = np.stack([g[inv == j].sum(axis=0) for j in range(len(skus))])
-                    cent /= np.linalg.norm(cent, axis=1, keepdims=True)
-                    per_sku = q @ cent.T
-                order = np.argsort(-per_sku, axis=1)[:, :5]
-                ok1 = skus[order[:, 0]] == q_sku
-                ok5 = (skus[order] == q_sku[:, None]).any(axis=1)
-                out[f"{flip}/{scoring}/k{k}"] = {
-                    "seen": float(ok1[~q_held].mean()), "unseen": float(ok1[q_held].mean()),
-                    "all": float(ok1.mean()), "top5_all": float(ok5.mean()),
-                }
+            cent = np.stack([g[inv == j].sum(axis=0) for j in range(len(skus))])
+            cent /= np.linalg.norm(cent, axis=1, keepdims=True)
+            out[f"{flip}/centroid/k{k}"] = _rank_metrics(skus, q @ cent.T, q_sku, q_held)
+            if k in emb["views"]:  # as the index does: SKUs with < 3 images also get 8 shelf-like views each
+                vg = np.concatenate([g, emb["views"][k]])
+                v_sku = np.concatenate([g_sku, emb["views_sku"][k]])
+                out[f"{flip}/views/k{k}"] = _rank_metrics(*_best_per_sku(q @ vg.T, v_sku), q_sku, q_held)
+            else:
+                out[f"{flip}/views/k{k}"] = nn
     return out
 
 
