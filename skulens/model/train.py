@@ -674,10 +674,11 @@ def train(
         while epoch < cfg.epochs and step < total_steps and not (history and history[-1].get("early_stop")):
             dataset.epoch = epoch
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-            perm = torch.randperm(n, generator=gen).tolist()
             if cfg.m_per_class:
                 perm = m_per_class_order(bal["label"].to_numpy(), int(cfg.m_per_class), bs, steps_per_epoch * bs,
                                          cfg.seed * 1_000_003 + epoch)
+            else:
+                perm = torch.randperm(n, generator=gen).tolist()
             batches = [perm[i * bs : (i + 1) * bs] for i in range(steps_per_epoch)]
             skip, losses, seen, prior_secs, mid_rng = mid if mid else (0, [], 0, 0.0, None)
             mid = None
