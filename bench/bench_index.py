@@ -47,7 +47,9 @@ FAMILY = 4  # synthetic SKUs come in families of this many variants (flavours, s
 def real_embeddings(per_sku: int = 12, cache: str | Path = "/tmp/idxbench/grozi_lite0_emb.npz",
                     root: Path = GROZI, model: str = "efficientnet-lite0", batch_size: int = 32):
     """(vectors (N, D) float32 L2-normalised, skus (N,), frame numbers (N,)) of GroZi-120 crops:
-    ``per_sku`` frames per product spread evenly over its frames. Cached in ``cache``."""
+    ``per_sku`` frames per product spread evenly over its frames, embedded by ``model`` (a model
+    name, or an ``encoder.pt`` written by ``save_encoder``, e.g. a fine-tuned champion). Cached in
+    ``cache``."""
     cache = Path(cache)
     if cache.exists():
         z = np.load(cache, allow_pickle=False)
@@ -56,6 +58,7 @@ def real_embeddings(per_sku: int = 12, cache: str | Path = "/tmp/idxbench/grozi_
             return z["vectors"], z["skus"], frames
     from skulens.model.embed import embed_images
     from skulens.model.factory import create_encoder
+    from skulens.model.io import load_encoder
 
     paths, skus = [], []
     for d in sorted(root.iterdir()):
@@ -63,7 +66,8 @@ def real_embeddings(per_sku: int = 12, cache: str | Path = "/tmp/idxbench/grozi_
         pick = sorted(set(np.linspace(0, len(fs) - 1, min(per_sku, len(fs))).round().astype(int).tolist()))
         paths += [str(fs[i]) for i in pick]
         skus += [d.name] * len(pick)
-    vecs = embed_images(create_encoder(model), paths, batch_size=batch_size).astype(np.float32)
+    encoder = load_encoder(model) if Path(model).is_file() else create_encoder(model)  # a saved encoder.pt or a name
+    vecs = embed_images(encoder, paths, batch_size=batch_size).astype(np.float32)
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.savez(cache, vectors=vecs, skus=np.array(skus), keys=np.array(paths))
     return real_embeddings(per_sku, cache, root, model, batch_size)
@@ -362,7 +366,7 @@ def bench_structure(vectors, skus, keys, queries, exact, config, real_queries=No
 def run(sizes=(100_000,), per_sku: int = 8, kinds=("hnsw",), storages=("fp16",), ef_search=(128, 256, 512),
         nprobe=(32, 64, 128), n_queries: int = 1000, real_per_sku: int = 12, cache="/tmp/idxbench/grozi_lite0_emb.npz",
         hnsw_m: int = 32, ef_construction: int = 80, views: int | None = None, log=print,
-        pq_nprobe=(0,), pq_m: int = 256, pq_candidates: int = 256) -> dict:
+        pq_nprobe=(0,), pq_m: int = 256, pq_candidates: int = 256, model: str = "efficientnet-lite0") -> dict:
     """The whole benchmark; returns {"calibration": ..., "real": [...], "scale": {size: [...]}}."""
     import faiss
 
@@ -371,7 +375,8 @@ def run(sizes=(100_000,), per_sku: int = 8, kinds=("hnsw",), storages=("fp16",),
 
     faiss.omp_set_num_threads(2)
     report: dict = {"real": [], "scale": {}}
-    rv, rs, rf = real_embeddings(real_per_sku, cache)
+    rv, rs, rf = real_embeddings(real_per_sku, cache, model=model)
+    log(f"real embeddings: {model} ({len(rv)} GroZi crops, cache {cache})")
     gal = split_gallery(rs, rf)
     fit_cache = Path(f"{cache}.generator{'-views1' if views == 1 else ''}.json")
     gen, calib = fit_generator(rv, rs, rf, cached=fit_cache, views=views)
@@ -459,13 +464,22 @@ def main(argv=None) -> int:
     ap.add_argument("--ef-construction", type=int, default=80)
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--real-per-sku", type=int, default=12)
-    ap.add_argument("--cache", default="/tmp/idxbench/grozi_lite0_emb.npz")
+    ap.add_argument("--model", default="efficientnet-lite0",
+                    help="tower whose GroZi embeddings calibrate the set: a model name (default: the offline "
+                         "ImageNet tower, not fine-tuned) or a fine-tuned encoder.pt, e.g. from "
+                         "`bench_recipe.py --keep` (the vectors a production index holds)")
+    ap.add_argument("--cache", default=None, help="embeddings cache (default: one file per --model under /tmp/idxbench)")
     ap.add_argument("--views", type=int, choices=[1], help="1: one view per synthetic SKU (harder queries)")
     ap.add_argument("--json", type=Path, help="also write the report here")
     a = ap.parse_args(argv)
+    if a.cache is None:
+        import hashlib
+
+        tag = "lite0" if a.model == "efficientnet-lite0" else hashlib.sha1(str(Path(a.model).resolve()).encode()).hexdigest()[:10]
+        a.cache = f"/tmp/idxbench/grozi_{tag}_emb.npz"
     rep = run(a.sizes, a.per_sku, a.kinds, a.storage, a.ef_search, a.nprobe, a.queries, a.real_per_sku, a.cache,
               a.hnsw_m, a.ef_construction, a.views, pq_nprobe=a.pq_nprobe, pq_m=a.pq_m,
-              pq_candidates=a.pq_candidates)
+              pq_candidates=a.pq_candidates, model=a.model)
     if a.json:
         a.json.write_text(json.dumps(rep, indent=1, default=str))
     return 0
