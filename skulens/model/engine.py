@@ -94,6 +94,17 @@ def engine_dir(model_path: str | os.PathLike) -> Path:
     return p.with_name(p.name + ".engine")
 
 
+def source_of(model_path: str | os.PathLike) -> dict | None:
+    """What identifies the model file an engine directory was compiled from: its size and mtime (ns).
+    A file rewritten at the same path (a re-run training folder, a copied-over download) changes it,
+    so a stale engine is never served for new weights. None when the file does not exist."""
+    try:
+        st = Path(model_path).stat()
+    except OSError:
+        return None
+    return {"size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
+
+
 def parity_stats(got: np.ndarray, ref: np.ndarray) -> dict:
     """``max_abs_diff`` and ``max_cos_diff`` (max over rows of 1 - cosine) of two (B, D) arrays."""
     got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
@@ -381,7 +392,33 @@ class _Compiler:
         self.dir = engine_dir(model_path)
         self._load_torch = load_torch
         self._encoders: dict = {}
+        self.source = source_of(self.model_path)
         self.record = _read_json(self.dir / "engine.json")
+        if self.source is not None and self._stale():
+            self._discard_stale()
+
+    def _stale(self) -> bool:
+        if self.record:  # a finished record: from this file only if it names this file's size and mtime
+            return self.record.get("source") != self.source
+        # no record yet: a compile in progress (another process, same file) or one that died half-way;
+        # stale only if what is there is older than the file
+        ref = self.dir / "reference.npz"
+        try:
+            return ref.stat().st_mtime_ns < self.source["mtime_ns"]
+        except OSError:
+            return False
+
+    def _discard_stale(self) -> None:
+        """The engine directory was compiled from another file at this path (or by code that did not
+        record which): move it aside and delete it, so everything is compiled from the current weights."""
+        log.warning("engine cache %s is not from the current %s: recompiling", self.dir, self.model_path.name)
+        aside = self.dir.with_name(f"{self.dir.name}.stale{os.getpid()}-{time.monotonic_ns()}")
+        try:
+            os.replace(self.dir, aside)
+        except OSError:  # another process moved it first
+            pass
+        shutil.rmtree(aside, ignore_errors=True)
+        self.record = {}
 
     # torch, on demand
     def encoder(self, device: str = "cpu"):
@@ -437,6 +474,8 @@ class _Compiler:
         self.dir.mkdir(parents=True, exist_ok=True)
         rec = _read_json(self.dir / "engine.json")
         rec.setdefault("format", FORMAT)
+        if self.source is not None:
+            rec["source"] = self.source
         backends = {**rec.get("backends", {}), **kw.pop("backends", {})}
         rec.update(kw)
         rec["backends"] = backends
@@ -608,7 +647,10 @@ def get_engine(model_path: str | os.PathLike, backend: str | None = None, device
     later calls return the same engine. ``key`` names the file (e.g. its sha256) when its path may be reused."""
     backend = backend_setting(backend)
     preprocess = preprocess_setting(preprocess)
-    k = (key or str(Path(model_path).resolve()), backend, str(device), precision, preprocess)
+    # without a content key, the file's size and mtime are part of the key: new weights written at the
+    # same path get a new engine (load_engine also recompiles the stale engine directory)
+    k = (key or (str(Path(model_path).resolve()), json.dumps(source_of(model_path), sort_keys=True)), backend,
+         str(device), precision, preprocess)
     with _memo_lock:
         eng = _memo.get(k)
         if eng is not None:

@@ -259,6 +259,37 @@ def test_an_engine_cache_from_before_the_uint8_input_is_upgraded(model_file):
         assert {"x", "y", "xu8", "yu8"} <= set(z.files)
 
 
+def test_new_weights_at_the_same_path_never_get_the_stale_engine(model_file):
+    """A model file rewritten in place (a re-run training folder) is recompiled: load_engine discards
+    the engine directory of the old weights and get_engine's per-process memo does not return them."""
+    path, enc = model_file
+    x = np.random.default_rng(2).standard_normal((3, 3, 64, 64)).astype(np.float32)
+    old = eng.get_engine(path, AVAILABLE[0])
+    old_out = old.run(x)
+    torch.manual_seed(1)
+    other = create_encoder(ModelSpec(name="tiny-test"), device="cpu")
+    save_encoder(other, path)  # same path, new weights
+    with torch.inference_mode():
+        want = other.eval()(torch.from_numpy(x)).numpy()
+    def unit(v):
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    assert np.abs(unit(want) - unit(old_out)).max() > 0.1  # the two models really differ
+    new = eng.get_engine(path, AVAILABLE[0])
+    assert new is not old and new.parity["ok"]
+    np.testing.assert_allclose(unit(new.run(x)), unit(want), atol=1e-4)
+    rec = json.loads((eng.engine_dir(path) / "engine.json").read_text())
+    assert rec["source"] == eng.source_of(path)
+    again = eng.load_engine(path, AVAILABLE[0])  # unchanged file: the cached engine is kept
+    assert again.parity.get("checked") in ("load", None) and not list(path.parent.glob("*.stale*"))
+    np.testing.assert_allclose(unit(again.run(x)), unit(want), atol=1e-4)
+    # an engine directory without a recorded source (older code) is not trusted either
+    rec.pop("source")
+    (eng.engine_dir(path) / "engine.json").write_text(json.dumps(rec))
+    np.testing.assert_allclose(unit(eng.load_engine(path, AVAILABLE[0]).run(x)), unit(want), atol=1e-4)
+    assert json.loads((eng.engine_dir(path) / "engine.json").read_text())["source"] == eng.source_of(path)
+
+
 def test_draft_decodes_large_jpegs_smaller_only_when_allowed(tmp_path):
     """``Image.draft`` only in fast mode, only for JPEG files, only when the short side stays >= 2x the
     resize target; the result is still RGB (grayscale JPEG too)."""
