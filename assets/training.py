@@ -25,6 +25,12 @@ class TrainSettings(dg.Config):
                                                                  "'skulens[towers]') / tiny-test")
     pretrained: str | None = Field(default=None, description="OpenCLIP pretrained tag (efficientnet-lite*: imagenet)")
     image_size: int | None = Field(default=None, description="override the model's input size (evaluation and index)")
+    eval_scales: list[int] = Field(
+        default_factory=list,
+        description="multi-scale inference: extra input sizes (e.g. [128], the training size) whose unit-norm "
+                    "features are added to the model's own at evaluation, index and serving time. GroZi dev "
+                    "split: +4.7 / +2.1 points top-1 seen / unseen (k=1) for 1.33x the inference cost "
+                    "(README, recipe); training is unaffected")
     train_image_size: int | None = Field(
         default=128, description="training resolution for CNN towers (3x faster on CPU than 224 at the same GroZi "
                                  "accuracy); ignored for ViT towers, which train at their own size")
@@ -76,7 +82,8 @@ class TrainSettings(dg.Config):
     def spec(self) -> dict:
         from skulens.model.factory import ModelSpec
 
-        return ModelSpec(name=self.model, pretrained=self.pretrained, image_size=self.image_size).to_dict()
+        return ModelSpec(name=self.model, pretrained=self.pretrained, image_size=self.image_size,
+                         scales=tuple(self.eval_scales)).to_dict()
 
     def train_config(self) -> dict:
         keys = ("epochs", "batch_size", "base_lr", "lr_decay", "arcface_lr", "weight_decay", "margin", "scale",

@@ -67,6 +67,8 @@ def _v(name: str, depth: int = 16, **over) -> None:
 
 #: "defaults": the launchpad defaults of the code being run (each row records the resolved config)
 VARIANTS["defaults"] = ({}, {})
+#: the defaults plus multi-scale inference at the training size (same training, so the same weights per seed)
+VARIANTS["defaults-ms128"] = ({"eval_scales": [128]}, {})
 _v("base")
 _v("e8", epochs=8)
 _v("e12", epochs=12)

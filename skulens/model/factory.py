@@ -66,12 +66,24 @@ class ModelSpec:
     interpolation: str = "bicubic"
     crop_pct: float | None = None
     extra: dict = field(default_factory=dict)  # reserved (e.g. timm_drop_path)
+    #: multi-scale inference: extra input sizes (px). In eval mode the encoder also embeds its input
+    #: resampled to each of them and returns the sum of the L2-normalised features; training is unaffected.
+    scales: tuple = ()
+
+    def __post_init__(self):
+        self.scales = tuple(sorted({int(v) for v in (self.scales or ())}))
+        if any(v < 16 for v in self.scales):
+            raise ValueError(f"scales must be input sizes of at least 16 px, got {self.scales}")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         for k in ("mean", "std"):
             if d[k] is not None:
                 d[k] = [float(v) for v in d[k]]
+        if d["scales"]:
+            d["scales"] = list(d["scales"])
+        else:  # single-scale specs keep the dict (and every hash of it) they had before multi-scale existed
+            d.pop("scales")
         return d
 
     @classmethod
@@ -115,10 +127,26 @@ def _encoder_class():
         def device(self) -> torch.device:
             return next(self.parameters()).device
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def _tower(self, x: torch.Tensor) -> torch.Tensor:
             out = self.model(x)
             if isinstance(out, (tuple, list)):  # towers built with output_tokens=True
                 out = out[0]
+            return out
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self._tower(x)
+            if not self.spec.scales or self.training:
+                return out
+            # multi-scale (eval only): the same crop resampled to each extra size by a fixed matrix (PIL's
+            # antialiased kernel, so it exports to ONNX / OpenVINO as two MatMuls), features summed unit-norm
+            out = nn.functional.normalize(out.float(), dim=-1)
+            # an export traces at the spec's size; reading it there keeps the trace free of shape->int warnings
+            size = int(self.spec.image_size) if torch.jit.is_tracing() else int(x.shape[-1])
+            for s in self.spec.scales:
+                if s == size:
+                    continue
+                a = resample_matrix(size, s, self.spec.interpolation).to(device=x.device, dtype=x.dtype)
+                out = out + nn.functional.normalize(self._tower(a @ x @ a.T).float(), dim=-1)
             return out
 
         def train_transform(self, strength: float = 1.0):
@@ -140,6 +168,24 @@ def __getattr__(name: str):  # PEP 562: `from skulens.model.factory import Encod
     if name == "Encoder":
         return _encoder_class()
     raise AttributeError(name)
+
+
+@functools.lru_cache(maxsize=16)
+def resample_matrix(size_in: int, size_out: int, interpolation: str = "bicubic"):
+    """The ``(size_out, size_in)`` float32 tensor ``A`` with ``A @ img @ A.T`` = PIL's resize of a square
+    ``img`` (one channel) from ``size_in`` to ``size_out`` with ``interpolation`` (antialiased when
+    shrinking): PIL's separable kernel, read off by resizing each unit vector."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    resample = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}[interpolation]
+    cols = []
+    for i in range(size_in):
+        row = np.zeros((1, size_in), np.float32)
+        row[0, i] = 1.0
+        cols.append(np.asarray(Image.fromarray(row, mode="F").resize((size_out, 1), resample))[0])
+    return torch.from_numpy(np.stack(cols, axis=1).astype(np.float32))
 
 
 def _eval_transform_for(spec: ModelSpec):

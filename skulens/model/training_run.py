@@ -18,6 +18,7 @@ The request is JSON-serialisable and holds no local path another machine could n
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import logging
 import os
@@ -239,7 +240,8 @@ def _short(e: BaseException) -> str:
 
 def _restore_eval_size(encoder_path, spec) -> dict:
     """Training may run at a smaller size (CNN towers are size-agnostic); evaluation and the index
-    use the model's own input size, so the saved encoder keeps that one."""
+    use the model's own input size, so the saved encoder keeps that one, and the multi-scale
+    inference sizes (``spec.scales``), which training does not use."""
     import dataclasses
 
     from skulens.model.factory import create_encoder
@@ -247,8 +249,8 @@ def _restore_eval_size(encoder_path, spec) -> dict:
 
     enc = load_encoder(encoder_path)
     want = spec.image_size or create_encoder(spec, load_weights=False).spec.image_size
-    if want and enc.spec.image_size != want:
-        enc.spec = dataclasses.replace(enc.spec, image_size=int(want))
+    if (want and enc.spec.image_size != want) or enc.spec.scales != spec.scales:
+        enc.spec = dataclasses.replace(enc.spec, image_size=int(want or enc.spec.image_size), scales=spec.scales)
         save_encoder(enc, encoder_path)
     return enc.spec.to_dict()
 
@@ -267,7 +269,8 @@ def run_training(request: dict, echo: Callable[[str], None] | None = None) -> di
         log_fn = MlflowStepLogger(request["mlflow_uri"], request["mlflow_run_id"], echo=echo,
                                   spool_path=out_dir / UNSENT_METRICS, **(request.get("mlflow_logger") or {}))
     t0 = time.perf_counter()
-    result = train(train_df, val_df, spec, cfg, out_dir=out_dir, log_fn=log_fn,
+    # the loop trains and validates the single-scale tower; multi-scale is put back on the saved encoder
+    result = train(train_df, val_df, dataclasses.replace(spec, scales=()), cfg, out_dir=out_dir, log_fn=log_fn,
                    progress=request.get("progress", True), device=request.get("device"), resume=True)
     if log_fn:
         log_fn.close(checkpoint_dir=out_dir)
