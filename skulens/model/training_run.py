@@ -255,6 +255,19 @@ def _restore_eval_size(encoder_path, spec) -> dict:
     return enc.spec.to_dict()
 
 
+def saved_val_acc(result) -> float | None:
+    """Validation accuracy of the weights that were saved: the best epoch's with ``keep_best``, the last
+    validated epoch's otherwise (EMA weights are what is validated), None for a WiSE-FT mix (never
+    validated) or when nothing was validated."""
+    saved = str(result.extra.get("saved_weights") or "last")
+    if "WiSE-FT" in saved:
+        return None
+    if saved.startswith("best"):
+        return result.extra.get("best_val_acc")
+    val = [v for v in result.val_acc if v is not None]
+    return val[-1] if val else None
+
+
 def run_training(request: dict, echo: Callable[[str], None] | None = None) -> dict:
     """Train from a request dict; returns a JSON-serialisable summary (encoder path, metrics, device)."""
     from skulens.model.factory import ModelSpec
@@ -290,7 +303,8 @@ def run_training(request: dict, echo: Callable[[str], None] | None = None) -> di
         "steps": int(result.steps),
         "resumed_from_step": int(result.resumed_from_step),
         "val_acc_before": result.val_acc_before,
-        "val_acc": val[-1] if val else None,
+        "val_acc": saved_val_acc(result),  # of the saved weights (keep_best: the best epoch's)
+        "val_acc_last": val[-1] if val else None,
         "val_acc_per_epoch": val,
         "images_per_s": round(float(result.images_per_s), 2),
         "device": str(result.device),

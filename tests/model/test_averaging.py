@@ -141,3 +141,17 @@ def test_val_every_validates_every_nth_epoch_and_the_last(catalog, tmp_path):  #
     tr, val = split_validation(catalog, per_sku=2, seed=0)
     res = train(tr, val, "tiny-test", _cfg(epochs=3, val_every=2), tmp_path, progress=False, device="cpu")
     assert [h["val_acc"] is not None for h in res.history if h["epoch"] > 0] == [False, True, True]
+
+
+def test_summary_val_acc_is_the_saved_weights_one():
+    from types import SimpleNamespace
+
+    from skulens.model.training_run import saved_val_acc
+
+    def res(saved, best=None):
+        return SimpleNamespace(val_acc=[0.5, None, 0.7, 0.6], extra={"saved_weights": saved, "best_val_acc": best})
+
+    assert saved_val_acc(res("best (epoch 3)", 0.7)) == 0.7  # not the last epoch's 0.6
+    assert saved_val_acc(res("last")) == 0.6 and saved_val_acc(res("ema")) == 0.6
+    assert saved_val_acc(res("last, WiSE-FT alpha 0.5")) is None  # the mix was never validated
+    assert saved_val_acc(SimpleNamespace(val_acc=[None], extra={})) is None
