@@ -1,5 +1,3 @@
-import os
-
 import dagster as dg
 from pydantic import Field
 
@@ -13,12 +11,12 @@ class MlflowResource(dg.ConfigurableResource):
     timeout_s: float = Field(default=10.0, description="seconds per MLflow request from asset code (MLflow's "
                              "own default retries for minutes when the server is down)")
     retries: int = Field(default=2, description="retries per MLflow request from asset code")
-    inference_backend: str = Field(
-        default=os.environ.get("SKULENS_INFERENCE_BACKEND", "auto"),
+    inference_backend: str | None = Field(
+        default=None,  # read when the store is made, not when this module is imported
         description="how the models from this registry are run for embedding (evaluation, sku_index, index_update): "
                     "auto (the fastest that passes the parity check against PyTorch: OpenVINO, then onnxruntime, then "
-                    "PyTorch; PyTorch on CUDA) | openvino | onnxruntime | torch. Default: $SKULENS_INFERENCE_BACKEND "
-                    "or auto")
+                    "PyTorch; PyTorch on CUDA) | openvino | onnxruntime | torch. Unset: $SKULENS_INFERENCE_BACKEND "
+                    "(read at run time) or auto")
 
     def bounded(self):
         """A context in which MLflow client calls give up after ``timeout_s`` x ``retries`` (an explicit

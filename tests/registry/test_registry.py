@@ -207,3 +207,17 @@ def test_a_tie_registers_nothing_and_marks_the_training_run(mlflow_server, saved
     assert sorted(mv.version for mv in c.search_model_versions(f"name='{name}'")) == ["1", "2"]
     assert c.get_model_version_by_alias(name, "champion").version == "1"
     assert c.get_model_version(name, "2").tags["skulens.registration"] == "complete"
+
+
+def test_inference_backend_env_is_read_when_the_store_is_made(tmp_path, monkeypatch):
+    """$SKULENS_INFERENCE_BACKEND set after `resources` was imported (a launch's env, a test) still applies;
+    an explicit resource value wins over it."""
+    from resources.mlflow import MlflowResource
+
+    res = MlflowResource(tracking_uri="http://127.0.0.1:9")
+    monkeypatch.setenv("SKULENS_INFERENCE_BACKEND", "onnxruntime")
+    assert res.store(tmp_path / "a").inference_backend == "onnxruntime"
+    monkeypatch.delenv("SKULENS_INFERENCE_BACKEND")
+    assert res.store(tmp_path / "b").inference_backend == "auto"
+    assert MlflowResource(tracking_uri="http://127.0.0.1:9", inference_backend="torch").store(
+        tmp_path / "c").inference_backend == "torch"
