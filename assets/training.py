@@ -5,7 +5,7 @@ from pathlib import Path
 
 import dagster as dg
 import pandas as pd
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from assets import OWNERS
 from resources import DvcResource, LocalStateResource, S3Resource
@@ -78,6 +78,13 @@ class TrainSettings(dg.Config):
     num_workers: int | None = Field(default=None, exclude=True,
                                     description="DataLoader worker processes for decoding/augmenting (persistent); "
                                                 "None: the training default (1 on CPU, min(8, cores) on CUDA)")
+
+    @model_validator(mode="after")
+    def _check_batches(self):
+        """What can be checked in the launchpad is, rather than minutes later when training starts."""
+        if self.m_per_class is not None and (self.m_per_class < 1 or self.batch_size % self.m_per_class):
+            raise ValueError(f"m_per_class={self.m_per_class} must be >= 1 and divide batch_size={self.batch_size}")
+        return self
 
     def spec(self) -> dict:
         from skulens.model.factory import ModelSpec

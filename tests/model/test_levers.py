@@ -98,3 +98,14 @@ def test_frozen_blocks_do_not_move_and_the_rest_trains(catalog, tmp_path):  # no
         freeze_blocks(enc, top + 5)
     assert not any(p.requires_grad for name, p in enc.model.named_parameters() if ids[name] < top)
     assert all(p.requires_grad for name, p in enc.model.named_parameters() if ids[name] == top)
+
+
+def test_launchpad_rejects_m_per_class_that_does_not_divide_the_batch():
+    from pydantic import ValidationError
+
+    from assets.training import TrainSettings
+
+    assert TrainSettings(m_per_class=4, batch_size=32).m_per_class == 4
+    for bad in ({"m_per_class": 5}, {"m_per_class": 0}, {"m_per_class": 8, "batch_size": 12}):
+        with pytest.raises(ValidationError, match="m_per_class"):
+            TrainSettings(**bad)
