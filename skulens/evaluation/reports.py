@@ -13,6 +13,7 @@ import pandas as pd
 from skulens.evaluation.compare import MODEL_ROLES
 from skulens.evaluation.plots import plot_confusions, plot_per_category, plot_per_sku
 from skulens.evaluation.splits import ALL, open_set_frame
+from skulens.evaluation.splits import model_label as _label
 from skulens.index.build import thumbnails
 
 
@@ -59,10 +60,6 @@ def per_sku_table(evaluation: dict, gallery: str = "catalog") -> pd.DataFrame:
         return pd.DataFrame()
     sort = "top1_challenger" if "top1_challenger" in out else out.columns[-1]
     return out.sort_values([sort, "sku"]).reset_index(drop=True)
-
-
-def _label(role: str, m: dict) -> str:
-    return role + (f" v{m['version']}" if m.get("version") else "")
 
 
 def open_set_summary(evaluation: dict) -> pd.DataFrame:

@@ -135,6 +135,11 @@ def add_open_set(evaluation: dict, trained: dict[str, Iterable[str] | None],
     return evaluation
 
 
+def model_label(role: str, m: dict) -> str:
+    """How a model is named in the evaluation's tables: its role, and its registry version if it has one."""
+    return role + (f" v{m['version']}" if m.get("version") else "")
+
+
 def open_set_frame(evaluation: dict) -> pd.DataFrame:
     """Every role's and gallery's :func:`open_set_table` in one long table (columns ``model, gallery``
     first): the MLflow artifact ``open_set.csv``."""
@@ -143,6 +148,6 @@ def open_set_frame(evaluation: dict) -> pd.DataFrame:
         for g, os_ in (m.get("open_set") or {}).items():
             df = pd.DataFrame(os_["table"])
             df.insert(0, "gallery", g)
-            df.insert(0, "model", role + (f" v{m['version']}" if m.get("version") else ""))
+            df.insert(0, "model", model_label(role, m))
             frames.append(df)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
