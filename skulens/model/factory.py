@@ -348,6 +348,9 @@ def create_encoder(spec: ModelSpec | str | None = None, device: str = "cpu", loa
         spec = dataclasses.replace(spec, **resolved)
         if spec.embed_dim is None:
             spec = dataclasses.replace(spec, embed_dim=int(getattr(tower, "output_dim", 0) or 0) or None)
+    if spec.scales and (hasattr(tower, "positional_embedding") or type(tower).__name__ == "VisionTransformer"):
+        raise ValueError(f"multi-scale inference (scales={list(spec.scales)}) needs a CNN tower; {spec.name} "
+                         "has a fixed input size")
     encoder = _encoder_class()(tower, spec)
     if spec.embed_dim is None:
         import torch

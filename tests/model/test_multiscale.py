@@ -84,3 +84,13 @@ def test_training_run_saves_the_scales_on_the_trained_weights(tmp_path):
     assert out["scales"] == [40] and back.spec.scales == (40,) and back.spec.image_size == 64
     for k, v in enc.state_dict().items():  # the weights are the trained ones, untouched
         torch.testing.assert_close(back.state_dict()[k], v)
+
+
+def test_fixed_size_towers_refuse_scales_and_the_launchpad_leaves_them_single_scale():
+    from assets.training import TrainSettings
+
+    with pytest.raises(ValueError, match="CNN tower"):
+        create_encoder(ModelSpec(name="tiny-vit-test", scales=(48,)), device="cpu")
+    assert ModelSpec.from_dict(TrainSettings().spec()).scales == (128,)  # the default: the training size
+    assert ModelSpec.from_dict(TrainSettings(model="tiny-vit-test").spec()).scales == ()
+    assert ModelSpec.from_dict(TrainSettings(eval_scales=[]).spec()).scales == ()
