@@ -51,24 +51,28 @@ from bench_grozi import DEFAULT_DATA, load_grozi  # noqa: E402
 #: name -> (TrainSettings overrides, BalanceSettings overrides). "none": no fine-tuning (the base tower).
 #: "base" is today's defaults spelled out, so the row keeps its meaning when the defaults change.
 VARIANTS: dict[str, tuple[dict, dict]] = {
-    "none": ({}, {}),
-    "none-lite1": ({"model": "efficientnet-lite1"}, {}),
-    "none-lite2": ({"model": "efficientnet-lite2"}, {}),
+    "none": ({"eval_scales": []}, {}),  # single-scale, as every row recorded before multi-scale existed
+    "none-ms128": ({"eval_scales": [128]}, {}),
+    "none-lite1": ({"model": "efficientnet-lite1", "eval_scales": []}, {}),
+    "none-lite2": ({"model": "efficientnet-lite2", "eval_scales": []}, {}),
 }
 #: the defaults before this benchmark (issue 9): Lite0, 4 epochs at 128 px, depth 16, last epoch saved
 OLD = {"model": "efficientnet-lite0", "epochs": 4, "train_image_size": 128, "keep_best": False, "ema_decay": None,
        "augment_strength": 1.0, "augment_originals": False, "wise_alpha": 1.0, "sub_centers": 1, "m_per_class": None,
-       "image_size": None, "freeze_blocks": 0}
+       "image_size": None, "freeze_blocks": 0, "eval_scales": []}
 
 
 def _v(name: str, depth: int = 16, **over) -> None:
     VARIANTS[name] = ({**OLD, **over}, {"depth": depth})
 
 
-#: "defaults": the launchpad defaults of the code being run (each row records the resolved config)
+#: "defaults": the launchpad defaults of the code being run (each row records the resolved config and spec).
+#: The "defaults" rows in results.jsonl from before eval_scales became [128] (2026-12-06) are single-scale:
+#: the same as "defaults-single" now
 VARIANTS["defaults"] = ({}, {})
-#: the defaults plus multi-scale inference at the training size (same training, so the same weights per seed)
+#: multi-scale inference at the training size / off (same training, so the same weights per seed)
 VARIANTS["defaults-ms128"] = ({"eval_scales": [128]}, {})
+VARIANTS["defaults-single"] = ({"eval_scales": []}, {})
 _v("base")
 _v("e8", epochs=8)
 _v("e12", epochs=12)
@@ -207,7 +211,7 @@ def run_one(name: str, mode: str, seed: int, args) -> dict:
     need = sorted(set(df[df["rank"] < max(KS)]["clean_path"]) | set(queries["clean_path"]))
     ts = TrainSettings().model_copy(update={**t_over, "seed": seed})
     row: dict = {"variant": name, "protocol": mode, "seed": seed, "train": t_over, "balance": b_over,
-                 "config": ts.train_config(),
+                 "config": ts.train_config(), "spec": ts.spec(),
                  "n_train_images": len(train_df), "n_queries": len(queries), "n_held_products": len(held)}
     if name.startswith("none"):
         work.mkdir(parents=True, exist_ok=True)
