@@ -187,7 +187,8 @@ def training_frame(train_df: pd.DataFrame, depth: int | None, seed: int) -> tupl
 
 def shelf_views(paths: Sequence[str], seed: int, max_short_side: int | None = None) -> list:
     """One shelf-like view (:func:`skulens.model.augment.shelf_augment`) of each image, seeded per file
-    name, so a validation query looks like a shelf crop and the same run always sees the same views.
+    (its SKU folder and name), so a validation query looks like a shelf crop and the same run always sees
+    the same views, wherever the data folder lives.
     The views stay in memory for the whole run: ``max_short_side`` first shrinks larger images (aspect kept)
     so that a catalog of camera photos does not hold every validation image at full resolution."""
     import zlib
@@ -204,7 +205,10 @@ def shelf_views(paths: Sequence[str], seed: int, max_short_side: int | None = No
             img = img.resize((max(1, round(img.width * r)), max(1, round(img.height * r))), Image.Resampling.BICUBIC)
         return img
 
-    return [shelf_augment(load(p), np.random.default_rng([int(seed), zlib.crc32(str(p).encode())])) for p in paths]
+    def key(p) -> int:  # the SKU folder and file name, not the absolute path: the same views in any checkout
+        return zlib.crc32("/".join(Path(str(p)).parts[-2:]).encode())
+
+    return [shelf_augment(load(p), np.random.default_rng([int(seed), key(p)])) for p in paths]
 
 
 def freeze_blocks(encoder, n: int) -> int:

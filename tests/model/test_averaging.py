@@ -155,3 +155,19 @@ def test_summary_val_acc_is_the_saved_weights_one():
     assert saved_val_acc(res("last")) == 0.6 and saved_val_acc(res("ema")) == 0.6
     assert saved_val_acc(res("last, WiSE-FT alpha 0.5")) is None  # the mix was never validated
     assert saved_val_acc(SimpleNamespace(val_acc=[None], extra={})) is None
+
+
+def test_shelf_views_do_not_depend_on_where_the_data_lives(tmp_path):
+    """A clone in another folder validates on the same views (the seed is the SKU folder + file name)."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    src = tmp_path / "a" / "clean" / "sku1"
+    src.mkdir(parents=True)
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(src / "img.png")
+    dst = tmp_path / "elsewhere" / "deeper" / "clean" / "sku1"
+    shutil.copytree(src, dst)
+    (va,), (vb,) = shelf_views([str(src / "img.png")], 0), shelf_views([str(dst / "img.png")], 0)
+    assert np.array_equal(np.asarray(va), np.asarray(vb))
