@@ -29,8 +29,8 @@ class TrainSettings(dg.Config):
         default_factory=lambda: [128],
         description="multi-scale inference for CNN towers: extra input sizes whose unit-norm features are added "
                     "to the model's own at evaluation, index and serving time ([]: off). [128], the training "
-                    "size: GroZi test split +6.5 / +1.5 points top-1 seen / unseen (k=1; README, recipe) for "
-                    "about 1.3x the inference; training is unaffected; ignored for ViT towers")
+                    "size: GroZi test split +6.3 / +1.5 points top-1 seen / unseen (k=1, 3 seeds; README, recipe) "
+                    "for 1.5x the embedding time; training is unaffected; ignored for ViT towers")
     train_image_size: int | None = Field(
         default=128, description="training resolution for CNN towers (3x faster on CPU than 224 at the same GroZi "
                                  "accuracy); ignored for ViT towers, which train at their own size")
