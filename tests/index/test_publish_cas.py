@@ -125,8 +125,9 @@ def test_full_build_that_lost_the_race_keeps_the_winners_uploads(s3, prefix, tmp
 
     enc = create_encoder(ModelSpec(name="tiny-test"))
     rows = []
-    for sku in ("s1", "s2", "s3"):
-        p = g.write_jpeg(tmp_path / "cat" / sku / "0.jpg", 96, 96, seed=hash(sku) % 100)
+    for i, sku in enumerate(("s1", "s2", "s3")):
+        # distinct fixed seeds: hash(str) changes per process, and two equal seeds made two SKUs' images identical
+        p = g.write_jpeg(tmp_path / "cat" / sku / "0.jpg", 96, 96, seed=11 + i)
         rows.append(g.manifest_row(sku, p, key=f"catalog/images/{sku}/0.jpg"))
     snapshot = g.make_manifest(rows[:2])
     now = g.make_manifest(rows)
