@@ -242,8 +242,6 @@ def _restore_eval_size(encoder_path, spec) -> dict:
     """Training may run at a smaller size (CNN towers are size-agnostic); evaluation and the index
     use the model's own input size, so the saved encoder keeps that one, and the multi-scale
     inference sizes (``spec.scales``), which training does not use."""
-    import dataclasses
-
     from skulens.model.factory import create_encoder
     from skulens.model.io import load_encoder, save_encoder
 
