@@ -94,7 +94,9 @@ class TrainSettings(dg.Config):
 
     def _cnn(self) -> bool:
         """A size-agnostic CNN tower (trains at ``train_image_size``, may embed at several scales)."""
-        return self.model in ("efficientnet-lite0", "tiny-test") or "efficientnet" in self.model.lower()
+        from skulens.model.factory import size_agnostic
+
+        return size_agnostic(self.model)
 
     def train_config(self) -> dict:
         keys = ("epochs", "batch_size", "base_lr", "lr_decay", "arcface_lr", "weight_decay", "margin", "scale",

@@ -38,6 +38,7 @@ __all__ = [
     "create_encoder",
     "load_efficientnet_lite0_imagenet",
     "load_efficientnet_lite_imagenet",
+    "size_agnostic",
 ]
 
 DEFAULT_MODEL = "efficientnet-lite0"
@@ -50,6 +51,19 @@ _BUILTIN = {
     "tiny-test": (64, 64, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 0.875),
     "tiny-vit-test": (64, 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 0.875),
 }
+
+
+#: built-in towers that take any input size (global pooling, no position embedding)
+_SIZE_AGNOSTIC = frozenset({"efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2", "tiny-test"})
+
+
+def size_agnostic(name: str) -> bool:
+    """Whether the tower ``name`` is a CNN that takes any input size, decided from the name alone (nothing is
+    built, so the launchpad can resolve its defaults): such a tower trains at ``train_image_size`` and may
+    embed at several scales (:attr:`ModelSpec.scales`). True for the built-in EfficientNet-Lite and
+    ``tiny-test`` towers and any name containing ``efficientnet``; False for ViTs (fixed input size) and other
+    OpenCLIP models, which keep their own size. :func:`create_encoder` also checks the built tower."""
+    return name in _SIZE_AGNOSTIC or "efficientnet" in str(name).lower()
 
 
 @dataclass

@@ -94,3 +94,22 @@ def test_fixed_size_towers_refuse_scales_and_the_launchpad_leaves_them_single_sc
     assert ModelSpec.from_dict(TrainSettings().spec()).scales == (128,)  # the default: the training size
     assert ModelSpec.from_dict(TrainSettings(model="tiny-vit-test").spec()).scales == ()
     assert ModelSpec.from_dict(TrainSettings(eval_scales=[]).spec()).scales == ()
+
+
+@pytest.mark.parametrize("name", ["tiny-test", "tiny-vit-test", "efficientnet-lite0", "efficientnet-lite1"])
+def test_the_name_predicate_agrees_with_the_built_tower(name):
+    """``size_agnostic`` (the launchpad's rule, from the name alone) says yes exactly where the built tower
+    accepts extra scales and runs at another input size."""
+    import torch
+
+    from skulens.model.factory import size_agnostic
+
+    spec = ModelSpec(name=name, scales=(48,))
+    if not size_agnostic(name):
+        with pytest.raises(ValueError, match="CNN tower"):
+            create_encoder(spec, device="cpu", load_weights=False)
+        return
+    enc = create_encoder(spec, device="cpu", load_weights=False)
+    with torch.no_grad():
+        out = enc(torch.zeros(1, 3, 96, 96))
+    assert out.shape == (1, enc.spec.embed_dim)
