@@ -2,9 +2,11 @@
 compiled engine) in each preprocessing mode next to the backend's model-only figure, in one run.
 
     .venv/bin/python bench/bench_embed.py [--images DIR] [--n 640] [--n-large 128] [--batch 64]
-        [--repeats 3] [--threads 2] [--bf16] [--skip-torch] [--accuracy]
+        [--repeats 3] [--threads 2] [--bf16] [--skip-torch] [--accuracy] [--scales [128]]
 
-Model-only: EfficientNet-Lite0 (offline ImageNet weights), 224 px, batch 64, forward only: PyTorch
+The model is the one the defaults embed with: EfficientNet-Lite0 at 224 px plus a 128 px view
+(multi-scale inference, ``TrainSettings.eval_scales``); ``--scales`` with no value measures the
+single-scale tower. Model-only: that model (offline ImageNet weights), batch 64, forward only: PyTorch
 eager, PyTorch channels_last, onnxruntime, OpenVINO on a float32 NCHW batch, and OpenVINO on a uint8
 NHWC batch (the normalisation fused into the graph: what embedding feeds it); ``--bf16`` adds OpenVINO
 BF16 (opt-in). Full path: ``embed_images(engine, files)`` with ``preprocess=exact`` and ``fast``, on
@@ -62,17 +64,26 @@ def _wall_cpu(fn) -> tuple[float, float]:
     return time.perf_counter() - t0, time.process_time() - c0
 
 
+#: the launchpad default's multi-scale inference (``TrainSettings.eval_scales``): the model every path embeds with
+DEFAULT_SCALES = (128,)
+
+
+def model_dir(scales=DEFAULT_SCALES) -> str:
+    return "lite0" + "".join(f"-ms{s}" for s in sorted(scales or ()))
+
+
 def lite0_engine(work_dir: str | os.PathLike, backend: str = "auto", precision: str = "f32",
-                 preprocess: str | None = None):
-    """``(engine, encoder, model path)`` of EfficientNet-Lite0 (offline ImageNet weights) compiled in
+                 preprocess: str | None = None, scales=DEFAULT_SCALES):
+    """``(engine, encoder, model path)`` of EfficientNet-Lite0 (offline ImageNet weights) at 224 px plus the
+    extra ``scales`` (multi-scale inference, as the default model embeds; ``()``: single-scale) compiled in
     ``work_dir`` (reused by a later run)."""
-    from skulens.model import create_encoder, save_encoder
+    from skulens.model import ModelSpec, create_encoder, save_encoder
     from skulens.model.engine import load_engine
 
-    path = Path(work_dir) / "lite0" / "encoder.pt"
+    path = Path(work_dir) / model_dir(scales) / "encoder.pt"
     encoder = None
     if not path.is_file():
-        encoder = create_encoder("efficientnet-lite0")
+        encoder = create_encoder(ModelSpec(name="efficientnet-lite0", scales=tuple(scales or ())))
         save_encoder(encoder, path)
     eng = load_engine(path, backend, precision=precision, preprocess=preprocess)
     return eng, encoder, path
@@ -160,7 +171,7 @@ def _top1(gallery: np.ndarray, g_labels: list, queries: np.ndarray, q_labels: li
     return float(np.mean([g_labels[i] == q for i, q in zip(nn, q_labels)]))
 
 
-def accuracy_vs_torch(work: str, images_dir: str, every: int = 3, batch: int = 64) -> dict:
+def accuracy_vs_torch(work: str, images_dir: str, every: int = 3, batch: int = 64, scales=DEFAULT_SCALES) -> dict:
     """1-NN top-1 on GroZi (gallery = first frame of each product, queries = every ``every``-th other
     frame) with the PyTorch encoder (eager, torchvision preprocessing: the reference) and with the default
     engine (backend ``auto``, the default preprocessing), on the same images."""
@@ -173,7 +184,7 @@ def accuracy_vs_torch(work: str, images_dir: str, every: int = 3, batch: int = 6
         first.setdefault(sku, p)
     qry = [(s, p) for s, p, _ in rows if first[s] != p][::every]
     files = list(first.values()) + [p for _, p in qry]
-    engine, _, path = lite0_engine(work, "auto")
+    engine, _, path = lite0_engine(work, "auto", scales=scales)
     torch_enc = load_encoder(path, device="cpu")
     vecs = {"pytorch": embed_images(torch_enc, files, batch_size=batch),
             f"{engine.backend} ({engine.preprocess_mode})": embed_images(engine, files, batch_size=batch)}
@@ -187,7 +198,7 @@ def accuracy_vs_torch(work: str, images_dir: str, every: int = 3, batch: int = 6
     return {"top1": out, "nn_agreement": agree, "queries": len(qry)}
 
 
-def accuracy(work: str, images_dir: str, large_every: int = 4, batch: int = 64) -> list[dict]:
+def accuracy(work: str, images_dir: str, large_every: int = 4, batch: int = 64, scales=DEFAULT_SCALES) -> list[dict]:
     """Print (and return) 1-NN top-1 exact vs fast on GroZi (and on its large-JPEG copies) and the
     cosine between the two embeddings of each image."""
     rows = _grozi_frames(images_dir)
@@ -203,7 +214,7 @@ def accuracy(work: str, images_dir: str, large_every: int = 4, batch: int = 64) 
                                    list(zip([s for s, _ in qs], big[len(gal):])))
     from skulens.model.embed import embed_images
 
-    engines = {m: lite0_engine(work, "auto", preprocess=m)[0] for m in MODES}
+    engines = {m: lite0_engine(work, "auto", preprocess=m, scales=scales)[0] for m in MODES}
     print(f"\naccuracy: 1-NN top-1, gallery = first frame of each of {len(gal)} products, "
           f"ImageNet EfficientNet-Lite0 on {engines['exact'].backend}")
     print(f"  {'images':<22}{'queries':>8}{'exact':>9}{'fast':>9}{'diff':>8}{'mean cos':>10}{'min cos':>9}")
@@ -235,20 +246,24 @@ def main(argv=None) -> int:
     ap.add_argument("--accuracy", action="store_true", help="also 1-NN top-1 exact vs fast on GroZi (~2 min)")
     ap.add_argument("--vs-torch", action="store_true",
                     help="only 1-NN top-1 on GroZi with PyTorch eager vs the default engine (~1 min), then exit")
+    ap.add_argument("--scales", type=int, nargs="*", default=list(DEFAULT_SCALES),
+                    help="multi-scale inference sizes of the model (default: the launchpad default's "
+                         f"{list(DEFAULT_SCALES)}; no value: single-scale 224 px)")
     ap.add_argument("--json", help="also write the figures here (bench/bench_speed.py reads them)")
     args = ap.parse_args(argv)
     if args.vs_torch:
-        accuracy_vs_torch(args.work, args.images, batch=args.batch)
+        accuracy_vs_torch(args.work, args.images, batch=args.batch, scales=args.scales)
         return 0
 
     t0 = time.perf_counter()
-    engines = {m: lite0_engine(args.work, preprocess=m)[0] for m in MODES}
+    engines = {m: lite0_engine(args.work, preprocess=m, scales=args.scales)[0] for m in MODES}
     engine = engines["exact"]
-    path = Path(args.work) / "lite0" / "encoder.pt"
+    path = Path(args.work) / model_dir(args.scales) / "encoder.pt"
     print(f"engine: {engine!r}, loaded/compiled in {time.perf_counter() - t0:.1f} s "
           f"(cache {path.parent / 'encoder.pt.engine'}); fallbacks: {engine.fallbacks or 'none'}")
     print(f"  runtime: {({k: v for k, v in engine.info().items() if k.startswith('runtime_')})}")
-    print(f"cores: {os.cpu_count()}, batch {args.batch}, 224 px, EfficientNet-Lite0 (ImageNet weights), "
+    print(f"cores: {os.cpu_count()}, batch {args.batch}, 224 px + scales {args.scales or 'none'}, "
+          "EfficientNet-Lite0 (ImageNet weights), "
           f"load avg {os.getloadavg()[0]:.1f}; medians of {args.repeats}\n")
 
     base_kind = engine.backend
@@ -314,12 +329,12 @@ def main(argv=None) -> int:
     if "eager" in figures:
         print(f"\n  speed-up of the full path over the eager model: "
               f"{statistics.median(v[0] for v in rows['fast']) / figures['eager']:.1f}x (last set, fast)")
-    acc = accuracy(args.work, args.images, batch=args.batch) if args.accuracy else None
+    acc = accuracy(args.work, args.images, batch=args.batch, scales=args.scales) if args.accuracy else None
     if args.json:
         import json
 
         Path(args.json).write_text(json.dumps({
-            "backend": base_kind, "batch": args.batch, "cores": os.cpu_count(), "load_avg": os.getloadavg()[0],
+            "backend": base_kind, "batch": args.batch, "scales": args.scales, "cores": os.cpu_count(), "load_avg": os.getloadavg()[0],
             "model_only": {k: round(v, 1) for k, v in figures.items()}, "full_path": full_rows,
             "accuracy": acc}, indent=2))
     return 0

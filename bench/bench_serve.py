@@ -94,13 +94,14 @@ def _prepare(args) -> tuple[Path, Path]:
     from skulens.model import ModelSpec, create_encoder, save_encoder
     from skulens.model.embed import embed_images
 
-    work = Path(args.work_dir) / args.model
+    scales = tuple(args.scales or ()) if args.model != "tiny-test" else ()
+    work = Path(args.work_dir) / (args.model + "".join(f"-ms{s}" for s in sorted(scales)))
     model_path = work / "encoder.pt"
     if not model_path.exists():
         import torch
 
         torch.manual_seed(0)
-        save_encoder(create_encoder(ModelSpec(name=args.model), device="cpu"), model_path)
+        save_encoder(create_encoder(ModelSpec(name=args.model, scales=scales), device="cpu"), model_path)
     enc = _encoder(model_path, args.backend)
     index_path = work / f"index-{args.skus}-{args.backend}.npz"
     if not index_path.exists():
@@ -257,6 +258,9 @@ def main() -> None:
     ap.add_argument("--skus", type=int, default=200)
     ap.add_argument("--model", default="efficientnet-lite0",
                     help="efficientnet-lite0 (offline ImageNet weights) or tiny-test (random, tiny)")
+    ap.add_argument("--scales", type=int, nargs="*", default=[128],
+                    help="multi-scale inference sizes (default: the launchpad default's [128], as a trained model "
+                         "embeds; no value: single-scale; ignored for tiny-test)")
     ap.add_argument("--backend", default="auto",
                     help="inference engine: auto | openvino | onnxruntime | torch (channels_last) | "
                          "torch-eager (the plain PyTorch encoder, no engine)")
