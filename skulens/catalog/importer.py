@@ -22,6 +22,9 @@ from skulens.catalog import contract
 from skulens.catalog.s3 import list_objects
 
 SINGLE_PART_LIMIT = 64 * 1024 * 1024
+#: store-side failures (5xx, unreachable) in a row, each after the client's own retries, after which an upload
+#: stops sending files: a store that cannot write (a full disk) fails fast instead of retrying every file
+STOP_AFTER_FAILURES = 8
 
 
 @dataclass(frozen=True)
@@ -39,12 +42,16 @@ class ImportReport:
     failed: list[tuple[str, str]] = field(default_factory=list)  # (key, error)
     bytes_uploaded: int = 0
     warnings: list[str] = field(default_factory=list)  # uploaded, but worth a look (e.g. a packshot not found)
+    not_attempted: list[str] = field(default_factory=list)  # keys not sent because the upload stopped
+    stopped: str | None = None  # why the upload stopped sending files (the store kept failing)
 
     def summary(self) -> str:
         text = (
             f"{len(self.uploaded)} uploaded ({self.bytes_uploaded / 1e6:.1f} MB), "
             f"{len(self.unchanged)} unchanged, {len(self.rejected)} rejected, {len(self.failed)} failed"
         )
+        if self.stopped:
+            text += f", {len(self.not_attempted)} not attempted (stopped: {self.stopped})"
         if self.warnings:
             more = f" (and {len(self.warnings) - 1} more)" if len(self.warnings) > 1 else ""
             text += f"; {len(self.warnings)} warning(s): {self.warnings[0]}{more}"
@@ -52,11 +59,12 @@ class ImportReport:
 
     def raise_for_failures(self) -> "ImportReport":
         """Raise ImportFailed when any upload failed (rejected files are a recorded drop, not a failure)."""
-        if self.failed:
+        if self.failed or self.not_attempted:
             shown = "; ".join(f"{key}: {err}" for key, err in self.failed[:3])
             more = f" (and {len(self.failed) - 3} more)" if len(self.failed) > 3 else ""
-            raise ImportFailed(f"{len(self.failed)} of {len(self.failed) + len(self.uploaded) + len(self.unchanged)} "
-                               f"uploads failed: {shown}{more}")
+            total = len(self.failed) + len(self.uploaded) + len(self.unchanged) + len(self.not_attempted)
+            stop = f"; stopped with {len(self.not_attempted)} not attempted: {self.stopped}" if self.stopped else ""
+            raise ImportFailed(f"{len(self.failed)} of {total} uploads failed: {shown}{more}{stop}")
         return self
 
 
@@ -189,6 +197,20 @@ def plan_image_tree_one(sku_dir: Path, prefix: str, report: ImportReport) -> lis
     return items
 
 
+def store_side(exc: BaseException) -> bool:
+    """Whether ``exc`` (after the client's retries) says the store cannot take writes now, as opposed to
+    this one file being refused: a 5xx answer (SeaweedFS answers InternalError when its disk is full), or
+    no answer at all (refused, reset, timed out)."""
+    from botocore.exceptions import ClientError, HTTPClientError
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+
+    if isinstance(exc, ClientError):
+        status = int((exc.response.get("ResponseMetadata") or {}).get("HTTPStatusCode") or 0)
+        code = (exc.response.get("Error") or {}).get("Code", "")
+        return status >= 500 or code in ("InternalError", "ServiceUnavailable", "SlowDown")
+    return isinstance(exc, (BotoConnectionError, HTTPClientError, ConnectionError, TimeoutError))
+
+
 def _remote_md5(client, bucket: str, key: str, etag: str) -> str | None:
     if "-" not in etag:
         return etag
@@ -222,8 +244,17 @@ def upload(
     progress: bool = True,
     remote_prefixes: Iterable[str] | None = None,
     on_event: Callable[[str, str], None] | None = None,
+    stop_after: int | None = STOP_AFTER_FAILURES,
 ) -> ImportReport:
-    """Upload items whose size or MD5 differs from the bucket's copy; in parallel with a progress bar."""
+    """Upload items whose size or MD5 differs from the bucket's copy; in parallel with a progress bar.
+
+    A file that fails (after the client's retries) is recorded in ``report.failed`` and the rest go on.
+    After ``stop_after`` store-side failures in a row (:func:`store_side`; a success resets the count) no
+    further file is sent: they are listed in ``report.not_attempted`` and ``report.stopped`` says why, so a
+    store that cannot write fails in the time of one round of retries rather than one per file. Nothing
+    is ever deleted; running the upload again sends only what is missing or different."""
+    import threading
+
     from tqdm.auto import tqdm
 
     report = report or ImportReport()
@@ -233,7 +264,12 @@ def upload(
         for obj in list_objects(client, bucket, prefix):
             remote[obj.key] = obj
 
+    stop = threading.Event()
+    streak = 0
+
     def work(item: UploadItem) -> tuple[str, UploadItem]:
+        if stop.is_set():
+            return "not_attempted", item
         md5 = md5_file(item.local)
         obj = remote.get(item.key)
         if obj is not None and obj.size == item.size and _remote_md5(client, bucket, obj.key, obj.etag) == md5:
@@ -251,11 +287,20 @@ def upload(
             except Exception as exc:  # one bad file must not stop the batch; it is reported
                 report.failed.append((item.key, f"{type(exc).__name__}: {exc}"))
                 status = "failed"
+                if store_side(exc):
+                    streak += 1
+                    if stop_after and streak >= stop_after and not stop.is_set():
+                        stop.set()
+                        report.stopped = (f"the store failed {streak} writes in a row, each after the client's "
+                                          f"retries; last: {type(exc).__name__}: {exc}")
             else:
                 if status == "uploaded":
                     report.uploaded.append(item.key)
                     report.bytes_uploaded += item.size
-                else:
+                    streak = 0
+                elif status == "not_attempted":
+                    report.not_attempted.append(item.key)
+                else:  # unchanged: read, not written, so it says nothing about whether the store can write
                     report.unchanged.append(item.key)
             if on_event:
                 on_event(status, item.key)
@@ -263,6 +308,7 @@ def upload(
     bar.close()
     report.uploaded.sort()
     report.unchanged.sort()
+    report.not_attempted.sort()
     return report
 
 

@@ -140,6 +140,27 @@ def import_group() -> None:
 REJECTS_EXIT = 3  # `skulens import`: some files were rejected (the rest was uploaded)
 
 
+def _store_hint(s) -> str:
+    """Where to look when the embedded store (started by ``skulens up``) fails writes: its data disk's free
+    space and a full disk in its log. Empty for an external store."""
+    import shutil
+
+    data = s.home / "s3"
+    if os.environ.get("SKULENS_S3_ENDPOINT") or not data.is_dir():
+        return ""
+    free = shutil.disk_usage(data).free
+    hint = f" (the embedded SeaweedFS keeps its data in {data}, on a disk with {free / 1e6:,.0f} MB free"
+    log = s.log_dir / "s3.log"
+    try:
+        with open(log, "rb") as fh:
+            fh.seek(max(0, log.stat().st_size - 256_000))
+            if b"no space left on device" in fh.read():
+                hint += "; its log, " + str(log) + ", says: no space left on device"
+    except OSError:
+        pass
+    return hint + ")"
+
+
 def _run_import(kind: str, src: Path, workers: int, allow_rejects: bool = False) -> None:
     from skulens.catalog import importer
     from skulens.catalog.contract import CatalogError
@@ -160,6 +181,11 @@ def _run_import(kind: str, src: Path, workers: int, allow_rejects: bool = False)
     for w in getattr(report, "warnings", []):
         click.echo(f"warning {w}", err=True)
     click.echo(f"{kind} -> s3://{s.bucket}: {report.summary()}")
+    if report.stopped:
+        raise click.ClickException(
+            f"the import stopped: {report.stopped}. {len(report.uploaded)} file(s) uploaded, {len(report.failed)} "
+            f"failed, {len(report.not_attempted)} not attempted; nothing was deleted. Fix the store{_store_hint(s)}, "
+            "then run the import again: it sends only what is missing or different")
     if report.failed:
         raise click.ClickException(f"{len(report.failed)} upload(s) failed; run the import again to retry them")
     if report.rejected and not allow_rejects:

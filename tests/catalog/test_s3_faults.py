@@ -260,3 +260,67 @@ def test_catalog_images_asset_stops_on_failed_downloads_and_the_next_run_complet
     mat = second.asset_materializations_for_node("catalog_images")[0].metadata
     assert mat["added"].value == 1 and mat["unchanged"].value == 11 and mat["failed"].value == 0
     assert len(second.output_for_node("catalog_images")) == 12
+
+
+def test_import_into_a_store_that_cannot_write_stops_fast_and_the_next_run_completes(s3, proxy, tmp_path):
+    """A store that answers every image PUT with InternalError (what SeaweedFS answers when its disk is
+    full) stops the import after ``stop_after`` failures in a row instead of retrying every file; the
+    report says what was not attempted, nothing is deleted, and a run against the healed store sends only
+    what is missing."""
+    from skulens.catalog import importer
+
+    bucket = s3.new_bucket("full")
+    src = tmp_path / "catalog"
+    (src / "images").mkdir(parents=True)
+    (src / "products.csv").write_text("sku,name\n" + "".join(f"S{i},p{i}\n" for i in range(20)))
+    for i in range(60):
+        d = src / "images" / f"S{i // 3}"
+        d.mkdir(exist_ok=True)
+        (d / f"{i}.jpg").write_bytes(g.jpeg_bytes(g.product_image(48, 48, seed=i)))
+    proxy.add(Fault(method="PUT", path=r"/catalog/images/", status=500, times=None))
+    client = _client(proxy.endpoint, s3, max_attempts=2)
+    report = importer.import_catalog(client, bucket, src, workers=4, progress=False)
+    assert report.stopped and "InternalError" in report.stopped
+    # the ones the 4 workers had already started when it stopped fail too
+    assert importer.STOP_AFTER_FAILURES <= len(report.failed) <= importer.STOP_AFTER_FAILURES + 4
+    assert len(report.failed) + len(report.not_attempted) == 60 and report.uploaded == [contract.PRODUCTS_KEY]
+    # each file that was tried cost one request + the client's 2 retries; the rest were never sent
+    assert proxy.count("PUT", r"/catalog/images/") == 3 * len(report.failed)
+    with pytest.raises(importer.ImportFailed, match="not attempted"):
+        report.raise_for_failures()
+
+    proxy.clear()
+    again = importer.import_catalog(client, bucket, src, workers=4, progress=False)
+    assert not again.failed and not again.stopped and len(again.uploaded) == 60
+    assert contract.PRODUCTS_KEY in again.unchanged  # written by the first run, which only lost images
+
+
+def test_only_store_side_failures_count_towards_stopping():
+    from botocore.exceptions import ClientError, EndpointConnectionError
+
+    from skulens.catalog.importer import store_side
+
+    def err(code, status):
+        return ClientError({"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject")
+
+    assert store_side(err("InternalError", 500)) and store_side(err("ServiceUnavailable", 503))
+    assert store_side(EndpointConnectionError(endpoint_url="http://127.0.0.1:1"))
+    assert not store_side(err("AccessDenied", 403)) and not store_side(err("InvalidDigest", 400))
+    assert not store_side(ValueError("bad file"))
+
+
+def test_the_cli_points_at_a_full_disk_of_the_embedded_store(tmp_path, monkeypatch):
+    from skulens.ops.cli import _store_hint
+    from skulens.ops.settings import Settings
+
+    monkeypatch.delenv("SKULENS_S3_ENDPOINT", raising=False)
+    monkeypatch.setenv("SKULENS_HOME", str(tmp_path))
+    s = Settings.from_env()
+    assert _store_hint(s) == ""  # no embedded store here
+    (tmp_path / "s3").mkdir()
+    s.log_dir.mkdir(parents=True, exist_ok=True)
+    (s.log_dir / "s3.log").write_text("W1206 write /x/skulens_1.dat: no space left on device\n")
+    hint = _store_hint(s)
+    assert str(tmp_path / "s3") in hint and "MB free" in hint and "no space left on device" in hint
+    monkeypatch.setenv("SKULENS_S3_ENDPOINT", "http://s3.example:9000")
+    assert _store_hint(s) == ""  # an external store: nothing local to point at
