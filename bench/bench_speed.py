@@ -9,7 +9,8 @@ its own process so one's memory and threads do not disturb the next, streams the
 ``--out`` (one log and one JSON per part) and ends with a summary table:
 
 - embed:  model-only forward images/s (PyTorch eager, channels_last, onnxruntime, OpenVINO) and the full
-          ``embed_images`` path (decode + preprocess + engine) on real JPEGs (bench/bench_embed.py)
+          ``embed_images`` path (decode + preprocess + engine) on real JPEGs (bench/bench_embed.py), for
+          the model the defaults embed with (224 px + a 128 px view; ``--single-scale``: 224 px only)
 - train:  model-only forward+backward images/s (eager, channels_last) vs the training loop on real images
           (bench/bench_train.py)
 - index:  build time, single-query p50/p99, recall@1 against exact search and memory at 100k and 800k
@@ -38,12 +39,12 @@ def commands(a, out: Path) -> dict[str, list[str]]:
     py = [sys.executable]
     return {
         "embed": py + [str(BENCH / "bench_embed.py"), "--n", str(a.embed_images), "--repeats", "3",
-                       "--json", str(out / "embed.json")],
+                       "--json", str(out / "embed.json")] + (["--scales"] if a.single_scale else []),
         "train": py + [str(BENCH / "bench_train.py"), "--images", str(a.train_images), "--epochs", "2",
                        "--json", str(out / "train.json")],
         "index": py + [str(BENCH / "bench_index.py"), "--sizes", *map(str, a.sizes), "--json", str(out / "index.json")],
         "serve": py + [str(BENCH / "bench_serve.py"), "--max-batch", "1,32", "--concurrency", "50",
-                       "--json", str(out / "serve.json")],
+                       "--json", str(out / "serve.json")] + (["--scales"] if a.single_scale else []),
         "new-sku": py + [str(BENCH / "bench_new_sku.py"), "--skus", str(a.new_sku_catalog), "--images-per-sku", "3",
                          "--new-skus", "5", "--model", "tiny-test", "--embed-dim", "1280",
                          "--json", str(out / "new-sku.json")],
@@ -85,7 +86,9 @@ def summary(results: dict) -> list[str]:
     emb = _get(results, "embed", "figures") or {}
     if emb:
         mo = emb.get("model_only", {})
-        lines.append("embed model-only images/s: " + ", ".join(f"{k} {v:.1f}" for k, v in mo.items()))
+        sc = emb.get("scales")
+        model = f"224 px + {', '.join(map(str, sc))} px (the default model)" if sc else "224 px single-scale"
+        lines.append(f"embed model-only images/s, {model}: " + ", ".join(f"{k} {v:.1f}" for k, v in mo.items()))
         for row in emb.get("full_path", []):
             lines.append(f"embed full path ({row.get('set')}, {row.get('mode')}): {row.get('images_per_s', 0):.1f} "
                          f"images/s = {row.get('ratio', 0):.0%} of {emb.get('backend')} model-only")
@@ -127,6 +130,8 @@ def main(argv=None) -> int:
     ap.add_argument("--new-sku", action="store_true", help="also the upload->recognizable part (starts services)")
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 800_000], help="index sizes (vectors)")
     ap.add_argument("--embed-images", type=int, default=640, help="GroZi JPEGs for the full embedding path")
+    ap.add_argument("--single-scale", action="store_true",
+                    help="embed and serve with the 224 px tower alone (default: the default model, 224 + 128 px)")
     ap.add_argument("--train-images", type=int, default=320, help="rows of the balanced training frame")
     ap.add_argument("--new-sku-catalog", type=int, default=10_000, help="SKUs in the catalog for --new-sku")
     ap.add_argument("--out", type=Path, default=ROOT / ".skulens" / "bench-speed")
