@@ -31,6 +31,14 @@ class TrainSettings(dg.Config):
                     "to the model's own at evaluation, index and serving time ([]: off). [128], the training "
                     "size: GroZi test split +6.3 / +1.5 points top-1 seen / unseen (k=1, 3 seeds; README, recipe) "
                     "for 1.5x the embedding time; training is unaffected; ignored for ViT towers")
+    fit: str = Field(
+        default="crop",
+        description="how an image is fitted to the model's square input at evaluation, index and serving time "
+                    "(and for the training rows that are not augmented): crop (short side, centre crop), squash "
+                    "(the whole image, aspect not kept) or pad (the whole image on the mean colour)")
+    fit_augment: bool = Field(
+        default=True, description="with fit squash or pad, the training augmentation's random crops start from "
+                                  "the whole image fitted the same way (a 1:3 bottle included), as evaluation sees it")
     train_image_size: int | None = Field(
         default=128, description="training resolution for CNN towers (3x faster on CPU than 224 at the same GroZi "
                                  "accuracy); ignored for ViT towers, which train at their own size")
@@ -84,13 +92,17 @@ class TrainSettings(dg.Config):
         """What can be checked in the launchpad is, rather than minutes later when training starts."""
         if self.m_per_class is not None and (self.m_per_class < 1 or self.batch_size % self.m_per_class):
             raise ValueError(f"m_per_class={self.m_per_class} must be >= 1 and divide batch_size={self.batch_size}")
+        from skulens.model.factory import FITS
+
+        if self.fit not in FITS:
+            raise ValueError(f"fit={self.fit!r} must be one of {', '.join(FITS)}")
         return self
 
     def spec(self) -> dict:
         from skulens.model.factory import ModelSpec
 
         return ModelSpec(name=self.model, pretrained=self.pretrained, image_size=self.image_size,
-                         scales=tuple(self.eval_scales) if self._cnn() else ()).to_dict()
+                         scales=tuple(self.eval_scales) if self._cnn() else (), fit=self.fit).to_dict()
 
     def _cnn(self) -> bool:
         """A size-agnostic CNN tower (trains at ``train_image_size``, may embed at several scales)."""
@@ -100,7 +112,7 @@ class TrainSettings(dg.Config):
 
     def train_config(self) -> dict:
         keys = ("epochs", "batch_size", "base_lr", "lr_decay", "arcface_lr", "weight_decay", "margin", "scale",
-                "warmup_steps", "max_steps", "amp", "augment_strength", "augment_originals", "freeze_bn", "ema_decay",
+                "warmup_steps", "max_steps", "amp", "augment_strength", "augment_originals", "fit_augment", "freeze_bn", "ema_decay",
                 "wise_alpha", "freeze_blocks", "sub_centers", "m_per_class",
                 "keep_best", "early_stop_patience", "val_every", "val_augment", "seed", "channels_last",
                 "decode_cache", "num_workers")

@@ -96,6 +96,20 @@ _v("lite1-e8", epochs=8, model="efficientnet-lite1")
 _v("lite1-e8-f3", epochs=8, model="efficientnet-lite1", freeze_blocks=3)
 _v("lite2-e8", epochs=8, model="efficientnet-lite2")
 _v("lite2-px176-e8", epochs=8, model="efficientnet-lite2", train_image_size=176)
+#: the current defaults plus one change (loss and freezing levers aimed at never-seen products)
+VARIANTS["d-scale32"] = ({"scale": 32.0}, {})
+VARIANTS["d-margin15"] = ({"margin": 15.0}, {})
+VARIANTS["d-f5"] = ({"freeze_blocks": 5}, {})
+#: how images are fitted to the square input (ModelSpec.fit): the whole product instead of a centre crop;
+#: "-noaug": the augmented training views still crop the raw image (only evaluation, validation and the
+#: non-augmented training rows see the fit)
+VARIANTS["d-squash"] = ({"fit": "squash"}, {})
+VARIANTS["d-pad"] = ({"fit": "pad"}, {})
+VARIANTS["d-squash-noaug"] = ({"fit": "squash", "fit_augment": False}, {})
+VARIANTS["d-pad-noaug"] = ({"fit": "pad", "fit_augment": False}, {})
+VARIANTS["d-crop"] = ({"fit": "crop"}, {})
+VARIANTS["none-ms128-squash"] = ({"eval_scales": [128], "fit": "squash"}, {})
+VARIANTS["none-ms128-pad"] = ({"eval_scales": [128], "fit": "pad"}, {})
 KS = (1, 3, 5)
 
 

@@ -317,7 +317,7 @@ class InferenceEngine:
         self.load_seconds = seconds
         self.preprocess_mode = preprocess
         self.preprocess = eval_transform_np(spec.image_size, spec.mean, spec.std, spec.interpolation,
-                                            spec.crop_pct, mode=preprocess, output="uint8")
+                                            spec.crop_pct, mode=preprocess, output="uint8", fit=spec.fit)
 
     @property
     def embed_dim(self) -> int:

@@ -53,6 +53,8 @@ _BUILTIN = {
 }
 
 
+#: ways to fit an image to the model's square input (ModelSpec.fit; skulens.model.transform)
+FITS = ("crop", "squash", "pad")
 #: built-in towers that take any input size (global pooling, no position embedding)
 _SIZE_AGNOSTIC = frozenset({"efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2", "tiny-test"})
 
@@ -83,11 +85,18 @@ class ModelSpec:
     #: multi-scale inference: extra input sizes (px). In eval mode the encoder also embeds its input
     #: resampled to each of them and returns the sum of the L2-normalised features; training is unaffected.
     scales: tuple = ()
+    #: how an image is fitted to the square input at evaluation, index and serving time (FITS): "crop"
+    #: (short side resized to image_size / crop_pct, centre-cropped), "squash" (the whole image resized to
+    #: the square, aspect not kept) or "pad" (the whole image, aspect kept, centred on the mean colour)
+    fit: str = "crop"
 
     def __post_init__(self):
         self.scales = tuple(sorted({int(v) for v in (self.scales or ())}))
         if any(v < 16 for v in self.scales):
             raise ValueError(f"scales must be input sizes of at least 16 px, got {self.scales}")
+        self.fit = str(self.fit or "crop").lower()
+        if self.fit not in FITS:
+            raise ValueError(f"fit must be one of {', '.join(FITS)}, got {self.fit!r}")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -98,6 +107,8 @@ class ModelSpec:
             d["scales"] = list(d["scales"])
         else:  # single-scale specs keep the dict (and every hash of it) they had before multi-scale existed
             d.pop("scales")
+        if d["fit"] == "crop":  # likewise for centre-cropped ones
+            d.pop("fit")
         return d
 
     @classmethod
@@ -163,11 +174,14 @@ def _encoder_class():
                 out = out + nn.functional.normalize(self._tower(a @ x @ a.T).float(), dim=-1)
             return out
 
-        def train_transform(self, strength: float = 1.0):
+        def train_transform(self, strength: float = 1.0, fit: bool = False):
+            """The training augmentation; ``fit``: its random crops start from the whole image fitted as
+            the spec's ``fit`` (squash / pad) rather than from the raw image."""
             from .transform import train_transform
 
             s = self.spec
-            return train_transform(s.image_size, s.mean, s.std, s.interpolation, strength=strength)
+            return train_transform(s.image_size, s.mean, s.std, s.interpolation, strength=strength,
+                                   fit=s.fit if fit else "crop")
 
         def extra_repr(self) -> str:
             return f"spec={self.spec}"
@@ -205,7 +219,7 @@ def resample_matrix(size_in: int, size_out: int, interpolation: str = "bicubic")
 def _eval_transform_for(spec: ModelSpec):
     from .transform import eval_transform
 
-    return eval_transform(spec.image_size, spec.mean, spec.std, spec.interpolation, spec.crop_pct)
+    return eval_transform(spec.image_size, spec.mean, spec.std, spec.interpolation, spec.crop_pct, fit=spec.fit)
 
 
 def _timm_tower(model_name: str, embed_dim: int, image_size: int, proj: str, **timm_kw):

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from PIL import Image
 
 __all__ = ["DEFAULT_PREPROCESS", "ENV_PREPROCESS", "MAX_HUE", "PREPROCESS_MODES", "EvalTransformNP", "eval_transform",
-           "eval_transform_np", "preprocess_setting", "train_transform"]
+           "eval_transform_np", "fit_square", "preprocess_setting", "train_transform"]
 
 MAX_HUE = 0.02
 
@@ -32,6 +32,58 @@ class _ToRGB:
 
     def __repr__(self) -> str:
         return "ToRGB()"
+
+
+def fit_square(img: Image.Image, size: int, fit: str, resample: int = Image.BICUBIC,
+               fill: Sequence[int] = (128, 128, 128)) -> Image.Image:
+    """The whole of ``img`` (RGB) in a ``size x size`` image: ``"squash"`` resizes it to the square (aspect
+    not kept); ``"pad"`` resizes its long side to ``size`` and centres it on ``fill`` (the model's mean
+    colour: zero after normalisation). Product crops are often 3:1 or 1:3; a centre crop keeps a third."""
+    w, h = img.size
+    if fit == "squash":
+        return img if (w, h) == (size, size) else img.resize((size, size), resample)
+    if fit != "pad":
+        raise ValueError(f"fit {fit!r}: 'squash' or 'pad' ('crop' is the resize + centre crop)")
+    k = size / max(w, h)
+    nw, nh = min(size, max(1, round(w * k))), min(size, max(1, round(h * k)))
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), resample)
+    if (nw, nh) == (size, size):
+        return img
+    canvas = Image.new("RGB", (size, size), tuple(int(v) for v in fill))
+    canvas.paste(img, ((size - nw) // 2, (size - nh) // 2))
+    return canvas
+
+
+def mean_fill(mean: Sequence[float]) -> tuple[int, int, int]:
+    """The 8-bit colour that normalises to zero (padding for ``fit="pad"``)."""
+    return tuple(int(round(255 * float(m))) for m in mean)
+
+
+class _FitSquare:
+    def __init__(self, size: int, fit: str, resample: int, fill: Sequence[int]):
+        self.size, self.fit, self.resample, self.fill = int(size), fit, resample, tuple(fill)
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return fit_square(img, self.size, self.fit, self.resample, self.fill)
+
+    def __repr__(self) -> str:
+        return f"FitSquare(size={self.size}, fit={self.fit})"
+
+
+class _FitSquareOwnSize:
+    """:func:`fit_square` at the image's own scale (squash: to its short side, pad: to its long side), so the
+    random crop that follows works on the whole product, as evaluation with that fit sees it."""
+
+    def __init__(self, fit: str, resample: int, fill: Sequence[int]):
+        self.fit, self.resample, self.fill = fit, resample, tuple(fill)
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        w, h = img.size
+        return fit_square(img, min(w, h) if self.fit == "squash" else max(w, h), self.fit, self.resample, self.fill)
+
+    def __repr__(self) -> str:
+        return f"FitSquareOwnSize(fit={self.fit})"
 
 
 class _RandomDownscale:
@@ -61,20 +113,19 @@ def eval_transform(
     std: Sequence[float] = (0.5, 0.5, 0.5),
     interpolation: str = "bicubic",
     crop_pct: float = 0.875,
+    fit: str = "crop",
 ):
-    """Resize the short side to ``image_size / crop_pct``, centre-crop ``image_size``, normalise."""
+    """``fit="crop"``: resize the short side to ``image_size / crop_pct``, centre-crop ``image_size``;
+    ``"squash"`` / ``"pad"``: the whole image in the square (:func:`fit_square`); then normalise."""
     from torchvision import transforms as T
 
-    resize = round(image_size / float(crop_pct))
-    return T.Compose(
-        [
-            _ToRGB(),
-            T.Resize(resize, interpolation=_interp(interpolation)),
-            T.CenterCrop(image_size),
-            T.ToTensor(),
-            T.Normalize(tuple(mean), tuple(std)),
-        ]
-    )
+    if fit == "crop":
+        resize = round(image_size / float(crop_pct))
+        geometry = [T.Resize(resize, interpolation=_interp(interpolation)), T.CenterCrop(image_size)]
+    else:
+        resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}[interpolation]
+        geometry = [_FitSquare(image_size, fit, resample, mean_fill(mean))]
+    return T.Compose([_ToRGB(), *geometry, T.ToTensor(), T.Normalize(tuple(mean), tuple(std))])
 
 
 #: preprocessing modes of the numpy eval transform (``$SKULENS_PREPROCESS``): ``exact`` reproduces
@@ -117,15 +168,20 @@ class EvalTransformNP:
     def __init__(self, image_size: int = 224, mean: Sequence[float] = (0.5, 0.5, 0.5),
                  std: Sequence[float] = (0.5, 0.5, 0.5), interpolation: str = "bicubic",
                  crop_pct: float = 0.875, draft: bool | None = None, mode: str = "exact",
-                 output: str = "float"):
+                 output: str = "float", fit: str = "crop"):
         import numpy as np
 
         if mode not in PREPROCESS_MODES:
             raise ValueError(f"preprocess mode {mode!r}: one of {', '.join(PREPROCESS_MODES)}")
         if output not in ("float", "uint8"):
             raise ValueError(f"output {output!r}: 'float' or 'uint8'")
+        if fit not in ("crop", "squash", "pad"):
+            raise ValueError(f"fit {fit!r}: 'crop', 'squash' or 'pad'")
         self.image_size = int(image_size)
-        self.resize = round(self.image_size / float(crop_pct))
+        self.fit = fit
+        self.fill = mean_fill(mean)
+        # the short side's resize target ("squash" / "pad": the whole image goes to image_size at most)
+        self.resize = round(self.image_size / float(crop_pct)) if fit == "crop" else self.image_size
         self.resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}[interpolation]
         # (x / 255 - mean) / std == x * scale + shift, per channel
         std_a = np.asarray(std, dtype=np.float32)
@@ -153,6 +209,8 @@ class EvalTransformNP:
         """Resize + centre crop (the PIL part), RGB in, RGB ``S x S`` out."""
         if img.mode != "RGB":
             img = img.convert("RGB")
+        if self.fit != "crop":  # one resize of the whole image, the same in both modes
+            return fit_square(img, self.image_size, self.fit, self.resample, self.fill)
         w, h = img.size
         nw, nh = self._resized_size(w, h)
         s = self.image_size
@@ -190,7 +248,7 @@ class EvalTransformNP:
         return self.normalize(self.pixels(img))
 
     def __repr__(self) -> str:
-        return (f"EvalTransformNP(size={self.image_size}, resize={self.resize}, mode={self.mode}, "
+        return (f"EvalTransformNP(size={self.image_size}, fit={self.fit}, resize={self.resize}, mode={self.mode}, "
                 f"draft={self.draft}, output={self.output})")
 
 
@@ -203,9 +261,10 @@ def eval_transform_np(
     draft: bool | None = None,
     mode: str = "exact",
     output: str = "float",
+    fit: str = "crop",
 ) -> EvalTransformNP:
     """:func:`eval_transform` in numpy + PIL only (no torch import): see :class:`EvalTransformNP`."""
-    return EvalTransformNP(image_size, mean, std, interpolation, crop_pct, draft, mode, output)
+    return EvalTransformNP(image_size, mean, std, interpolation, crop_pct, draft, mode, output, fit)
 
 
 def train_transform(
@@ -215,8 +274,12 @@ def train_transform(
     interpolation: str = "bicubic",
     strength: float = 1.0,
     hue: float = MAX_HUE,
+    fit: str = "crop",
 ):
-    """Shelf-condition augmentation. ``strength`` (0..1, 1 = default) scales every component.
+    """Shelf-condition augmentation. ``strength`` (0..1, 1 = default) scales every component. ``fit``
+    ``"squash"`` / ``"pad"``: the image is first fitted to a square at its own scale (:func:`fit_square`),
+    so the random crop covers up to the whole product (a 1:3 bottle included), as evaluation with that fit
+    sees it; ``"crop"``: the crop works on the raw image.
 
     random resized crop (scale 1-0.6s .. 1) -> perspective (0.35s, p=0.5) -> brightness/contrast/
     saturation jitter (0.4s/0.4s/0.15s, hue <= 0.02, p=0.8) -> down-and-up scaling (p=0.3s) ->
@@ -229,6 +292,9 @@ def train_transform(
         raise ValueError(f"hue jitter must be in [0, {MAX_HUE}]: products often differ only by colour")
     s = max(0.0, float(strength))
     ops = [_ToRGB()]
+    if fit != "crop":
+        ops.append(_FitSquareOwnSize(fit, {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}[interpolation],
+                                     mean_fill(mean)))
     min_scale = max(0.05, 1.0 - 0.6 * s)
     ops.append(
         T.RandomResizedCrop(
