@@ -111,7 +111,7 @@ class TrainConfig:
     max_steps: int | None = None  # stop after this many optimiser steps (schedule spans them)
     augment_strength: float = 1.0  # 0..1, see models.transform.train_transform
     augment_originals: bool = False  # also augment the non-copied images
-    fit_augment: bool = True  # augmented views start from the whole image fitted as the spec's fit (squash/pad)
+    fit_augment: bool = False  # augmented views start from the whole image fitted as the spec's fit (squash/pad)
     arcface_init: str = "prototypes"  # "prototypes" (class-mean embeddings of the start model) | "random"
     freeze_bn: bool = True  # keep BatchNorm running stats at their pretrained values
     grad_clip: float | None = 1.0

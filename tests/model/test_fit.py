@@ -88,6 +88,7 @@ def test_the_engine_and_the_saved_model_use_the_specs_fit(tmp_path, fit):
 def test_launchpad_fit_knob():
     from assets.training import TrainSettings
 
+    assert TrainSettings().spec()["fit"] == "pad" and TrainSettings().train_config()["fit_augment"] is False
     assert "fit" not in TrainSettings(fit="crop").spec()
     assert ModelSpec.from_dict(TrainSettings(fit="pad").spec()).fit == "pad"
     with pytest.raises(Exception, match="fit"):
