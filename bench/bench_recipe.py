@@ -96,7 +96,10 @@ _v("lite1-e8", epochs=8, model="efficientnet-lite1")
 _v("lite1-e8-f3", epochs=8, model="efficientnet-lite1", freeze_blocks=3)
 _v("lite2-e8", epochs=8, model="efficientnet-lite2")
 _v("lite2-px176-e8", epochs=8, model="efficientnet-lite2", train_image_size=176)
-#: the current defaults plus one change (loss and freezing levers aimed at never-seen products)
+#: "d-*": the launchpad defaults of the code being run plus one change, so their meaning moves with the
+#: defaults (each row records its resolved config and spec). The rows of 2026-12-06 before 15:20 UTC ran
+#: on centre-crop defaults: d-scale32 / d-f5 are crop + that change, and d-pad-noaug = the defaults since.
+#: Loss and freezing levers aimed at never-seen products:
 VARIANTS["d-scale32"] = ({"scale": 32.0}, {})
 VARIANTS["d-margin15"] = ({"margin": 15.0}, {})
 VARIANTS["d-f5"] = ({"freeze_blocks": 5}, {})
