@@ -322,5 +322,7 @@ def test_the_cli_points_at_a_full_disk_of_the_embedded_store(tmp_path, monkeypat
     (s.log_dir / "s3.log").write_text("W1206 write /x/skulens_1.dat: no space left on device\n")
     hint = _store_hint(s)
     assert str(tmp_path / "s3") in hint and "MB free" in hint and "no space left on device" in hint
+    monkeypatch.setenv("SKULENS_S3_ENDPOINT", f"http://{s.host}:{s.s3_port}")  # as `skulens env` exports it
+    assert _store_hint(s) == hint
     monkeypatch.setenv("SKULENS_S3_ENDPOINT", "http://s3.example:9000")
     assert _store_hint(s) == ""  # an external store: nothing local to point at
