@@ -297,6 +297,39 @@ def data_balance(clean_dir: Path, out: Path, params_file: Path) -> None:
 
 
 # --- run ----------------------------------------------------------------------------------------
+DEMO_LOADING = ".loading"  # in <home>/demo while a demo load has not finished (removed once it has)
+
+
+def load_demo(client, s) -> bool:
+    """Load the demo catalog and shelf set when the bucket has no catalog yet, or when an earlier demo load
+    did not finish (its ``.loading`` marker is still there: a store that failed part of the upload must not
+    leave a partial catalog that later runs take for the whole one). The import sends only what is missing.
+    A failed upload raises a ClickException (nothing deleted; the marker stays, so the next run resumes).
+    Returns whether it loaded."""
+    from skulens.catalog import importer
+    from skulens.catalog.demo import write_demo
+    from skulens.catalog.s3 import bucket_is_empty
+
+    demo_dir = s.home / "demo"
+    marker = demo_dir / DEMO_LOADING
+    if not marker.exists() and not bucket_is_empty(client, s.bucket, "catalog/"):
+        return False
+    counts = write_demo(demo_dir)
+    marker.write_text("a demo load started and has not finished; `skulens run` resumes it\n")
+    click.echo("loading the demo catalog: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+    for kind, fn in (("catalog", importer.import_catalog), ("shelf", importer.import_shelf)):
+        report = fn(client, s.bucket, demo_dir / kind, progress=False)
+        click.echo(f"  {kind + ':':<8} {report.summary()}")
+        try:
+            report.raise_for_failures()
+        except importer.ImportFailed as exc:
+            raise click.ClickException(
+                f"loading the demo {kind} failed: {exc}. Nothing was deleted. Fix the store{_store_hint(s)}, then "
+                "run again: the load resumes and sends only what is missing") from exc
+    marker.unlink()
+    return True
+
+
 @main.command("run")
 @click.option("--job", default="main", show_default=True, help="Dagster job to execute.")
 @click.option("--demo/--no-demo", default=True, show_default=True,
@@ -312,8 +345,7 @@ def run_cmd(job: str, demo: bool, verbose: bool, force: bool) -> None:
     The console shows one line per asset as it finishes (duration and key figure) and per asset check;
     Dagster's event log, warnings and tracebacks go to .skulens/logs/run-<job>-<time>.log (--verbose
     echoes them too). A failed run ends with one line naming the asset, the cause and the log."""
-    from skulens.catalog import importer
-    from skulens.catalog.s3 import bucket_is_empty, ensure_bucket
+    from skulens.catalog.s3 import ensure_bucket
     from skulens.ops.services import DEFAULT, ServiceManager, write_dagster_yaml
 
     s = _settings()
@@ -325,14 +357,8 @@ def run_cmd(job: str, demo: bool, verbose: bool, force: bool) -> None:
         click.echo(f"{name:<8} {st.url}")
     client = _client(s)
     ensure_bucket(client, s.bucket)
-    if demo and bucket_is_empty(client, s.bucket, "catalog/"):
-        from skulens.catalog.demo import write_demo
-
-        demo_dir = s.home / "demo"
-        counts = write_demo(demo_dir)
-        click.echo("loading the demo catalog: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
-        click.echo("  catalog: " + importer.import_catalog(client, s.bucket, demo_dir / "catalog", progress=False).summary())
-        click.echo("  shelf:   " + importer.import_shelf(client, s.bucket, demo_dir / "shelf", progress=False).summary())
+    if demo:
+        load_demo(client, s)
     env = mgr.base_env()
     root = Path(__file__).resolve().parents[2]
     cmd = [sys.executable, "-m", "pipelines.console", "--job", job] + (["--force"] if force else [])

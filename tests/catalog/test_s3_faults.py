@@ -326,3 +326,33 @@ def test_the_cli_points_at_a_full_disk_of_the_embedded_store(tmp_path, monkeypat
     assert _store_hint(s) == hint
     monkeypatch.setenv("SKULENS_S3_ENDPOINT", "http://s3.example:9000")
     assert _store_hint(s) == ""  # an external store: nothing local to point at
+
+
+def test_a_demo_load_that_fails_halfway_is_resumed_not_taken_for_the_whole_catalog(s3, proxy, tmp_path):
+    """`skulens run`'s demo load on a store that fails image writes: a clear error, and the next run (the
+    bucket now holds part of the catalog) finishes the load instead of training on the partial catalog."""
+    import dataclasses
+
+    import click
+
+    from skulens.catalog.s3 import list_objects
+    from skulens.ops.cli import DEMO_LOADING, load_demo
+    from skulens.ops.settings import Settings
+
+    s = dataclasses.replace(Settings(home=tmp_path), bucket=s3.new_bucket("demo"))
+    client = _client(proxy.endpoint, s3, max_attempts=1)
+    proxy.add(Fault(method="PUT", path=r"/catalog/images/demo-01", status=500, times=None))
+    with pytest.raises(click.ClickException, match="loading the demo catalog failed.*run again"):
+        load_demo(client, s)
+    marker = tmp_path / "demo" / DEMO_LOADING
+    keys = {o.key for o in list_objects(client, s.bucket, "catalog/")}
+    assert marker.exists() and keys and not any("/demo-01" in k for k in keys)  # partial, and remembered
+
+    proxy.clear()
+    assert load_demo(client, s) is True and not marker.exists()
+    from skulens.catalog.importer import ImportReport, plan_catalog
+
+    planned = {i.key for i in plan_catalog(tmp_path / "demo" / "catalog", ImportReport())}
+    keys = {o.key for o in list_objects(client, s.bucket, "catalog/")}
+    assert keys == planned and any("/demo-01" in k for k in keys)  # the whole catalog, once
+    assert load_demo(client, s) is False  # loaded: a later run leaves the bucket alone
