@@ -11,6 +11,7 @@ from assets import OWNERS
 from resources import DvcResource, LocalStateResource, S3Resource
 from resources.mlflow import MlflowResource
 from resources.training import TrainingResource
+from skulens.model.factory import DEFAULT_EVAL_SCALES, DEFAULT_FIT, FITS
 
 GROUP = "training"
 TAGS = {"skulens/domain": "model"}  # the skulens package this asset calls into
@@ -26,13 +27,13 @@ class TrainSettings(dg.Config):
     pretrained: str | None = Field(default=None, description="OpenCLIP pretrained tag (efficientnet-lite*: imagenet)")
     image_size: int | None = Field(default=None, description="override the model's input size (evaluation and index)")
     eval_scales: list[int] = Field(
-        default_factory=lambda: [128],
+        default_factory=lambda: list(DEFAULT_EVAL_SCALES),
         description="multi-scale inference for CNN towers: extra input sizes whose unit-norm features are added "
                     "to the model's own at evaluation, index and serving time ([]: off). [128], the training "
                     "size: GroZi test split +6.3 / +1.5 points top-1 seen / unseen (k=1, 3 seeds; README, recipe) "
                     "for 1.5x the embedding time; training is unaffected; ignored for ViT towers")
     fit: str = Field(
-        default="pad",
+        default=DEFAULT_FIT,
         description="how an image is fitted to the model's square input at evaluation, index and serving time "
                     "(and for validation and the training rows that are not augmented): pad (the whole image, "
                     "aspect kept, on the mean colour), squash (the whole image, aspect not kept) or crop (short "
@@ -95,8 +96,6 @@ class TrainSettings(dg.Config):
         """What can be checked in the launchpad is, rather than minutes later when training starts."""
         if self.m_per_class is not None and (self.m_per_class < 1 or self.batch_size % self.m_per_class):
             raise ValueError(f"m_per_class={self.m_per_class} must be >= 1 and divide batch_size={self.batch_size}")
-        from skulens.model.factory import FITS
-
         if self.fit not in FITS:
             raise ValueError(f"fit={self.fit!r} must be one of {', '.join(FITS)}")
         return self

@@ -64,18 +64,20 @@ def _wall_cpu(fn) -> tuple[float, float]:
     return time.perf_counter() - t0, time.process_time() - c0
 
 
-#: the launchpad default's multi-scale inference (``TrainSettings.eval_scales``): the model every path embeds with
-DEFAULT_SCALES = (128,)
+from skulens.model.factory import DEFAULT_EVAL_SCALES as DEFAULT_SCALES  # noqa: E402 - after the sys.path line
+from skulens.model.factory import DEFAULT_FIT  # noqa: E402
 
 
-def model_dir(scales=DEFAULT_SCALES) -> str:
-    return "lite0" + "".join(f"-ms{s}" for s in sorted(scales or ()))
+def model_dir(scales=DEFAULT_SCALES, name: str = "lite0") -> str:
+    """The cache folder of a benchmark model: its name, scales and fit (a cached engine is per model)."""
+    return name + "".join(f"-ms{s}" for s in sorted(scales or ())) + f"-{DEFAULT_FIT}"
 
 
 def lite0_engine(work_dir: str | os.PathLike, backend: str = "auto", precision: str = "f32",
                  preprocess: str | None = None, scales=DEFAULT_SCALES):
     """``(engine, encoder, model path)`` of EfficientNet-Lite0 (offline ImageNet weights) at 224 px plus the
-    extra ``scales`` (multi-scale inference, as the default model embeds; ``()``: single-scale) compiled in
+    extra ``scales`` (multi-scale inference, as the default model embeds; ``()``: single-scale), with the
+    default ``fit``, compiled in
     ``work_dir`` (reused by a later run)."""
     from skulens.model import ModelSpec, create_encoder, save_encoder
     from skulens.model.engine import load_engine
@@ -83,7 +85,7 @@ def lite0_engine(work_dir: str | os.PathLike, backend: str = "auto", precision: 
     path = Path(work_dir) / model_dir(scales) / "encoder.pt"
     encoder = None
     if not path.is_file():
-        encoder = create_encoder(ModelSpec(name="efficientnet-lite0", scales=tuple(scales or ())))
+        encoder = create_encoder(ModelSpec(name="efficientnet-lite0", scales=tuple(scales or ()), fit=DEFAULT_FIT))
         save_encoder(encoder, path)
     eng = load_engine(path, backend, precision=precision, preprocess=preprocess)
     return eng, encoder, path

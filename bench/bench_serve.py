@@ -90,18 +90,22 @@ def _model_only(model_path: Path, backend: str, batch: int, seconds: float = 3.0
 
 def _prepare(args) -> tuple[Path, Path]:
     """The encoder file (its compiled engine is cached next to it) and the index of the synthetic catalog."""
+    from bench_embed import model_dir
+
     from skulens.index.sku_index import SkuIndex
     from skulens.model import ModelSpec, create_encoder, save_encoder
     from skulens.model.embed import embed_images
+    from skulens.model.factory import DEFAULT_EVAL_SCALES, DEFAULT_FIT
 
-    scales = tuple(args.scales or ()) if args.model != "tiny-test" else ()
-    work = Path(args.work_dir) / (args.model + "".join(f"-ms{s}" for s in sorted(scales)))
+    scales = DEFAULT_EVAL_SCALES if args.scales is None else tuple(args.scales)
+    scales = scales if args.model != "tiny-test" else ()
+    work = Path(args.work_dir) / model_dir(scales, args.model)
     model_path = work / "encoder.pt"
     if not model_path.exists():
         import torch
 
         torch.manual_seed(0)
-        save_encoder(create_encoder(ModelSpec(name=args.model, scales=scales), device="cpu"), model_path)
+        save_encoder(create_encoder(ModelSpec(name=args.model, scales=scales, fit=DEFAULT_FIT), device="cpu"), model_path)
     enc = _encoder(model_path, args.backend)
     index_path = work / f"index-{args.skus}-{args.backend}.npz"
     if not index_path.exists():
@@ -258,8 +262,8 @@ def main() -> None:
     ap.add_argument("--skus", type=int, default=200)
     ap.add_argument("--model", default="efficientnet-lite0",
                     help="efficientnet-lite0 (offline ImageNet weights) or tiny-test (random, tiny)")
-    ap.add_argument("--scales", type=int, nargs="*", default=[128],
-                    help="multi-scale inference sizes (default: the launchpad default's [128], as a trained model "
+    ap.add_argument("--scales", type=int, nargs="*", default=None,
+                    help="multi-scale inference sizes (default: the launchpad default's, as a trained model "
                          "embeds; no value: single-scale; ignored for tiny-test)")
     ap.add_argument("--backend", default="auto",
                     help="inference engine: auto | openvino | onnxruntime | torch (channels_last) | "

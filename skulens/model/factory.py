@@ -31,6 +31,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+from .transform import FITS
+
 __all__ = [
     "DEFAULT_MODEL",
     "Encoder",  # noqa: F822 - built lazily by the module __getattr__ (PEP 562)
@@ -53,8 +55,10 @@ _BUILTIN = {
 }
 
 
-#: ways to fit an image to the model's square input (ModelSpec.fit; skulens.model.transform)
-FITS = ("crop", "squash", "pad")
+#: the launchpad defaults of the inference-time fields (TrainSettings, and the benches' "default model"):
+#: multi-scale inference adds a 128 px view; images are fitted whole, padded (README, recipe)
+DEFAULT_EVAL_SCALES = (128,)
+DEFAULT_FIT = "pad"
 #: built-in towers that take any input size (global pooling, no position embedding)
 _SIZE_AGNOSTIC = frozenset({"efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2", "tiny-test"})
 

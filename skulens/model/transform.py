@@ -15,9 +15,11 @@ from collections.abc import Sequence
 from PIL import Image
 
 __all__ = ["DEFAULT_PREPROCESS", "ENV_PREPROCESS", "MAX_HUE", "PREPROCESS_MODES", "EvalTransformNP", "eval_transform",
-           "eval_transform_np", "fit_square", "preprocess_setting", "train_transform"]
+           "eval_transform_np", "FITS", "fit_square", "preprocess_setting", "train_transform"]
 
 MAX_HUE = 0.02
+#: ways to fit an image to the model's square input (ModelSpec.fit): centre crop, squash, pad (fit_square)
+FITS = ("crop", "squash", "pad")
 
 
 def _interp(name: str):
@@ -175,8 +177,8 @@ class EvalTransformNP:
             raise ValueError(f"preprocess mode {mode!r}: one of {', '.join(PREPROCESS_MODES)}")
         if output not in ("float", "uint8"):
             raise ValueError(f"output {output!r}: 'float' or 'uint8'")
-        if fit not in ("crop", "squash", "pad"):
-            raise ValueError(f"fit {fit!r}: 'crop', 'squash' or 'pad'")
+        if fit not in FITS:
+            raise ValueError(f"fit {fit!r}: one of {', '.join(FITS)}")
         self.image_size = int(image_size)
         self.fit = fit
         self.fill = mean_fill(mean)

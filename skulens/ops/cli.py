@@ -146,8 +146,7 @@ def _store_hint(s) -> str:
     import shutil
 
     data = s.home / "s3"
-    endpoint = os.environ.get("SKULENS_S3_ENDPOINT")  # `skulens env` exports the embedded one too
-    if (endpoint and endpoint.rstrip("/") != f"http://{s.host}:{s.s3_port}") or not data.is_dir():
+    if s.s3_endpoint.rstrip("/") != s.embedded_s3_endpoint or not data.is_dir():  # (`skulens env` exports it)
         return ""
     free = shutil.disk_usage(data).free
     hint = f" (the embedded SeaweedFS keeps its data in {data}, on a disk with {free / 1e6:,.0f} MB free"

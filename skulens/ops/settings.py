@@ -75,8 +75,13 @@ class Settings:
 
     # --- derived locations -------------------------------------------------
     @property
+    def embedded_s3_endpoint(self) -> str:
+        """The endpoint of the SeaweedFS that ``skulens up`` starts."""
+        return f"http://{self.host}:{self.s3_port}"
+
+    @property
     def s3_endpoint(self) -> str:
-        return os.environ.get("SKULENS_S3_ENDPOINT") or f"http://{self.host}:{self.s3_port}"
+        return os.environ.get("SKULENS_S3_ENDPOINT") or self.embedded_s3_endpoint
 
     @property
     def mlflow_uri(self) -> str:
