@@ -28,6 +28,11 @@ def _interp(name: str):
     return {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}[name]
 
 
+def _pil_resample(name: str) -> int:
+    """PIL's resampling filter for an interpolation name (the spec's ``interpolation``)."""
+    return {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}[name]
+
+
 class _ToRGB:
     def __call__(self, img: Image.Image) -> Image.Image:
         return img if img.mode == "RGB" else img.convert("RGB")
@@ -125,8 +130,7 @@ def eval_transform(
         resize = round(image_size / float(crop_pct))
         geometry = [T.Resize(resize, interpolation=_interp(interpolation)), T.CenterCrop(image_size)]
     else:
-        resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}[interpolation]
-        geometry = [_FitSquare(image_size, fit, resample, mean_fill(mean))]
+        geometry = [_FitSquare(image_size, fit, _pil_resample(interpolation), mean_fill(mean))]
     return T.Compose([_ToRGB(), *geometry, T.ToTensor(), T.Normalize(tuple(mean), tuple(std))])
 
 
@@ -184,7 +188,7 @@ class EvalTransformNP:
         self.fill = mean_fill(mean)
         # the short side's resize target ("squash" / "pad": the whole image goes to image_size at most)
         self.resize = round(self.image_size / float(crop_pct)) if fit == "crop" else self.image_size
-        self.resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}[interpolation]
+        self.resample = _pil_resample(interpolation)
         # (x / 255 - mean) / std == x * scale + shift, per channel
         std_a = np.asarray(std, dtype=np.float32)
         self.scale = (1.0 / (255.0 * std_a)).astype(np.float32).reshape(1, 1, 3)
@@ -295,8 +299,7 @@ def train_transform(
     s = max(0.0, float(strength))
     ops = [_ToRGB()]
     if fit != "crop":
-        ops.append(_FitSquareOwnSize(fit, {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}[interpolation],
-                                     mean_fill(mean)))
+        ops.append(_FitSquareOwnSize(fit, _pil_resample(interpolation), mean_fill(mean)))
     min_scale = max(0.05, 1.0 - 0.6 * s)
     ops.append(
         T.RandomResizedCrop(
