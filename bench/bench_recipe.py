@@ -98,11 +98,16 @@ _v("lite2-e8", epochs=8, model="efficientnet-lite2")
 _v("lite2-px176-e8", epochs=8, model="efficientnet-lite2", train_image_size=176)
 #: "d-*": the launchpad defaults of the code being run plus one change, so their meaning moves with the
 #: defaults (each row records its resolved config and spec). The rows of 2026-12-06 before 15:20 UTC ran
-#: on centre-crop defaults: d-scale32 / d-f5 are crop + that change, and d-pad-noaug = the defaults since.
+#: on centre-crop defaults: d-scale32 is crop + that change, and d-pad-noaug = the defaults since. d-f5,
+#: d-margin15, d-e12, d-lite1 and d-ms160 ran after 17:15 UTC on the pad defaults.
 #: Loss and freezing levers aimed at never-seen products:
 VARIANTS["d-scale32"] = ({"scale": 32.0}, {})
 VARIANTS["d-margin15"] = ({"margin": 15.0}, {})
 VARIANTS["d-f5"] = ({"freeze_blocks": 5}, {})
+VARIANTS["d-e12"] = ({"epochs": 12}, {})
+VARIANTS["d-lite1"] = ({"model": "efficientnet-lite1"}, {})
+#: another second inference scale instead of 128 px
+VARIANTS["d-ms160"] = ({"eval_scales": [160]}, {})
 #: how images are fitted to the square input (ModelSpec.fit): the whole product instead of a centre crop;
 #: "-noaug": the augmented training views still crop the raw image (only evaluation, validation and the
 #: non-augmented training rows see the fit)
