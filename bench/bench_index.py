@@ -73,6 +73,14 @@ def real_embeddings(per_sku: int = 12, cache: str | Path = "/tmp/idxbench/grozi_
     return real_embeddings(per_sku, cache, root, model, batch_size)
 
 
+def default_cache(model: str) -> str:
+    """The embeddings cache of ``model`` (a name, or an ``encoder.pt`` path: keyed by its resolved path)."""
+    import hashlib
+
+    tag = "lite0" if model == "efficientnet-lite0" else hashlib.sha1(str(Path(model).resolve()).encode()).hexdigest()[:10]
+    return f"/tmp/idxbench/grozi_{tag}_emb.npz"
+
+
 def split_gallery(skus: np.ndarray, frames: np.ndarray):
     """Per SKU, frames in order: two of every three go to the gallery, the third is a query."""
     gal = np.zeros(len(skus), dtype=bool)
@@ -473,10 +481,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, help="also write the report here")
     a = ap.parse_args(argv)
     if a.cache is None:
-        import hashlib
-
-        tag = "lite0" if a.model == "efficientnet-lite0" else hashlib.sha1(str(Path(a.model).resolve()).encode()).hexdigest()[:10]
-        a.cache = f"/tmp/idxbench/grozi_{tag}_emb.npz"
+        a.cache = default_cache(a.model)
     rep = run(a.sizes, a.per_sku, a.kinds, a.storage, a.ef_search, a.nprobe, a.queries, a.real_per_sku, a.cache,
               a.hnsw_m, a.ef_construction, a.views, pq_nprobe=a.pq_nprobe, pq_m=a.pq_m,
               pq_candidates=a.pq_candidates, model=a.model)
