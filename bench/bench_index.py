@@ -325,6 +325,8 @@ def bench_structure(vectors, skus, keys, queries, exact, config, real_queries=No
                "vectors_mb": round(idx.vectors.nbytes / 2**20), "ann_mb": round(ann.nbytes() / 2**20)}
         if config.kind in ("ivf", "ivfpq"):
             out["nlist"] = int(ann.index.nlist)
+            out["list_imbalance"] = round(float(ann.index.invlists.imbalance_factor()), 2)
+            out["train_sample"] = config.train_sample
         if config.kind == "ivfpq":
             out.update(pq_m=int(ann.index.M), pq_candidates=config.pq_candidates, pq_nprobe=ann.pq_nprobe)
         out["total_mb"] = out["vectors_mb"] + out["ann_mb"] + round(idx.ids.nbytes / 2**20)
@@ -374,7 +376,8 @@ def bench_structure(vectors, skus, keys, queries, exact, config, real_queries=No
 def run(sizes=(100_000,), per_sku: int = 8, kinds=("hnsw",), storages=("fp16",), ef_search=(128, 256, 512),
         nprobe=(32, 64, 128), n_queries: int = 1000, real_per_sku: int = 12, cache="/tmp/idxbench/grozi_lite0_emb.npz",
         hnsw_m: int = 32, ef_construction: int = 80, views: int | None = None, log=print,
-        pq_nprobe=(0,), pq_m: int = 256, pq_candidates: int = 256, model: str = "efficientnet-lite0") -> dict:
+        pq_nprobe=(0,), pq_m: int = 256, pq_candidates: int = 256, model: str = "efficientnet-lite0",
+        train_sample: int | None = None) -> dict:
     """The whole benchmark; returns {"calibration": ..., "real": [...], "scale": {size: [...]}}."""
     import faiss
 
@@ -401,7 +404,8 @@ def run(sizes=(100_000,), per_sku: int = 8, kinds=("hnsw",), storages=("fp16",),
         for st in storages:
             cfg = AnnConfig(kind=kind, storage=st, threshold=1, hnsw_m=hnsw_m, ef_construction=ef_construction,
                             ef_search=ef_search[0], nprobe=nprobe[0], ivf_nlist=16 if kind == "ivf" else 0,
-                            pq_m=pq_m, pq_nprobe=pq_nprobe[0], pq_candidates=pq_candidates)
+                            pq_m=pq_m, pq_nprobe=pq_nprobe[0], pq_candidates=pq_candidates,
+                            **({"train_sample": train_sample} if train_sample else {}))
             idx = SkuIndex(rv[gal], rs[gal], None, ann=cfg)
             r1, r5 = recall(idx.search(rv[~gal], k=5), real_exact)
             row = {"kind": kind, "storage": st, "recall1": round(r1, 4), "recall5": round(r5, 4)}
@@ -448,7 +452,8 @@ def run(sizes=(100_000,), per_sku: int = 8, kinds=("hnsw",), storages=("fp16",),
             for st in storages:
                 cfg = AnnConfig(kind=kind, storage=st, threshold=1, hnsw_m=hnsw_m, ef_construction=ef_construction,
                                 ef_search=ef_search[0], nprobe=nprobe[0], pq_m=pq_m, pq_nprobe=pq_nprobe[0],
-                                pq_candidates=pq_candidates)
+                                pq_candidates=pq_candidates,
+                                **({"train_sample": train_sample} if train_sample else {}))
                 rows += bench_structure(vecs, skus, keys, queries, exact, cfg, rv[~gal], real_exact_n,
                                         sweep={"hnsw": ef_search, "ivf": nprobe, "ivfpq": pq_nprobe}[kind], log=log)
         report["scale"][len(vecs)] = rows
@@ -469,6 +474,7 @@ def main(argv=None) -> int:
     ap.add_argument("--pq-nprobe", type=int, nargs="+", default=[0], help="ivfpq lists scanned (0: auto, nlist/4)")
     ap.add_argument("--pq-m", type=int, default=256)
     ap.add_argument("--pq-candidates", type=int, default=256)
+    ap.add_argument("--train-sample", type=int, default=None, help="IVF k-means training rows (default: AnnConfig's)")
     ap.add_argument("--ef-construction", type=int, default=80)
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--real-per-sku", type=int, default=12)
@@ -484,7 +490,7 @@ def main(argv=None) -> int:
         a.cache = default_cache(a.model)
     rep = run(a.sizes, a.per_sku, a.kinds, a.storage, a.ef_search, a.nprobe, a.queries, a.real_per_sku, a.cache,
               a.hnsw_m, a.ef_construction, a.views, pq_nprobe=a.pq_nprobe, pq_m=a.pq_m,
-              pq_candidates=a.pq_candidates, model=a.model)
+              pq_candidates=a.pq_candidates, model=a.model, train_sample=a.train_sample)
     if a.json:
         a.json.write_text(json.dumps(rep, indent=1, default=str))
     return 0

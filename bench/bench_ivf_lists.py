@@ -2,8 +2,8 @@
 
 For each list count: a k-means coarse quantizer (trained once, ``--train-rows`` rows), the share of
 queries whose exact nearest row lies in the lists scanned, then an ``IndexIVFPQFastScan`` (PQ 256 x 4 bit,
-residual codes, as ``skulens.index.ann``'s ``ivfpq``) over an HNSW quantizer on those centroids (efSearch
-twice the lists scanned), timed one query at a time on one thread with the exact re-scoring of the
+residual codes, as ``skulens.index.ann``'s ``ivfpq``; ``--no-residual``) over an HNSW quantizer on those
+centroids (efSearch twice the lists scanned; ``--quantizer flat``: exact), timed one query at a time on one thread with the exact re-scoring of the
 candidates, recall@1 (top-1 SKU equals exact search's) on synthetic and real queries.
 
 Vectors as in ``bench_index.py``: the real GroZi embeddings of ``--model`` planted in ``--rows`` synthetic
@@ -40,6 +40,11 @@ def main(argv=None) -> int:
     ap.add_argument("--nprobe", type=int, nargs="+", default=[128, 256, 512])
     ap.add_argument("--candidates", type=int, nargs="+", default=[256])
     ap.add_argument("--train-rows", type=int, default=131_072)
+    ap.add_argument("--quantizer", choices=["hnsw", "flat"], default="hnsw", help="coarse quantizer over the centroids")
+    ap.add_argument("--no-residual", action="store_true", help="PQ codes of the rows themselves, not of their "
+                    "residuals to the list centroid (one lookup table per query instead of one per list)")
+    ap.add_argument("--centroids", type=Path, default=Path("/tmp/idxbench/centroids"),
+                    help="k-means centroids are cached here, per list count and row count")
     args = ap.parse_args(argv)
 
     import bench_index as B
@@ -65,20 +70,29 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     sample = vecs[np.sort(rng.choice(len(vecs), min(len(vecs), args.train_rows), replace=False))]
     for nlist in args.nlist:
-        t = time.time()
-        km = faiss.Kmeans(d, nlist, niter=10, max_points_per_centroid=10**9, seed=1)
-        km.train(sample)
-        cent = km.centroids
-        print(json.dumps({"nlist": nlist, "kmeans_s": round(time.time() - t, 1)}), flush=True)
+        cfile = args.centroids / f"{Path(cache).stem}-{len(vecs)}-{args.train_rows}-{nlist}.npy"
+        if cfile.exists():
+            cent = np.load(cfile)
+        else:
+            t = time.time()
+            km = faiss.Kmeans(d, nlist, niter=10, max_points_per_centroid=10**9, seed=1)
+            km.train(sample)
+            cent = km.centroids
+            print(json.dumps({"nlist": nlist, "kmeans_s": round(time.time() - t, 1)}), flush=True)
+            cfile.parent.mkdir(parents=True, exist_ok=True)
+            np.save(cfile, cent)
         rowlist = np.argmax(vecs[top] @ cent.T, axis=1)  # the list holding the exact nearest row
         qs = allq @ cent.T
         rank = (qs > qs[np.arange(len(allq)), rowlist][:, None]).sum(1)
         t = time.time()
-        quant = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
-        quant.hnsw.efConstruction = 200
+        if args.quantizer == "hnsw":
+            quant = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
+            quant.hnsw.efConstruction = 200
+        else:
+            quant = faiss.IndexFlatIP(d)
         quant.add(cent)
         index = faiss.IndexIVFPQFastScan(quant, d, nlist, 256, 4, faiss.METRIC_INNER_PRODUCT)
-        index.by_residual = True
+        index.by_residual = not args.no_residual
         index.own_fields = True
         quant.this.disown()
         index.train(sample)  # the quantizer holds its centroids already: trains the PQ only
@@ -89,9 +103,10 @@ def main(argv=None) -> int:
             for k in args.candidates:
                 p = faiss.SearchParametersIVF()
                 p.nprobe = npb
-                qp = faiss.SearchParametersHNSW()
-                qp.efSearch = max(64, 2 * npb)
-                p.quantizer_params = qp
+                if args.quantizer == "hnsw":
+                    qp = faiss.SearchParametersHNSW()
+                    qp.efSearch = max(64, 2 * npb)
+                    p.quantizer_params = qp
                 faiss.omp_set_num_threads(1)
                 got, times = [], []
                 for q in allq:
@@ -103,7 +118,8 @@ def main(argv=None) -> int:
                 faiss.omp_set_num_threads(2)
                 ok = np.asarray(got) == exact
                 ms = np.asarray(times[:nq]) * 1000
-                print(json.dumps({"nlist": nlist, "nprobe": npb, "candidates": k,
+                print(json.dumps({"nlist": nlist, "nprobe": npb, "candidates": k, "quantizer": args.quantizer,
+                                  "residual": not args.no_residual,
                                   "nearest_row_list_scanned": round(float((rank[:nq] < npb).mean()), 4),
                                   "recall1_synthetic": round(float(ok[:nq].mean()), 4),
                                   "recall1_real": round(float(ok[nq:].mean()), 4),
