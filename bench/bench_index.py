@@ -259,6 +259,18 @@ def generate(gen: Generator, n_skus: int, per_sku: int, seed: int = 0, n_queries
     return vecs, np.repeat(names, per_sku), queries, names[q_skus]
 
 
+def planted_set(gen: Generator, real_vecs: np.ndarray, real_skus: np.ndarray, n_skus: int, per_sku: int,
+                seed: int, n_queries: int):
+    """The scale set: the real gallery rows first (real UPCs sort before "syn...", so the rows are already
+    grouped by SKU and ``SkuIndex`` keeps this one array), then ``n_skus`` x ``per_sku`` synthetic rows
+    generated in place. Returns (vectors, skus, synthetic queries, their true SKUs)."""
+    m = len(real_vecs)
+    vecs = np.empty((m + n_skus * per_sku, real_vecs.shape[1]), np.float32)
+    vecs[:m] = real_vecs
+    _, syn_skus, queries, q_true = generate(gen, n_skus, per_sku, seed=seed, n_queries=n_queries, out=vecs[m:])
+    return vecs, np.concatenate([real_skus, syn_skus]), queries, q_true
+
+
 # ------------------------------------------------------------------ measurements
 def _pct(xs, p):
     return float(np.percentile(np.asarray(xs) * 1000, p))
@@ -415,15 +427,8 @@ def run(sizes=(100_000,), per_sku: int = 8, kinds=("hnsw",), storages=("fp16",),
     for n in sizes:
         n_skus = n // per_sku
         t = time.perf_counter()
-        # the real gallery planted in the scale set (real queries must still find their product),
-        # first: real UPCs sort before "syn...", so the rows are already grouped by SKU and SkuIndex
-        # keeps this one array (no second multi-GB copy)
-        m = int(gal.sum())
-        vecs = np.empty((m + n_skus * per_sku, rv.shape[1]), np.float32)
-        vecs[:m] = rv[gal]
-        _, syn_skus, queries, q_true = generate(gen, n_skus, per_sku, seed=n, n_queries=n_queries, out=vecs[m:])
-        skus = np.concatenate([rs[gal], syn_skus])
-        del syn_skus
+        # the real gallery planted in the scale set: real queries must still find their product
+        vecs, skus, queries, q_true = planted_set(gen, rv[gal], rs[gal], n_skus, per_sku, seed=n, n_queries=n_queries)
         keys = np.arange(len(skus)).astype(str)
         log(f"\n== {len(vecs)} rows ({n_skus} synthetic SKUs x {per_sku} + {gal.sum()} real rows), "
             f"generated in {time.perf_counter() - t:.1f} s")

@@ -54,12 +54,8 @@ def main(argv=None) -> int:
     rv, rs, rf = B.real_embeddings(12, cache, model=args.model)
     gal = B.split_gallery(rs, rf)
     gen, _ = B.fit_generator(rv, rs, rf, cached=Path(f"{cache}.generator.json"))
-    m = int(gal.sum())
-    vecs = np.empty((m + args.rows, rv.shape[1]), np.float32)
-    vecs[:m] = rv[gal]
-    _, syn, queries, _ = B.generate(gen, args.rows // args.per_sku, args.per_sku, seed=args.rows,
-                                    n_queries=args.queries, out=vecs[m:])
-    skus = np.concatenate([rs[gal], syn])
+    vecs, skus, queries, _ = B.planted_set(gen, rv[gal], rs[gal], args.rows // args.per_sku, args.per_sku,
+                                           seed=args.rows, n_queries=args.queries)
     allq = np.concatenate([queries, rv[~gal]])
     nq = len(queries)
     d = vecs.shape[1]
