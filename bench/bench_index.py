@@ -308,10 +308,11 @@ def single_query_times(idx, queries: np.ndarray, k: int = 5, warmup: int = 20):
 
 
 def bench_structure(vectors, skus, keys, queries, exact, config, real_queries=None, real_exact=None,
-                    sweep=None, update_skus: int = 50, log=print) -> list[dict]:
+                    sweep=None, update_skus: int = 50, log=print, search_threads=(None,)) -> list[dict]:
     """Build one ``SkuIndex`` with ``config`` (an AnnConfig) and measure it at each search-time knob
-    value in ``sweep`` (efSearch for HNSW, nprobe for IVF; same structure, no rebuild). Returns one
-    row per value; build, serialisation, load and update figures are on the last row."""
+    value in ``sweep`` (efSearch for HNSW, nprobe for IVF; same structure, no rebuild), and each
+    ``search_threads`` value (None: the config's). Returns one row per setting; build, serialisation,
+    load and update figures are on the last row."""
     from dataclasses import replace
 
     from skulens.index.sku_index import SkuIndex
@@ -323,12 +324,15 @@ def bench_structure(vectors, skus, keys, queries, exact, config, real_queries=No
     ann = idx.ann_index
     knob = {"hnsw": "ef_search", "ivf": "nprobe", "ivfpq": "pq_nprobe"}[config.kind]
     rows = []
-    for val in (sweep or [getattr(config, knob)]):
-        idx.ann = ann.config = replace(config, **{knob: int(val)})
+    settings = [(v, th) for v in (sweep or [getattr(config, knob)]) for th in search_threads]
+    for i, (val, th) in enumerate(settings):
+        idx.ann = ann.config = replace(config, **{knob: int(val)},
+                                       **({"search_threads": int(th)} if th is not None else {}))
         times, got = single_query_times(idx, queries)
         cpu = single_query_times.cpu
         r1, r5 = recall(got, exact)
         out = {"kind": config.kind, "storage": config.storage, knob: int(val),
+               "search_threads": ann.few_query_threads,
                "rows": len(idx), "skus": int(idx.meta["n_skus"]), "build_s": round(build_s, 1),
                "p50_ms": round(_pct(times, 50), 2), "p99_ms": round(_pct(times, 99), 2),
                "cpu_p50_ms": round(_pct(cpu, 50), 2), "cpu_p99_ms": round(_pct(cpu, 99), 2),
@@ -346,7 +350,7 @@ def bench_structure(vectors, skus, keys, queries, exact, config, real_queries=No
             _, rg = single_query_times(idx, real_queries, warmup=0)
             out["real_in_scale_recall1"] = round(recall(rg, real_exact)[0], 4)
         rows.append(out)
-        if val != (sweep or [None])[-1]:
+        if i < len(settings) - 1:
             log(json.dumps(out))
     # serialised structure and load (what serve/recognize do: from_bytes, no rebuild)
     if ann is not None:
@@ -389,7 +393,7 @@ def run(sizes=(100_000,), per_sku: int = 8, kinds=("hnsw",), storages=("fp16",),
         nprobe=(32, 64, 128), n_queries: int = 1000, real_per_sku: int = 12, cache="/tmp/idxbench/grozi_lite0_emb.npz",
         hnsw_m: int = 32, ef_construction: int = 80, views: int | None = None, log=print,
         pq_nprobe=(0,), pq_m: int = 256, pq_candidates: int = 256, model: str = "efficientnet-lite0",
-        train_sample: int | None = None) -> dict:
+        train_sample: int | None = None, search_threads=(None,)) -> dict:
     """The whole benchmark; returns {"calibration": ..., "real": [...], "scale": {size: [...]}}."""
     import faiss
 
@@ -460,7 +464,8 @@ def run(sizes=(100_000,), per_sku: int = 8, kinds=("hnsw",), storages=("fp16",),
                                 pq_candidates=pq_candidates,
                                 **({"train_sample": train_sample} if train_sample else {}))
                 rows += bench_structure(vecs, skus, keys, queries, exact, cfg, rv[~gal], real_exact_n,
-                                        sweep={"hnsw": ef_search, "ivf": nprobe, "ivfpq": pq_nprobe}[kind], log=log)
+                                        sweep={"hnsw": ef_search, "ivf": nprobe, "ivfpq": pq_nprobe}[kind], log=log,
+                                        search_threads=search_threads)
         report["scale"][len(vecs)] = rows
         del vecs, skus, keys
         gc.collect()
@@ -479,6 +484,9 @@ def main(argv=None) -> int:
     ap.add_argument("--pq-nprobe", type=int, nargs="+", default=[0], help="ivfpq lists scanned (0: auto, nlist/4)")
     ap.add_argument("--pq-m", type=int, default=256)
     ap.add_argument("--pq-candidates", type=int, default=256)
+    ap.add_argument("--search-threads", type=int, nargs="+", default=None,
+                    help="ivfpq: threads scanning one query's lists, each value timed on the same structure "
+                         "(0: automatic, min(2, cores); default: AnnConfig's)")
     ap.add_argument("--train-sample", type=int, default=None, help="IVF k-means training rows (default: AnnConfig's)")
     ap.add_argument("--ef-construction", type=int, default=80)
     ap.add_argument("--queries", type=int, default=1000)
@@ -495,7 +503,8 @@ def main(argv=None) -> int:
         a.cache = default_cache(a.model)
     rep = run(a.sizes, a.per_sku, a.kinds, a.storage, a.ef_search, a.nprobe, a.queries, a.real_per_sku, a.cache,
               a.hnsw_m, a.ef_construction, a.views, pq_nprobe=a.pq_nprobe, pq_m=a.pq_m,
-              pq_candidates=a.pq_candidates, model=a.model, train_sample=a.train_sample)
+              pq_candidates=a.pq_candidates, model=a.model, train_sample=a.train_sample,
+              search_threads=tuple(a.search_threads) if a.search_threads else (None,))
     if a.json:
         a.json.write_text(json.dumps(rep, indent=1, default=str))
     return 0

@@ -288,3 +288,63 @@ def test_ivfpq_fast_scan_proposes_many_candidates_rescored_exactly(monkeypatch):
     assert (back.ann_index.search(idx.vectors[:1], 5) >= 0).sum() == 50
     full = SkuIndex(v, skus, keys, ann=AnnConfig(kind="exact")).search(q[:50], k=3)  # all lists: exact
     assert np.mean([g[0][0] == e[0][0] for g, e in zip(back.search(q[:50], k=3), full)]) >= 0.9
+
+
+def test_ivfpq_few_queries_split_their_lists_across_threads_with_the_same_candidates(monkeypatch):
+    """Fewer than SINGLE_THREAD_BELOW queries: FAISS fast-scan implementation 14 on ``search_threads``
+    threads (0: min(2, cores)); batches keep the default implementation. Same candidate rows either way."""
+    import faiss
+
+    from skulens.index.ann import FEW_QUERY_IMPLEM, SINGLE_THREAD_BELOW
+
+    c, v, skus, keys = _clustered(dim=64)
+    one = SkuIndex(v, skus, keys, ann=AnnConfig(kind="ivfpq", threshold=1000, pq_m=16, search_threads=1))
+    ann1 = one.ensure_ann()
+    assert ann1.few_query_threads == 1
+    two = AnnIndex(ann1.index, AnnConfig.resolve(ann1.config, search_threads=2), ann1.dim)
+    assert two.few_query_threads == 2
+    q = _queries(c, n=SINGLE_THREAD_BELOW - 1).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    threads_before = faiss.omp_get_max_threads()
+    got1 = ann1.search(q, 5)
+    assert ann1.index.implem == 0
+    got2 = two.search(q, 5)
+    assert ann1.index.implem == FEW_QUERY_IMPLEM  # the shared structure: the last caller's choice
+    assert faiss.omp_get_max_threads() == threads_before  # the caller's thread count is restored
+    assert got1.shape == got2.shape == (len(q), 256)
+    # the same candidates but for ties with the last one's PQ score (which of them makes the cut), so a
+    # few of 256 at most; the order among equal scores differs too
+    assert all(len(set(a) ^ set(b)) <= 4 for a, b in zip(got1, got2))
+    two.search(np.repeat(q, 2, axis=0), 5)  # a batch: the default implementation again
+    assert two.index.implem == 0
+    # the SKU index on the two-thread structure answers as on the one-thread one
+    one_results = one.search(q, k=3)
+    one._ann = two
+    assert one.search(q, k=3) == one_results
+    # automatic: at most 2 threads, at least 1; other kinds always search few queries on one thread
+    auto = AnnIndex(ann1.index, AnnConfig.resolve(ann1.config, search_threads=0), ann1.dim)
+    assert 1 <= auto.few_query_threads <= 2
+    assert AnnIndex(ann1.index, AnnConfig(kind="hnsw", search_threads=4), ann1.dim).few_query_threads == 1
+    # a knob of serving: the environment reaches a stored index without a rebuild
+    monkeypatch.setenv("SKULENS_ANN_SEARCH_THREADS", "3")
+    back = SkuIndex.from_bytes(one.to_bytes())
+    assert back.ann_index.config.search_threads == 3 and back.ann_index.few_query_threads == 3
+    with pytest.raises(ValueError, match="search_threads"):
+        AnnConfig(search_threads=-1)
+
+
+def test_row_lookup_by_id_dense_and_sparse():
+    """``_rows_of``: a table by id for dense ids, binary search for sparse ones; unknown ids give -1."""
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=(6, 8)).astype(np.float32)
+    skus = ["b", "a", "c", "a", "b", "c"]
+    for ids in ([5, 0, 3, 9, 7, 2], [10**12, 4, 7, 2**40, 0, 12]):
+        idx = SkuIndex(v, skus, None, ids=np.asarray(ids))
+        probe = np.asarray([*idx.ids[::-1], 1, 8, -1, 10**13, 2**40 + 1])
+        rows = idx._rows_of(probe)
+        assert rows.dtype == np.int64
+        assert rows[:6].tolist() == list(range(5, -1, -1))  # each id's own row (rows are sorted by SKU)
+        assert rows[6:].tolist() == [-1] * 5
+        assert isinstance(idx._id_order[0], str) is (max(ids) < 1000)  # "dense": a table by id
+    empty = SkuIndex(np.zeros((0, 8), np.float32), [], None)
+    assert empty._rows_of(np.asarray([0, 3])).tolist() == [-1, -1]
