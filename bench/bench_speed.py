@@ -42,7 +42,8 @@ def commands(a, out: Path) -> dict[str, list[str]]:
                        "--json", str(out / "embed.json")] + (["--scales"] if a.single_scale else []),
         "train": py + [str(BENCH / "bench_train.py"), "--images", str(a.train_images), "--epochs", "2",
                        "--json", str(out / "train.json")],
-        "index": py + [str(BENCH / "bench_index.py"), "--sizes", *map(str, a.sizes), "--json", str(out / "index.json")],
+        "index": py + [str(BENCH / "bench_index.py"), "--sizes", *map(str, a.sizes), "--json", str(out / "index.json")]
+        + (["--model", a.index_model] if a.index_model else []),
         "serve": py + [str(BENCH / "bench_serve.py"), "--max-batch", "1,32", "--concurrency", "50",
                        "--json", str(out / "serve.json")] + (["--scales"] if a.single_scale else []),
         "new-sku": py + [str(BENCH / "bench_new_sku.py"), "--skus", str(a.new_sku_catalog), "--images-per-sku", "3",
@@ -91,7 +92,8 @@ def summary(results: dict) -> list[str]:
         lines.append(f"embed model-only images/s, {model}: " + ", ".join(f"{k} {v:.1f}" for k, v in mo.items()))
         for row in emb.get("full_path", []):
             lines.append(f"embed full path ({row.get('set')}, {row.get('mode')}): {row.get('images_per_s', 0):.1f} "
-                         f"images/s = {row.get('ratio', 0):.0%} of {emb.get('backend')} model-only")
+                         f"images/s = {row.get('ratio', 0):.0%} of {emb.get('backend')} model-only, "
+                         f"{row.get('ratio_u8', 0):.0%} of its uint8-input model-only")
     tr = _get(results, "train", "figures") or {}
     if tr:
         lines.append(f"train model-only fwd+bwd @ {tr.get('image_size')} px, batch {tr.get('batch')}: "
@@ -102,7 +104,8 @@ def summary(results: dict) -> list[str]:
     ix = _get(results, "index", "figures") or {}
     for size, rows in (ix.get("scale") or {}).items():
         for r in rows:
-            knobs = ", ".join(f"{k} {r[k]}" for k in ("storage", "ef_search", "nprobe", "nlist", "pq_m", "pq_nprobe") if r.get(k))
+            knobs = ", ".join(f"{k} {r[k]}" for k in ("storage", "ef_search", "nprobe", "nlist", "pq_m", "pq_nprobe",
+                                                      "search_threads") if r.get(k))
             lines.append(f"index {size} rows, {r.get('kind')}{' (' + knobs + ')' if knobs else ''}: build "
                          f"{r.get('build_s', '-')} s, single query p50 {r.get('p50_ms')} ms, p99 {r.get('p99_ms')} ms, "
                          f"recall@1 {r.get('recall1')} (real-in-scale {r.get('real_in_scale_recall1', '-')}), memory "
@@ -134,6 +137,9 @@ def main(argv=None) -> int:
                     help="embed and serve with the 224 px tower alone (default: the default model, 224 + 128 px)")
     ap.add_argument("--train-images", type=int, default=320, help="rows of the balanced training frame")
     ap.add_argument("--new-sku-catalog", type=int, default=10_000, help="SKUs in the catalog for --new-sku")
+    ap.add_argument("--index-model", default=None,
+                    help="encoder.pt whose GroZi embeddings calibrate the index vectors (bench_index.py --model; "
+                         "default: the un-fine-tuned tower's). A fine-tuned model gives the vectors an index holds")
     ap.add_argument("--out", type=Path, default=ROOT / ".skulens" / "bench-speed")
     a = ap.parse_args(argv)
     parts = list(a.only or [p for p in PARTS if p != "new-sku" or a.new_sku])
