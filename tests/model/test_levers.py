@@ -77,23 +77,24 @@ def test_wise_ft_interpolates_between_start_and_fine_tuned_weights(catalog, tmp_
         train(tr, val, "tiny-test", _cfg(wise_alpha=1.5), tmp_path / "bad", progress=False, device="cpu")
 
 
-def test_frozen_blocks_do_not_move_and_the_rest_trains(catalog, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("model", ["tiny-test", "tiny-vit-test"])  # a CNN tower and a ViT (open_clip)
+def test_frozen_blocks_do_not_move_and_the_rest_trains(catalog, tmp_path, model):  # noqa: F811
     from skulens.model import create_encoder, load_encoder
     from skulens.model.lr import block_ids
     from skulens.model.train import freeze_blocks
 
     tr, val = split_validation(catalog, per_sku=2, seed=0)
-    res = train(tr, val, "tiny-test", _cfg(epochs=1, freeze_blocks=2), tmp_path, progress=False, device="cpu")
+    res = train(tr, val, model, _cfg(epochs=1, freeze_blocks=2), tmp_path, progress=False, device="cpu")
     assert res.extra["frozen_tensors"] > 0
     torch.manual_seed(0)
-    start = create_encoder("tiny-test")
+    start = create_encoder(model)
     ids, top = block_ids(start.model)
     after = load_encoder(res.encoder_path).model.state_dict()
     before = start.model.state_dict()
     moved = {name: not torch.equal(before[name], after[name]) for name, _ in start.model.named_parameters()}
     assert not any(m for name, m in moved.items() if ids[name] < 2)
     assert any(m for name, m in moved.items() if ids[name] >= 2)
-    enc = create_encoder("tiny-test")
+    enc = create_encoder(model)
     with pytest.warns(UserWarning, match="top block trains"):
         freeze_blocks(enc, top + 5)
     assert not any(p.requires_grad for name, p in enc.model.named_parameters() if ids[name] < top)
