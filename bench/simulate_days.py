@@ -481,7 +481,7 @@ def simulate(args, before_down=None) -> dict:
                 if sku in cat.live:
                     cat.bad_file(sku, kind, day.index)
             cat.write_products()
-            fp = catalog_state(stack.client(), stack.settings.bucket).fingerprint
+            fp = catalog_state(stack.client(), stack.settings.bucket).set_fingerprint  # what the sensor tags its run with
             t_uploaded = time.monotonic()
 
             # ---- until the sensor's index update for this state has run: probe recognition meanwhile

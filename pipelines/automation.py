@@ -7,12 +7,15 @@ import dagster as dg
 
 from resources import S3Resource
 from resources.mlflow import MlflowResource
-from skulens.catalog.state import catalog_state, config_hash
+from skulens.catalog.state import catalog_state, config_hash, scan_step
 
 NIGHTLY_CRON = os.environ.get("SKULENS_NIGHTLY_CRON", "0 2 * * *")
 TIMEZONE = os.environ.get("SKULENS_TIMEZONE", "UTC")
 SKIP_UNCHANGED = os.environ.get("SKULENS_SKIP_UNCHANGED", "1") not in ("0", "false", "no")
-SENSOR_INTERVAL = int(os.environ.get("SKULENS_SENSOR_INTERVAL", "3"))  # seconds between catalog checks (one listing of catalog/ each)
+SENSOR_INTERVAL = int(os.environ.get("SKULENS_SENSOR_INTERVAL", "3"))  # seconds between catalog checks
+# seconds of catalog listing per sensor tick; a bigger catalog is listed over several ticks (Dagster stops a
+# sensor evaluation after 60 s; one listing of 30k keys took 7.2 s on SeaweedFS)
+SENSOR_SCAN_BUDGET_S = float(os.environ.get("SKULENS_SENSOR_SCAN_BUDGET_S", "20"))
 NIGHTLY_CONFIG = os.environ.get("SKULENS_NIGHTLY_CONFIG")  # a YAML run config for the nightly run, e.g. training knobs
 
 
@@ -117,23 +120,39 @@ def unchanged_since_champion(s3: S3Resource, mlflow: MlflowResource, state=None,
     return None if decision.retrain else decision.reason
 
 
-def catalog_sensor(job: dg.JobDefinition) -> dg.SensorDefinition:
+def catalog_sensor(job: dg.JobDefinition, scan_budget_s: float | None = None,
+                   page_size: int = 1000) -> dg.SensorDefinition:
+    """The catch-all for catalog changes (the index worker's upload notes are the fast path). Each tick lists
+    ``catalog/`` for at most ``scan_budget_s`` seconds (``SKULENS_SENSOR_SCAN_BUDGET_S``, 20); a catalog too
+    big for one tick is listed over several, the listing's position and running fingerprint kept in the
+    cursor (:func:`skulens.catalog.state.scan_step`). A finished listing whose fingerprint differs from
+    the last one becomes one ``index_update`` run, keyed by that fingerprint."""
+    budget = SENSOR_SCAN_BUDGET_S if scan_budget_s is None else float(scan_budget_s)
+
     @dg.sensor(job=job, minimum_interval_seconds=SENSOR_INTERVAL, default_status=dg.DefaultSensorStatus.STOPPED,
                description="New, changed or deleted catalog images -> one index-update run per batch (no retraining).")
     def catalog_upload_sensor(context: dg.SensorEvaluationContext, s3: S3Resource):
-        state = catalog_state(s3.client(), s3.bucket)
         previous = json.loads(context.cursor) if context.cursor else {}
-        if previous.get("fingerprint") == state.fingerprint:
-            return dg.SkipReason(f"catalog unchanged ({len(state.images)} images)")
-        # The cursor moves only here: a restart resumes from the last batch it emitted, and the
-        # run_key makes Dagster drop a repeat of the same batch.
-        context.update_cursor(json.dumps({"fingerprint": state.fingerprint, "images": len(state.images)}))
-        if not previous:
-            context.log.info("first tick: recording the catalog state; the index is brought up to date once")
-        reason = f"catalog {state.fingerprint[:12]}: {len(state.images)} images"
-        return dg.RunRequest(run_key=f"catalog-{state.fingerprint[:24]}",
+        scan, done = scan_step(s3.client(), s3.bucket, previous.get("scan"), budget, page_size=page_size)
+        if done is None:  # a big catalog: the listing goes on next tick from where it stopped
+            context.update_cursor(json.dumps({**previous, "scan": scan}))
+            return dg.SkipReason(f"catalog listing in progress: {scan['n']} images in {scan['pages']} pages so "
+                                 f"far; it continues next tick")
+        fp, n = done["fingerprint"], done["images"]
+        settled = {"fingerprint": fp, "images": n}
+        if previous.get("fingerprint") == fp:
+            if previous != settled:  # a multi-tick listing just ended: drop its position from the cursor
+                context.update_cursor(json.dumps(settled))
+            return dg.SkipReason(f"catalog unchanged ({n} images)")
+        # The fingerprint in the cursor moves only here: a restart resumes from the last batch it emitted,
+        # and the run_key makes Dagster drop a repeat of the same batch.
+        context.update_cursor(json.dumps(settled))
+        if not previous.get("fingerprint"):
+            context.log.info("first listing: recording the catalog state; the index is brought up to date once")
+        reason = f"catalog {fp[:12]}: {n} images"
+        return dg.RunRequest(run_key=f"catalog-{fp[:24]}",
                              run_config={"ops": {"update_sku_index": {"config": {"reason": reason}}}},
-                             tags={"skulens/catalog": state.fingerprint[:16]})
+                             tags={"skulens/catalog": fp[:16]})
 
     return catalog_upload_sensor
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from skulens.catalog import contract
-from skulens.catalog.s3 import list_objects
+from skulens.catalog.s3 import list_objects, normalize_etag
 
 
 @dataclass(frozen=True)
@@ -18,6 +18,11 @@ class CatalogState:
     images: dict  # catalog/images key -> etag (keys that follow the contract)
     products_etag: str | None
     fingerprint: str
+
+    @property
+    def set_fingerprint(self) -> str:
+        """:func:`set_fingerprint` of this state: what the sensor's resumable scan computes."""
+        return set_fingerprint(self.images.items(), self.products_etag)
 
 
 def fingerprint(pairs, extra: str = "") -> str:
@@ -42,6 +47,77 @@ def catalog_state(client, bucket: str) -> CatalogState:
         images[obj.key] = obj.etag
     return CatalogState(images=images, products_etag=products_etag,
                         fingerprint=fingerprint(images.items(), extra=products_etag or ""))
+
+
+# ====================================================================== a scan spread over sensor ticks
+_MASK = (1 << 128) - 1
+
+
+def _pair_hash(key: str, etag: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{key}\0{etag}".encode()).digest()[:16], "big")
+
+
+def set_fingerprint(pairs, products_etag: str | None = None) -> str:
+    """An order-free fingerprint of (key, etag) pairs: the sum of each pair's 128-bit hash (mod 2^128) and
+    the count, plus products.csv's ETag. A sum can be carried from one page of a listing to the next in a
+    few bytes, so :func:`scan_step` can list a catalog of any size across several calls and still end with
+    the fingerprint of the whole set (the same as this function over the complete listing)."""
+    total, n = 0, 0
+    for key, etag in pairs:
+        total = (total + _pair_hash(key, etag)) & _MASK
+        n += 1
+    return _scan_digest(total, n, products_etag)
+
+
+def _scan_digest(total: int, n: int, products_etag: str | None) -> str:
+    return hashlib.sha256(f"{total:032x}:{n}:{products_etag or ''}".encode()).hexdigest()
+
+
+def scan_step(client, bucket: str, scan: dict | None, budget_s: float, page_size: int = 1000,
+              clock=None) -> tuple[dict, dict | None]:
+    """Continue a listing of ``catalog/`` that may span several calls (sensor ticks): list pages after
+    ``scan["after"]`` until the listing ends or ``budget_s`` seconds have passed (at least one page a call).
+    Returns ``(scan, None)`` while pages remain (the caller keeps ``scan``, a small JSON-able dict, and passes
+    it back next time) or ``(new empty scan, {"fingerprint", "images", "pages"})`` once the listing is done;
+    ``fingerprint`` is :func:`set_fingerprint` of every contract image key and products.csv's ETag.
+
+    One listing of a 10k-SKU catalog (30k keys) took 7.2 s on SeaweedFS, so at 100k SKUs it would outlast
+    Dagster's 60 s sensor timeout; split across ticks, each tick stays within its budget. A change made
+    while a scan runs shows in this scan if its key is still ahead of it, and otherwise in the next one."""
+    import time
+
+    clock = clock or time.monotonic
+    scan = dict(scan or {})
+    after, total, n = scan.get("after", ""), int(scan.get("sum", "0"), 16), int(scan.get("n", 0))
+    products_etag, pages = scan.get("products_etag"), int(scan.get("pages", 0))
+    t0 = clock()
+    while True:
+        kw = {"Bucket": bucket, "Prefix": "catalog/", "MaxKeys": int(page_size)}
+        if after:
+            kw["StartAfter"] = after
+        page = client.list_objects_v2(**kw)
+        items = page.get("Contents", []) or []
+        pages += 1
+        for item in items:
+            key = item["Key"]
+            if key == contract.PRODUCTS_KEY:
+                products_etag = normalize_etag(item["ETag"])
+                continue
+            if key.endswith("/"):
+                continue
+            try:
+                contract.parse_image_key(key, contract.CATALOG_IMAGES_PREFIX)
+            except contract.CatalogError:
+                continue
+            total = (total + _pair_hash(key, normalize_etag(item["ETag"]))) & _MASK
+            n += 1
+        if items:
+            after = items[-1]["Key"]
+        if not page.get("IsTruncated") or not items:
+            return {}, {"fingerprint": _scan_digest(total, n, products_etag), "images": n, "pages": pages}
+        if clock() - t0 >= budget_s:
+            return ({"after": after, "sum": f"{total:x}", "n": n, "products_etag": products_etag,
+                     "pages": pages}, None)
 
 
 def manifest_fingerprint(manifest: pd.DataFrame, products_etag: str | None) -> str:

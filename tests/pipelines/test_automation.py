@@ -61,6 +61,49 @@ def test_catalog_sensor_one_run_per_batch_and_cursor_survives_restart(s3, demo_d
     assert isinstance(sensor(ctx4), dg.SkipReason)
 
 
+def test_catalog_sensor_lists_a_big_catalog_over_several_ticks(s3, demo_dir):
+    """A catalog too big for one tick's listing budget: each tick lists from where the last stopped
+    (position and running fingerprint in the cursor), and only a finished listing can request a run."""
+    from skulens.catalog.state import catalog_state
+
+    bucket = s3.new_bucket("sensbig")
+    importer.import_catalog(s3.client(), bucket, demo_dir / "catalog", progress=False).raise_for_failures()
+    sensor = automation.catalog_sensor(index_update, scan_budget_s=0.0, page_size=10)  # one page a tick
+    resources = {"s3": _s3(s3, bucket)}
+
+    def until_done(cursor):
+        ticks = 0
+        while True:
+            ctx = dg.build_sensor_context(cursor=cursor, resources=resources)
+            out = sensor(ctx)
+            ticks += 1
+            cursor = ctx.cursor
+            if isinstance(out, dg.SkipReason) and "in progress" in out.skip_message:
+                assert json.loads(cursor)["scan"]["n"] > 0
+                continue
+            return out, cursor, ticks
+
+    first, cursor, ticks = until_done(None)
+    n = len(catalog_state(s3.client(), bucket).images)
+    assert ticks >= n // 10 >= 3 and isinstance(first, dg.RunRequest)  # a tick per page of 10 keys
+    fp = catalog_state(s3.client(), bucket).set_fingerprint
+    assert first.tags["skulens/catalog"] == fp[:16] and first.run_key == f"catalog-{fp[:24]}"
+    assert json.loads(cursor) == {"fingerprint": fp, "images": n}
+
+    # a full listing later with nothing changed: no run, and the cursor is back to the settled state
+    again, cursor2, _ = until_done(cursor)
+    assert isinstance(again, dg.SkipReason) and "unchanged" in again.skip_message
+    assert json.loads(cursor2) == {"fingerprint": fp, "images": n}
+
+    # an upload: the next finished listing requests exactly one run, for the new state
+    img = next((demo_dir / "catalog" / "images").rglob("00.jpg")).read_bytes()
+    s3.client().put_object(Bucket=bucket, Key="catalog/images/aaa-new/a.jpg", Body=img)
+    batch, cursor3, _ = until_done(cursor2)
+    fp2 = catalog_state(s3.client(), bucket).set_fingerprint
+    assert isinstance(batch, dg.RunRequest) and batch.run_key == f"catalog-{fp2[:24]}" != first.run_key
+    assert json.loads(cursor3)["images"] == n + 1
+
+
 def _register_champion(mlflow_uri, model_name, tmp_path):
     """Put a (tiny, untrained) encoder in the registry as champion: the index path needs no training."""
     from skulens.model.factory import ModelSpec, create_encoder
