@@ -401,6 +401,13 @@ def run(sizes=(100_000,), per_sku: int = 8, kinds=("hnsw",), storages=("fp16",),
     from skulens.index.sku_index import SkuIndex
 
     faiss.omp_set_num_threads(2)
+
+    def config(kind, st, **extra):
+        return AnnConfig(kind=kind, storage=st, threshold=1, hnsw_m=hnsw_m, ef_construction=ef_construction,
+                         ef_search=ef_search[0], nprobe=nprobe[0], pq_m=pq_m, pq_nprobe=pq_nprobe[0],
+                         pq_candidates=pq_candidates, **({"train_sample": train_sample} if train_sample else {}),
+                         **extra)
+
     report: dict = {"real": [], "scale": {}}
     rv, rs, rf = real_embeddings(real_per_sku, cache, model=model)
     log(f"real embeddings: {model} ({len(rv)} GroZi crops, cache {cache})")
@@ -418,11 +425,7 @@ def run(sizes=(100_000,), per_sku: int = 8, kinds=("hnsw",), storages=("fp16",),
         f"exact top-1 accuracy {real_top1:.3f}")
     for kind in kinds:
         for st in storages:
-            cfg = AnnConfig(kind=kind, storage=st, threshold=1, hnsw_m=hnsw_m, ef_construction=ef_construction,
-                            ef_search=ef_search[0], nprobe=nprobe[0], ivf_nlist=16 if kind == "ivf" else 0,
-                            pq_m=pq_m, pq_nprobe=pq_nprobe[0], pq_candidates=pq_candidates,
-                            **({"train_sample": train_sample} if train_sample else {}))
-            idx = SkuIndex(rv[gal], rs[gal], None, ann=cfg)
+            idx = SkuIndex(rv[gal], rs[gal], None, ann=config(kind, st, ivf_nlist=16 if kind == "ivf" else 0))
             r1, r5 = recall(idx.search(rv[~gal], k=5), real_exact)
             row = {"kind": kind, "storage": st, "recall1": round(r1, 4), "recall5": round(r5, 4)}
             report["real"].append(row)
@@ -459,11 +462,7 @@ def run(sizes=(100_000,), per_sku: int = 8, kinds=("hnsw",), storages=("fp16",),
         gc.collect()
         for kind in kinds:
             for st in storages:
-                cfg = AnnConfig(kind=kind, storage=st, threshold=1, hnsw_m=hnsw_m, ef_construction=ef_construction,
-                                ef_search=ef_search[0], nprobe=nprobe[0], pq_m=pq_m, pq_nprobe=pq_nprobe[0],
-                                pq_candidates=pq_candidates,
-                                **({"train_sample": train_sample} if train_sample else {}))
-                rows += bench_structure(vecs, skus, keys, queries, exact, cfg, rv[~gal], real_exact_n,
+                rows += bench_structure(vecs, skus, keys, queries, exact, config(kind, st), rv[~gal], real_exact_n,
                                         sweep={"hnsw": ef_search, "ivf": nprobe, "ivfpq": pq_nprobe}[kind], log=log,
                                         search_threads=search_threads)
         report["scale"][len(vecs)] = rows

@@ -52,13 +52,23 @@ def normalize_etag(etag: str) -> str:
     return etag.strip().strip('"').lower()
 
 
-def list_objects(client, bucket: str, prefix: str) -> Iterator[S3Object]:
+def list_pages(client, bucket: str, prefix: str, start_after: str = "",
+               page_size: int = 1000) -> Iterator[tuple[list[S3Object], str, bool]]:
+    """The listing of ``prefix`` page by page, from just after ``start_after``: ``(objects, last key of the
+    page, more pages follow)``. Folder markers are left out of ``objects`` (they still move the position)."""
+    kw = {"StartAfter": start_after} if start_after else {}
     paginator = client.get_paginator("list_objects_v2")
-    for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
-        for item in page.get("Contents", []) or []:
-            if item["Key"].endswith("/"):
-                continue  # folder markers
-            yield S3Object(key=item["Key"], etag=normalize_etag(item["ETag"]), size=int(item["Size"]))
+    for page in paginator.paginate(Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": int(page_size)}, **kw):
+        items = page.get("Contents", []) or []
+        objs = [S3Object(key=i["Key"], etag=normalize_etag(i["ETag"]), size=int(i["Size"]))
+                for i in items if not i["Key"].endswith("/")]  # folder markers
+        yield objs, (items[-1]["Key"] if items else start_after), bool(page.get("IsTruncated")) and bool(items)
+        start_after = items[-1]["Key"] if items else start_after
+
+
+def list_objects(client, bucket: str, prefix: str) -> Iterator[S3Object]:
+    for objs, _, _ in list_pages(client, bucket, prefix):
+        yield from objs
 
 
 def ensure_bucket(client, bucket: str) -> bool:

@@ -27,6 +27,7 @@ stores in its ``.npz`` file, so loading an index does not rebuild it.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import asdict, dataclass, fields, replace
 
@@ -127,6 +128,15 @@ def _faiss():
 
 def _qtype(faiss, storage: str):
     return {"fp16": faiss.ScalarQuantizer.QT_fp16, "sq8": faiss.ScalarQuantizer.QT_8bit}[storage]
+
+
+@functools.cache
+def _usable_cores() -> int:
+    """Cores this process may run on (a container's CPU set, not the host's), asked once."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
 
 
 def auto_nlist(n: int) -> int:
@@ -262,13 +272,7 @@ class AnnIndex:
         (0: min(2, usable cores)) for ``ivfpq``, 1 for the other kinds."""
         if self.config.kind != "ivfpq":
             return 1
-        if self.config.search_threads:
-            return int(self.config.search_threads)
-        try:
-            cores = len(os.sched_getaffinity(0))
-        except (AttributeError, OSError):  # not on Linux
-            cores = os.cpu_count() or 1
-        return max(1, min(2, cores))
+        return int(self.config.search_threads) or min(2, _usable_cores())
 
     def search(self, queries: np.ndarray, n: int) -> np.ndarray:
         """Ids of up to ``n`` approximate nearest rows per query, (Q, n) int64, -1 where fewer.
