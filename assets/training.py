@@ -67,6 +67,12 @@ class TrainSettings(dg.Config):
     sub_centers: int = Field(default=1, description="ArcFace centres per SKU (> 1: sub-center ArcFace)")
     m_per_class: int | None = Field(default=None, description="batches of m images per SKU (MPerClassSampler); "
                                                               "None: plain shuffle")
+    projector: str = Field(default="none", description="training-only head between the tower and ArcFace, dropped "
+                                                       "after training: none | bn (BNNeck) | mlp (Linear-BN-ReLU-"
+                                                       "Linear); the tower's own features are what gets indexed")
+    projector_dim: int | None = Field(default=None, description="projector mlp: its output size (None: the "
+                                                                "tower's feature size)")
+    projector_lr: float = Field(default=1e-3, description="the projector's learning rate")
     freeze_blocks: int = Field(default=3, description="blocks from the input kept frozen (no gradient: 1.4x faster "
                                                       "training on Lite0; the top block always trains)")
     wise_alpha: float = Field(default=1.0, description="WiSE-FT: save alpha x fine-tuned + (1 - alpha) x start "
@@ -96,6 +102,10 @@ class TrainSettings(dg.Config):
         """What can be checked in the launchpad is, rather than minutes later when training starts."""
         if self.m_per_class is not None and (self.m_per_class < 1 or self.batch_size % self.m_per_class):
             raise ValueError(f"m_per_class={self.m_per_class} must be >= 1 and divide batch_size={self.batch_size}")
+        from skulens.model.projector import PROJECTORS
+
+        if self.projector not in PROJECTORS:
+            raise ValueError(f"projector={self.projector!r} must be one of {', '.join(PROJECTORS)}")
         if self.fit not in FITS:
             raise ValueError(f"fit={self.fit!r} must be one of {', '.join(FITS)}")
         return self
@@ -115,7 +125,8 @@ class TrainSettings(dg.Config):
     def train_config(self) -> dict:
         keys = ("epochs", "batch_size", "base_lr", "lr_decay", "arcface_lr", "weight_decay", "margin", "scale",
                 "warmup_steps", "max_steps", "amp", "augment_strength", "augment_originals", "fit_augment", "freeze_bn", "ema_decay",
-                "wise_alpha", "freeze_blocks", "sub_centers", "m_per_class",
+                "wise_alpha", "freeze_blocks", "sub_centers", "m_per_class", "projector", "projector_dim",
+                "projector_lr",
                 "keep_best", "early_stop_patience", "val_every", "val_augment", "seed", "channels_last",
                 "decode_cache", "num_workers")
         cfg = {k: getattr(self, k) for k in keys}

@@ -106,6 +106,10 @@ VARIANTS["d-margin15"] = ({"margin": 15.0}, {})
 VARIANTS["d-f5"] = ({"freeze_blocks": 5}, {})
 VARIANTS["d-e12"] = ({"epochs": 12}, {})
 VARIANTS["d-lite1"] = ({"model": "efficientnet-lite1"}, {})
+#: a training-only head between the tower and ArcFace (dropped after training), for never-seen products
+VARIANTS["d-proj-bn"] = ({"projector": "bn"}, {})
+VARIANTS["d-proj-mlp"] = ({"projector": "mlp"}, {})
+VARIANTS["d-proj-mlp512"] = ({"projector": "mlp", "projector_dim": 512}, {})
 #: another second inference scale instead of 128 px
 VARIANTS["d-ms160"] = ({"eval_scales": [160]}, {})
 #: how images are fitted to the square input (ModelSpec.fit): the whole product instead of a centre crop;

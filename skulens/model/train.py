@@ -118,6 +118,9 @@ class TrainConfig:
     val_before: bool = True  # validation accuracy before the first step (epoch 0)
     # model selection and averaging
     sub_centers: int = 1  # > 1: sub-center ArcFace (several centres per SKU)
+    projector: str = "none"  # training-only head before ArcFace: none | bn | mlp (skulens.model.projector)
+    projector_dim: int | None = None  # "mlp": its output size (None: the tower's feature size)
+    projector_lr: float = 1e-3  # the head's learning rate (it starts random)
     m_per_class: int | None = None  # batches of m images from each of batch_size / m SKUs (PML MPerClassSampler)
     freeze_blocks: int = 0  # blocks from the input kept frozen (no gradient: a shorter, cheaper backward pass)
     wise_alpha: float = 1.0  # WiSE-FT: save alpha * fine-tuned + (1 - alpha) * start weights (1 = off)
@@ -412,8 +415,9 @@ def _fused_ok(params) -> bool:
         return dev.type == "cuda"
 
 
-def build_optimizer(encoder, loss_fn, cfg: TrainConfig):
-    """AdamW over the tower's block-wise decayed groups plus the ArcFace group (named "arcface").
+def build_optimizer(encoder, loss_fn, cfg: TrainConfig, head=None):
+    """AdamW over the tower's block-wise decayed groups plus the ArcFace group (named "arcface") and, with
+    a projection ``head``, its group (named "projector").
 
     ``cfg.fused_optimizer``: True uses torch's fused AdamW kernel, False the default (foreach), None fused
     where torch supports it on the parameters' device (CPU and CUDA in torch >= 2.4)."""
@@ -424,6 +428,10 @@ def build_optimizer(encoder, loss_fn, cfg: TrainConfig):
 
     groups = block_param_groups(encoder, cfg.base_lr, cfg.lr_decay, cfg.weight_decay)
     groups.append(arcface_param_group(loss_fn, cfg.arcface_lr))
+    if head is not None:
+        from skulens.model.projector import projector_param_group
+
+        groups.append(projector_param_group(head, cfg.projector_lr, cfg.weight_decay))
     params = [p for g in groups for p in g["params"]]
     fused = cfg.fused_optimizer
     if fused is None:
@@ -457,6 +465,7 @@ def train(
 
     from skulens.model.factory import _encoder_class
     from skulens.model.loss import create_arcface, init_from_prototypes
+    from skulens.model.projector import create_projector, project_prototypes, projector_out_dim
 
     cfg = cfg or TrainConfig()
     out_dir = Path(out_dir)
@@ -522,8 +531,12 @@ def train(
 
     frozen = freeze_blocks(encoder, cfg.freeze_blocks)
     # --- loss, optimiser, schedule
-    loss_fn = create_arcface(len(labels), encoder.embed_dim, cfg.margin, cfg.scale, cfg.sub_centers).to(dev)
-    optimizer = build_optimizer(encoder, loss_fn, cfg)
+    head = create_projector(cfg.projector, encoder.embed_dim, cfg.projector_dim, cfg.seed)
+    if head is not None:
+        head = head.to(dev)
+    loss_fn = create_arcface(len(labels), projector_out_dim(head, encoder.embed_dim), cfg.margin, cfg.scale,
+                             cfg.sub_centers).to(dev)
+    optimizer = build_optimizer(encoder, loss_fn, cfg, head)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(total_steps, warmup, cfg.min_lr_ratio)
     )
@@ -531,7 +544,7 @@ def train(
     best = BestWeights()
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     top_idx = max(
-        (i for i, g in enumerate(optimizer.param_groups) if g["name"] != "arcface"),
+        (i for i, g in enumerate(optimizer.param_groups) if g["name"] not in ("arcface", "projector")),
         key=lambda i: optimizer.param_groups[i]["lr_scale"],
     )
     arc_idx = next(i for i, g in enumerate(optimizer.param_groups) if g["name"] == "arcface")
@@ -552,6 +565,8 @@ def train(
         else:
             encoder.model.load_state_dict(ck["model"])
             loss_fn.load_state_dict(ck["arcface"])
+            if head is not None:
+                head.load_state_dict(ck["projector"])
             optimizer.load_state_dict(ck["optimizer"])
             scheduler.load_state_dict(ck["scheduler"])
             scaler.load_state_dict(ck["scaler"])
@@ -600,7 +615,7 @@ def train(
     start_gallery = None
     if fresh and cfg.arcface_init == "prototypes":
         start_gallery = embed_images(encoder, gallery_paths, **embed_kw)
-        init_from_prototypes(loss_fn, start_gallery, [labels[s] for s in gallery_skus])
+        init_from_prototypes(loss_fn, project_prototypes(head, start_gallery), [labels[s] for s in gallery_skus])
     elif cfg.arcface_init not in ("prototypes", "random"):
         raise ValueError(f"unknown arcface_init {cfg.arcface_init!r}")
     val_before = None
@@ -636,6 +651,7 @@ def train(
                 "epoch_seconds": float(secs),
                 "model": encoder.model.state_dict(),
                 "arcface": loss_fn.state_dict(),
+                "projector": head.state_dict() if head is not None else None,
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(),
@@ -690,6 +706,8 @@ def train(
             sampler.set(epoch, batches[skip:])
             _set_train_mode(encoder, cfg.freeze_bn)
             loss_fn.train()
+            if head is not None:
+                head.train()
             t0 = time.perf_counter()
             batch_iter = iter(loader)
             if mid_rng is not None:  # after the iterator drew its seed, as it did at this epoch's start
@@ -704,6 +722,8 @@ def train(
                 y = y.to(dev, non_blocking=True)
                 with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     feats = encoder(x)
+                    if head is not None:  # training only: the saved encoder never has it
+                        feats = head(feats)
                 loss = loss_fn(feats.float(), y)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
@@ -826,6 +846,7 @@ def train(
             "decode_cache_reused": cache.reused if cache is not None else None,
             "decode_cache_mb": cache_mb,
             "saved_weights": saved,
+            "projector": cfg.projector,
             "frozen_tensors": frozen,
             "best_epoch": best.epoch,
             "best_val_acc": best.acc,

@@ -110,3 +110,88 @@ def test_launchpad_rejects_m_per_class_that_does_not_divide_the_batch():
     for bad in ({"m_per_class": 5}, {"m_per_class": 0}, {"m_per_class": 8, "batch_size": 12}):
         with pytest.raises(ValidationError, match="m_per_class"):
             TrainSettings(**bad)
+
+
+@pytest.mark.parametrize("kind", ["bn", "mlp"])
+def test_projector_trains_the_loss_on_a_head_that_the_saved_encoder_does_not_have(catalog, tmp_path, kind):  # noqa: F811
+    from skulens.model import create_encoder, load_encoder
+
+    tr, val = split_validation(catalog, per_sku=2, seed=0)
+    res = train(tr, val, "tiny-test", _cfg(epochs=2, projector=kind, projector_dim=16), tmp_path / "a",
+                progress=False, device="cpu")
+    losses = [h["train_loss"] for h in res.history if h["epoch"] > 0]
+    assert all(np.isfinite(losses)) and res.extra["projector"] == kind
+    enc = load_encoder(res.encoder_path)
+    # the saved encoder is the plain tower: same parameter names and shapes as a fresh one
+    fresh = create_encoder("tiny-test").model.state_dict()
+    assert {k: tuple(v.shape) for k, v in enc.model.state_dict().items()} == {k: tuple(v.shape) for k, v in fresh.items()}
+    ck = torch.load(res.checkpoint_path, map_location="cpu", weights_only=True)
+    assert ck["projector"] is not None  # a resumed run continues the head too
+    if kind == "mlp":
+        assert ck["arcface"]["W"].shape[0] == 16  # the loss works on the head's outputs
+    # deterministic, and the head changes what the tower learns
+    again = train(tr, val, "tiny-test", _cfg(epochs=2, projector=kind, projector_dim=16), tmp_path / "b",
+                  progress=False, device="cpu")
+    assert [h["train_loss"] for h in again.history] == [h["train_loss"] for h in res.history]
+    plain = train(tr, val, "tiny-test", _cfg(epochs=2), tmp_path / "c", progress=False, device="cpu")
+    assert [h["train_loss"] for h in plain.history if h["epoch"] > 0] != losses
+
+
+def test_projector_resumes_to_the_same_weights(catalog, tmp_path):  # noqa: F811
+    """Killed at the first step of epoch 2, then resumed: the head comes back from the checkpoint, so the
+    losses and final weights equal an uninterrupted run's."""
+    from skulens.model import load_encoder
+
+    tr, val = split_validation(catalog, per_sku=1, seed=0)
+    cfg = _cfg(epochs=2, projector="mlp", num_workers=0)
+    full = train(tr, val, "tiny-test", cfg, tmp_path / "full", progress=False, device="cpu")
+
+    class Killed(Exception):
+        pass
+
+    def killer(kind, step, metrics):
+        if kind == "step" and step == full.extra["steps_per_epoch"] + 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(tr, val, "tiny-test", cfg, tmp_path / "run", log_fn=killer, progress=False, device="cpu")
+    ck = torch.load(tmp_path / "run" / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert ck["epoch"] == 1 and ck["projector"] is not None
+    res = train(tr, val, "tiny-test", cfg, tmp_path / "run", progress=False, device="cpu")
+    assert res.resumed_from_step == full.extra["steps_per_epoch"]
+    assert [h["train_loss"] for h in res.history] == [h["train_loss"] for h in full.history]
+    a = load_encoder(full.encoder_path).model.state_dict()
+    b = load_encoder(res.encoder_path).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_project_prototypes_sets_batchnorm_statistics_from_the_features():
+    from skulens.model.projector import create_projector, project_prototypes, projector_out_dim
+
+    head = create_projector("mlp", 8, 4, seed=0)
+    assert projector_out_dim(head, 8) == 4 and projector_out_dim(None, 8) == 8
+    assert projector_out_dim(create_projector("bn", 8), 8) == 8
+    assert create_projector("none", 8) is None
+    x = torch.randn(50, 8) * 3 + 1
+    out = project_prototypes(head, x)
+    assert out.shape == (50, 4) and head.training
+    bn = head[1]
+    assert torch.allclose(bn.running_mean, head[0](x).mean(0).detach(), atol=1e-5)
+    assert bn.momentum == 0.1  # restored
+    # the same seed builds the same head, and building it leaves the global RNG alone
+    state = torch.random.get_rng_state()
+    h2 = create_projector("mlp", 8, 4, seed=0)
+    assert torch.equal(state, torch.random.get_rng_state())
+    assert torch.equal(h2[0].weight, create_projector("mlp", 8, 4, seed=0)[0].weight)
+    with pytest.raises(ValueError, match="unknown projector"):
+        create_projector("mlp3", 8)
+
+
+def test_launchpad_rejects_an_unknown_projector():
+    from pydantic import ValidationError
+
+    from assets.training import TrainSettings
+
+    with pytest.raises(ValidationError, match="projector"):
+        TrainSettings(projector="linear")
+    assert TrainSettings(projector="mlp").train_config()["projector"] == "mlp"
