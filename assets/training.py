@@ -67,9 +67,12 @@ class TrainSettings(dg.Config):
     sub_centers: int = Field(default=1, description="ArcFace centres per SKU (> 1: sub-center ArcFace)")
     m_per_class: int | None = Field(default=None, description="batches of m images per SKU (MPerClassSampler); "
                                                               "None: plain shuffle")
-    projector: str = Field(default="none", description="training-only head between the tower and ArcFace, dropped "
-                                                       "after training: none | bn (BNNeck) | mlp (Linear-BN-ReLU-"
-                                                       "Linear); the tower's own features are what gets indexed")
+    projector: str = Field(default="bn", description="training-only head between the tower and ArcFace, dropped "
+                                                     "after training (the tower's own features are indexed): bn "
+                                                     "(BNNeck: BatchNorm without shift), mlp (Linear-BN-ReLU-Linear) "
+                                                     "or none. GroZi test split, 3 seeds, k=1 top-1 seen / never seen: "
+                                                     "bn 0.866 / 0.845, none 0.883 / 0.812; k=5 0.935 / 0.956 against "
+                                                     "0.937 / 0.931 (README, recipe)")
     projector_dim: int | None = Field(default=None, description="projector mlp: its output size (None: the "
                                                                 "tower's feature size)")
     projector_lr: float = Field(default=1e-3, description="the projector's learning rate")

@@ -98,7 +98,8 @@ _v("lite2-e8", epochs=8, model="efficientnet-lite2")
 _v("lite2-px176-e8", epochs=8, model="efficientnet-lite2", train_image_size=176)
 #: "d-*": the launchpad defaults of the code being run plus one change, so their meaning moves with the
 #: defaults (each row records its resolved config and spec). The rows of 2026-12-06 before 15:20 UTC ran
-#: on centre-crop defaults: d-scale32 is crop + that change, and d-pad-noaug = the defaults since. d-f5,
+#: on centre-crop defaults: d-scale32 is crop + that change, and d-pad-noaug = the defaults until the
+#: projector (pinned to projector none below, so its recorded rows keep their meaning). d-f5,
 #: d-margin15, d-e12, d-lite1 and d-ms160 ran after 17:15 UTC on the pad defaults.
 #: Loss and freezing levers aimed at never-seen products:
 VARIANTS["d-scale32"] = ({"scale": 32.0}, {})
@@ -106,7 +107,8 @@ VARIANTS["d-margin15"] = ({"margin": 15.0}, {})
 VARIANTS["d-f5"] = ({"freeze_blocks": 5}, {})
 VARIANTS["d-e12"] = ({"epochs": 12}, {})
 VARIANTS["d-lite1"] = ({"model": "efficientnet-lite1"}, {})
-#: a training-only head between the tower and ArcFace (dropped after training), for never-seen products
+#: a training-only head between the tower and ArcFace (dropped after training), for never-seen products.
+#: They ran on the pad defaults with projector none (2026-12-06 after 22:40 UTC); d-proj-bn = the defaults since
 VARIANTS["d-proj-bn"] = ({"projector": "bn"}, {})
 VARIANTS["d-proj-mlp"] = ({"projector": "mlp"}, {})
 VARIANTS["d-proj-mlp512"] = ({"projector": "mlp", "projector_dim": 512}, {})
@@ -118,7 +120,7 @@ VARIANTS["d-ms160"] = ({"eval_scales": [160]}, {})
 VARIANTS["d-squash"] = ({"fit": "squash"}, {})
 VARIANTS["d-pad"] = ({"fit": "pad"}, {})
 VARIANTS["d-squash-noaug"] = ({"fit": "squash", "fit_augment": False}, {})
-VARIANTS["d-pad-noaug"] = ({"fit": "pad", "fit_augment": False}, {})
+VARIANTS["d-pad-noaug"] = ({"fit": "pad", "fit_augment": False, "projector": "none"}, {})
 VARIANTS["d-crop"] = ({"fit": "crop"}, {})
 VARIANTS["none-ms128-squash"] = ({"eval_scales": [128], "fit": "squash"}, {})
 VARIANTS["none-ms128-pad"] = ({"eval_scales": [128], "fit": "pad"}, {})

@@ -195,3 +195,4 @@ def test_launchpad_rejects_an_unknown_projector():
     with pytest.raises(ValidationError, match="projector"):
         TrainSettings(projector="linear")
     assert TrainSettings(projector="mlp").train_config()["projector"] == "mlp"
+    assert TrainSettings().train_config()["projector"] == "bn"  # the default: chosen on GroZi dev, README
