@@ -531,6 +531,9 @@ def train(
 
     frozen = freeze_blocks(encoder, cfg.freeze_blocks)
     # --- loss, optimiser, schedule
+    if cfg.projector != "none" and min(bs, n) < 2:  # BatchNorm needs two rows to normalise a batch
+        raise ValueError(f"projector {cfg.projector!r} needs batches of at least 2 images (batch_size={bs}); "
+                         "use projector 'none' for batches of one")
     head = create_projector(cfg.projector, encoder.embed_dim, cfg.projector_dim, cfg.seed)
     if head is not None:
         head = head.to(dev)

@@ -187,6 +187,13 @@ def test_project_prototypes_sets_batchnorm_statistics_from_the_features():
         create_projector("mlp3", 8)
 
 
+def test_projector_refuses_batches_of_one(catalog, tmp_path):  # noqa: F811
+    tr, val = split_validation(catalog, per_sku=2, seed=0)
+    with pytest.raises(ValueError, match="batches of at least 2"):
+        train(tr, val, "tiny-test", _cfg(epochs=1, batch_size=1, projector="bn"), tmp_path, progress=False,
+              device="cpu")
+
+
 def test_launchpad_rejects_an_unknown_projector():
     from pydantic import ValidationError
 
