@@ -17,7 +17,7 @@ Kinds:
 
 from __future__ import annotations
 
-__all__ = ["PROJECTORS", "create_projector", "projector_param_group", "project_prototypes"]
+__all__ = ["PROJECTORS", "create_projector", "project_prototypes", "projector_out_dim", "projector_param_group"]
 
 PROJECTORS = ("none", "bn", "mlp")
 

@@ -14,6 +14,9 @@
 * ArcFace class centres start at the class-mean embeddings of the start model (``arcface_init=
   "prototypes"``) instead of random vectors, whose early gradients damage the pretrained tower
   (GroZi-120, k=1 top-1: 0.539 before, 0.741 after with prototypes, 0.643 with random centres).
+* ``projector`` (``none`` | ``bn`` | ``mlp``): a head between the tower and ArcFace, trained with them and
+  dropped at the end (:mod:`skulens.model.projector`); the saved encoder is the tower alone. The launchpad
+  default ``bn`` (a BNNeck) raised GroZi never-seen top-1 at k=1 from 0.812 to 0.845 (README, recipe).
 * BatchNorm running statistics are frozen by default (``freeze_bn``): small fine-tuning batches
   would otherwise overwrite the pretrained statistics (affine parameters still train); unfrozen, the
   same GroZi run ends below no fine-tuning (0.500).
