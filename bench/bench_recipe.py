@@ -110,6 +110,7 @@ VARIANTS["d-lite1"] = ({"model": "efficientnet-lite1"}, {})
 #: a training-only head between the tower and ArcFace (dropped after training), for never-seen products.
 #: They ran on the pad defaults with projector none (2026-12-06 after 22:40 UTC); d-proj-bn = the defaults since
 VARIANTS["d-proj-bn"] = ({"projector": "bn"}, {})
+VARIANTS["d-proj-bn-lr5e3"] = ({"projector": "bn", "projector_lr": 5e-3}, {})
 VARIANTS["d-proj-mlp"] = ({"projector": "mlp"}, {})
 VARIANTS["d-proj-mlp512"] = ({"projector": "mlp", "projector_dim": 512}, {})
 #: another second inference scale instead of 128 px
