@@ -32,16 +32,9 @@ def create_arcface(num_classes: int, embed_dim: int, margin: float = 28.6, scale
 
 def arcface_param_group(loss, lr: float, weight_decay: float = 0.0) -> dict:
     """Param group for the loss's own parameters (``W``), named ``"arcface"``."""
-    names, params = zip(*[(n, p) for n, p in loss.named_parameters() if p.requires_grad])
-    return {
-        "name": "arcface",
-        "block": None,
-        "lr_scale": 1.0,
-        "lr": lr,
-        "weight_decay": weight_decay,
-        "params": list(params),
-        "param_names": [f"arcface.{n}" for n in names],
-    }
+    from skulens.model.lr import module_param_group
+
+    return module_param_group(loss, "arcface", lr, weight_decay)
 
 
 def init_from_prototypes(loss, embeddings, labels) -> None:

@@ -22,7 +22,7 @@ import re
 import warnings
 from collections.abc import Iterable
 
-__all__ = ["block_ids", "block_param_groups"]
+__all__ = ["block_ids", "block_param_groups", "module_param_group"]
 
 _NO_DECAY_NAMES = ("class_embedding", "positional_embedding", "pos_embed", "cls_token")
 
@@ -137,3 +137,18 @@ def block_param_groups(
             }
         )
     return groups
+
+
+def module_param_group(module, name: str, lr: float, weight_decay: float = 0.0) -> dict:
+    """One param group, named ``name``, for a module trained beside the tower at its own learning rate
+    (ArcFace's centres, the projector): its trainable parameters, outside the block-wise decay."""
+    names, params = zip(*[(n, p) for n, p in module.named_parameters() if p.requires_grad])
+    return {
+        "name": name,
+        "block": None,
+        "lr_scale": 1.0,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "params": list(params),
+        "param_names": [f"{name}.{n}" for n in names],
+    }

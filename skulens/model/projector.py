@@ -17,7 +17,7 @@ Kinds:
 
 from __future__ import annotations
 
-__all__ = ["PROJECTORS", "create_projector", "project_prototypes", "projector_out_dim", "projector_param_group"]
+__all__ = ["PROJECTORS", "create_projector", "project_prototypes", "projector_out_dim"]
 
 PROJECTORS = ("none", "bn", "mlp")
 
@@ -53,20 +53,6 @@ def projector_out_dim(head, dim: int) -> int:
         return int(dim)
     last = list(head.modules())[-1]
     return int(getattr(last, "out_features", None) or getattr(last, "num_features", None) or dim)
-
-
-def projector_param_group(head, lr: float, weight_decay: float) -> dict:
-    """Param group for the head's trainable parameters, named ``"projector"``."""
-    names, params = zip(*[(n, p) for n, p in head.named_parameters() if p.requires_grad])
-    return {
-        "name": "projector",
-        "block": None,
-        "lr_scale": 1.0,
-        "lr": lr,
-        "weight_decay": weight_decay,
-        "params": list(params),
-        "param_names": [f"projector.{n}" for n in names],
-    }
 
 
 def project_prototypes(head, features):

@@ -427,14 +427,12 @@ def build_optimizer(encoder, loss_fn, cfg: TrainConfig, head=None):
     import torch
 
     from skulens.model.loss import arcface_param_group
-    from skulens.model.lr import block_param_groups
+    from skulens.model.lr import block_param_groups, module_param_group
 
     groups = block_param_groups(encoder, cfg.base_lr, cfg.lr_decay, cfg.weight_decay)
     groups.append(arcface_param_group(loss_fn, cfg.arcface_lr))
     if head is not None:
-        from skulens.model.projector import projector_param_group
-
-        groups.append(projector_param_group(head, cfg.projector_lr, cfg.weight_decay))
+        groups.append(module_param_group(head, "projector", cfg.projector_lr, cfg.weight_decay))
     params = [p for g in groups for p in g["params"]]
     fused = cfg.fused_optimizer
     if fused is None:
