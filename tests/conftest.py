@@ -22,6 +22,13 @@ for _k in [k for k in os.environ if k.startswith("SKULENS_") or k in ("DAGSTER_H
 os.environ.update(QUIET_ENV)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``slow`` (whole jobs, a real daemon) run first, the rest in collection order: with
+    `make test`'s parallel workers (pytest-xdist) the long ones start at once instead of ending the run
+    alone on one worker."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @dataclass
 class S3Server:
     endpoint: str

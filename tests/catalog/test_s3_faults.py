@@ -65,6 +65,7 @@ def _no_part_files(dest: Path) -> bool:
     return not [p for p in dest.rglob("*") if ".part" in p.name]
 
 
+@pytest.mark.slow
 def test_ingest_rides_out_throttling_5xx_and_timeouts(s3, proxy, catalog_bucket, tmp_path):
     bucket, objects = catalog_bucket
     proxy.add(
@@ -328,6 +329,7 @@ def test_the_cli_points_at_a_full_disk_of_the_embedded_store(tmp_path, monkeypat
     assert _store_hint(s) == ""  # an external store: nothing local to point at
 
 
+@pytest.mark.slow
 def test_a_demo_load_that_fails_halfway_is_resumed_not_taken_for_the_whole_catalog(s3, proxy, tmp_path):
     """`skulens run`'s demo load on a store that fails image writes: a clear error, and the next run (the
     bucket now holds part of the catalog) finishes the load instead of training on the partial catalog."""

@@ -8,11 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from skulens.ops.services import _group_alive, free_port, port_open
 
 SKULENS = str(Path(sys.executable).parent / "skulens")
 
 
+@pytest.mark.slow
 def test_services_up_down_leaves_nothing_running(tmp_path):
     env = dict(os.environ, SKULENS_HOME=str(tmp_path / "home"), SKULENS_S3_PORT=str(free_port()),
                SKULENS_MLFLOW_PORT=str(free_port()))
@@ -63,6 +66,7 @@ def test_port_conflict_is_a_clear_error(tmp_path):
     assert proc.returncode != 0 and "SKULENS_S3_PORT" in proc.stderr
 
 
+@pytest.mark.slow
 def test_ui_services_show_schedule_and_sensors(tmp_path):
     """What `make ui` starts: the Dagster webserver (and daemon) over workspace.yaml."""
     import urllib.request
@@ -88,6 +92,7 @@ def test_ui_services_show_schedule_and_sensors(tmp_path):
     assert not _group_alive(web.pgid) and not _group_alive(daemon.pgid)
 
 
+@pytest.mark.slow
 def test_store_volume_slots_are_set_and_a_full_store_fails_the_import_loudly(tmp_path, demo_dir):
     """SeaweedFS gives each bucket its own volume. Its default slot count is free disk / 1 GiB, which on a small CI
     disk ran out mid-suite and every write to a new bucket failed; we set the count (SKULENS_S3_MAX_VOLUMES).
@@ -117,6 +122,7 @@ def test_store_volume_slots_are_set_and_a_full_store_fails_the_import_loudly(tmp
         mgr.stop("s3")
 
 
+@pytest.mark.slow
 def test_index_worker_service_survives_missing_services_and_stops_cleanly_on_sigterm(tmp_path):
     """`services up --ui` starts the warm index worker next to the daemon: with S3 and MLflow down it logs, backs
     off and keeps running (no crash loop); `down` (SIGTERM) ends its loop cleanly."""

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
 from skulens.catalog import importer
 from skulens.ops.services import ServiceManager, free_port
@@ -31,6 +32,7 @@ def _wait(pred, timeout=90.0, step=1.0):
     return False
 
 
+@pytest.mark.slow
 def test_daemon_restart_does_not_repeat_a_batch(s3, demo_dir, tmp_path):
     bucket = s3.new_bucket("daemon")
     importer.import_catalog(s3.client(), bucket, demo_dir / "catalog", progress=False).raise_for_failures()

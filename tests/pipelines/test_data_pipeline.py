@@ -43,6 +43,7 @@ def _checks(result) -> dict[str, bool]:
     return {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
 
 
+@pytest.mark.slow
 def test_demo_catalog_is_cleaned_checked_balanced_and_versioned(s3, demo_dir, dvc_repo, tmp_path, instance):
     repo, bucket = dvc_repo
     importer.import_catalog(s3.client(), bucket, demo_dir / "catalog", progress=False).raise_for_failures()

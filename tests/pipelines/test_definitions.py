@@ -85,6 +85,7 @@ def test_code_location_and_cli_do_not_import_heavy_libraries():
     assert proc.returncode == 0, f"heavy modules imported at load time: {proc.stdout} {proc.stderr[-2000:]}"
 
 
+@pytest.mark.slow
 def test_dagster_cli_asset_selection_works(s3, demo_dir, tmp_path):
     """Guards the antlr4 choice (dagster#27487): `dagster asset materialize --select` must parse."""
     from skulens.catalog import importer

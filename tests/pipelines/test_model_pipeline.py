@@ -60,6 +60,7 @@ def _meta(result, asset: str) -> dict:
     return {k: v.value for k, v in mats[-1].metadata.items()}
 
 
+@pytest.mark.slow
 def test_model_pipeline_promotes_first_keeps_champion_over_worse_and_serves(
         s3, mlflow_server, shelf_demo, dvc_repo, tmp_path, dagster_instance):
     from mlflow import MlflowClient

@@ -86,6 +86,7 @@ def _ui_view(stack) -> dict:
     return view
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_three_simulated_days_keep_the_recognizer_current_and_the_ui_shows_them(tmp_path):
     """About 4 minutes on 2 cores: 3 days, two `main` runs launched through the webserver and run by the daemon."""

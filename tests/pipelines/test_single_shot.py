@@ -45,6 +45,7 @@ def _recognizer(res, s3, bucket, tmp_path):
                                     tmp_path / "rec", store=store)
 
 
+@pytest.mark.slow
 def test_packshot_only_catalog_is_indexed_and_recognized(s3, mlflow_server, dvc_repo, tmp_path, dagster_instance):
     from skulens.catalog.demo import write_demo
 
@@ -91,6 +92,7 @@ def test_packshot_only_catalog_is_indexed_and_recognized(s3, mlflow_server, dvc_
     assert r2.output_for_node("sku_index")["model_version"] == "1"
 
 
+@pytest.mark.slow
 def test_mixed_catalog_trains_on_rich_skus_and_indexes_all(s3, mlflow_server, dvc_repo, tmp_path, dagster_instance):
     from skulens.catalog.demo import write_demo
     from skulens.index.publish import load_current

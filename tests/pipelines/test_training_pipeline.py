@@ -17,6 +17,7 @@ ASSETS = [ingest_assets.catalog_products, ingest_assets.catalog_images, quality.
 TINY = {"model": "tiny-test", "epochs": 2, "batch_size": 16, "base_lr": 2e-3, "arcface_lr": 2e-2}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["local", "pipes"])
 def test_trained_encoder_logs_to_mlflow(mode, s3, mlflow_server, demo_dir, dvc_repo, tmp_path, dagster_instance):
     repo, bucket = dvc_repo
