@@ -50,16 +50,19 @@ from bench_grozi import DEFAULT_DATA, load_grozi  # noqa: E402
 
 #: name -> (TrainSettings overrides, BalanceSettings overrides). "none": no fine-tuning (the base tower).
 #: "base" is today's defaults spelled out, so the row keeps its meaning when the defaults change.
+#: The "none*" rows ran with the centre crop (fit "crop", the default until 2026-12-06 15:20 UTC): pinned, so
+#: that a rerun keeps their meaning ("none-ms128-pad" / "-squash" are the base tower with the other fits).
 VARIANTS: dict[str, tuple[dict, dict]] = {
-    "none": ({"eval_scales": []}, {}),  # single-scale, as every row recorded before multi-scale existed
-    "none-ms128": ({"eval_scales": [128]}, {}),
-    "none-lite1": ({"model": "efficientnet-lite1", "eval_scales": []}, {}),
-    "none-lite2": ({"model": "efficientnet-lite2", "eval_scales": []}, {}),
+    "none": ({"eval_scales": [], "fit": "crop"}, {}),  # single-scale, as every row before multi-scale existed
+    "none-ms128": ({"eval_scales": [128], "fit": "crop"}, {}),
+    "none-lite1": ({"model": "efficientnet-lite1", "eval_scales": [], "fit": "crop"}, {}),
+    "none-lite2": ({"model": "efficientnet-lite2", "eval_scales": [], "fit": "crop"}, {}),
 }
-#: the defaults before this benchmark (issue 9): Lite0, 4 epochs at 128 px, depth 16, last epoch saved
+#: the defaults before this benchmark (issue 9): Lite0, 4 epochs at 128 px, depth 16, last epoch saved, centre
+#: crop, no projector (every knob that has a different default since is pinned, so these rows keep their meaning)
 OLD = {"model": "efficientnet-lite0", "epochs": 4, "train_image_size": 128, "keep_best": False, "ema_decay": None,
        "augment_strength": 1.0, "augment_originals": False, "wise_alpha": 1.0, "sub_centers": 1, "m_per_class": None,
-       "image_size": None, "freeze_blocks": 0, "eval_scales": []}
+       "image_size": None, "freeze_blocks": 0, "eval_scales": [], "fit": "crop", "projector": "none"}
 
 
 def _v(name: str, depth: int = 16, **over) -> None:
