@@ -26,6 +26,9 @@ Usage::
     .venv/bin/python bench/bench_recipe.py --variants base lite0-e8 --protocol dev --seeds 0 1
     .venv/bin/python bench/bench_recipe.py --table              # print the table of what is there
     .venv/bin/python bench/bench_recipe.py --list               # the variants
+    .venv/bin/python bench/bench_recipe.py --table --by-aspect  # also k1 per long:short side of the query crop
+    .venv/bin/python bench/bench_recipe.py --rescore --variants d-proj-bn --protocol test --seeds 0 1 2
+                                                                # kept models (--keep) scored again, no training
 
 The data set is used for this benchmark only; nothing in ``skulens`` references it.
 """
@@ -169,12 +172,40 @@ def _best_per_sku(sims: np.ndarray, g_sku: np.ndarray) -> tuple[np.ndarray, np.n
     return skus, per_sku
 
 
-def _rank_metrics(skus: np.ndarray, per_sku: np.ndarray, q_sku: np.ndarray, q_held: np.ndarray) -> dict:
+#: query crops by the ratio of their long to their short side: where the errors are (``--by-aspect``)
+ASPECT_BINS = ((1.0, 1.5), (1.5, 2.0), (2.0, 3.0), (3.0, float("inf")))
+
+
+def aspect_bucket(ratio: float) -> str:
+    for lo, hi in ASPECT_BINS:
+        if lo <= ratio < hi:
+            return f"{lo:g}-{hi:g}" if hi != float("inf") else f">={lo:g}"
+    return f"{ASPECT_BINS[0][0]:g}-{ASPECT_BINS[0][1]:g}"  # a ratio below 1 cannot happen (long / short)
+
+
+def image_aspect(path) -> float:
+    """Long side / short side of an image file (its header only)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        w, h = im.size
+    return max(w, h) / max(1, min(w, h))
+
+
+def _rank_metrics(skus: np.ndarray, per_sku: np.ndarray, q_sku: np.ndarray, q_held: np.ndarray,
+                  q_bucket: np.ndarray | None = None) -> dict:
     order = np.argsort(-per_sku, axis=1)[:, :5]
     ok1 = skus[order[:, 0]] == q_sku
     ok5 = (skus[order] == q_sku[:, None]).any(axis=1)
-    return {"seen": float(ok1[~q_held].mean()), "unseen": float(ok1[q_held].mean()),
-            "all": float(ok1.mean()), "top5_all": float(ok5.mean())}
+    out = {"seen": float(ok1[~q_held].mean()), "unseen": float(ok1[q_held].mean()),
+           "all": float(ok1.mean()), "top5_all": float(ok5.mean())}
+    if q_bucket is not None:  # top-1 and counts per aspect bucket of the query crop
+        out["by_aspect"] = {
+            b: {g: (float(ok1[m].mean()) if m.any() else None) for g, m in
+                (("seen", (q_bucket == b) & ~q_held), ("unseen", (q_bucket == b) & q_held))}
+            | {"n_seen": int(((q_bucket == b) & ~q_held).sum()), "n_unseen": int(((q_bucket == b) & q_held).sum())}
+            for b in sorted(set(q_bucket.tolist()))}
+    return out
 
 
 def score(df, queries, held, emb: dict[str, np.ndarray]) -> dict:
@@ -182,6 +213,7 @@ def score(df, queries, held, emb: dict[str, np.ndarray]) -> dict:
     q_paths = queries["clean_path"].tolist()
     q_sku = queries["sku"].to_numpy()
     q_held = queries["sku"].isin(held).to_numpy()
+    q_bucket = (np.array([aspect_bucket(a) for a in queries["aspect"]]) if "aspect" in queries else None)
     out = {}
     for flip in ("plain", "flip"):
         def vec(paths, flip=flip):
@@ -193,7 +225,7 @@ def score(df, queries, held, emb: dict[str, np.ndarray]) -> dict:
             gal = df[df["rank"] < k]
             g = vec(gal["clean_path"].tolist())
             g_sku = gal["sku"].to_numpy()
-            nn = _rank_metrics(*_best_per_sku(q @ g.T, g_sku), q_sku, q_held)
+            nn = _rank_metrics(*_best_per_sku(q @ g.T, g_sku), q_sku, q_held, q_bucket)
             out[f"{flip}/nn/k{k}"] = nn
             skus, inv = np.unique(g_sku, return_inverse=True)
             cent = np.stack([g[inv == j].sum(axis=0) for j in range(len(skus))])
@@ -266,6 +298,7 @@ def run_one(name: str, mode: str, seed: int, args) -> dict:
                    best_epoch=summary.get("best_epoch"), balanced_rows=len(balanced))
         model_path = summary["encoder_uri"]
     emb, info = embed_all(model_path, need, df)
+    queries = queries.assign(aspect=[image_aspect(p) for p in queries["clean_path"]])
     scores = score(df, queries, held, emb)
     for size in args.eval_sizes or ():  # the same weights evaluated at other input sizes (CNN towers)
         import dataclasses
@@ -281,6 +314,20 @@ def run_one(name: str, mode: str, seed: int, args) -> dict:
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     return row
+
+
+def rescore(name: str, mode: str, seed: int, args) -> dict | None:
+    """Scores of a kept run (``--keep``: ``<out>/runs/<name>-<mode>-s<seed>/train/encoder.pt``) recomputed with
+    today's scoring, the same weights (None when the run was not kept)."""
+    model = Path(args.out) / "runs" / f"{name}-{mode}-s{seed}" / "train" / "encoder.pt"
+    if not model.exists():
+        return None
+    df = load_grozi(Path(args.data))
+    _, queries, held = protocol(df, mode, seed)
+    need = sorted(set(df[df["rank"] < max(KS)]["clean_path"]) | set(queries["clean_path"]))
+    emb, _ = embed_all(str(model), need, df)
+    queries = queries.assign(aspect=[image_aspect(p) for p in queries["clean_path"]])
+    return score(df, queries, held, emb)
 
 
 def budget(args) -> int:
@@ -348,6 +395,30 @@ def table(rows: list[dict], mode: str, gallery: str = "plain/nn") -> str:
     return "\n".join(lines)
 
 
+def aspect_table(rows: list[dict], mode: str, gallery: str = "plain/nn") -> str:
+    """k = 1 top-1 of seen / never-seen products per aspect bucket of the query crop, mean over seeds (rows
+    recorded before the buckets existed are left out), with the number of queries in each bucket."""
+    by: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["protocol"] == mode and "by_aspect" in r["scores"].get(f"{gallery}/k1", {}):
+            by.setdefault(r["variant"], []).append(r["scores"][f"{gallery}/k1"]["by_aspect"])
+    if not by:
+        return ""
+    buckets = [aspect_bucket((lo + min(hi, lo + 1)) / 2) for lo, hi in ASPECT_BINS]
+    lines = [f"protocol {mode}, gallery {gallery}, k1 seen / never seen by the query's long:short side "
+             "(mean over seeds; queries per seed)", f"{'variant':<16} {'seeds':>5} "
+             + " ".join(b.rjust(24) for b in buckets)]
+    for name, rs in by.items():
+        cells = []
+        for b in buckets:
+            vals = {g: [x[b][g] for x in rs if b in x and x[b][g] is not None] for g in ("seen", "unseen")}
+            n = np.mean([x[b]["n_seen"] + x[b]["n_unseen"] for x in rs if b in x]) if any(b in x for x in rs) else 0
+            txt = "/".join(f"{np.mean(v):.3f}" if v else "-" for v in vals.values())
+            cells.append(f"{txt} ({n:.0f})".rjust(24))
+        lines.append(f"{name:<16} {len(rs):>5} " + " ".join(cells))
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=DEFAULT_DATA)
@@ -359,12 +430,17 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-sizes", type=int, nargs="*", default=[],
                     help="also evaluate each model at these input sizes (scores 'px<size>/<gallery>')")
     ap.add_argument("--table", action="store_true", help="only print the table of the results so far")
+    ap.add_argument("--by-aspect", action="store_true",
+                    help="with the table: k1 top-1 per aspect bucket of the query crops (rows that have them)")
     ap.add_argument("--list", action="store_true", help="list the variants")
     ap.add_argument("--budget", action="store_true",
                     help="time the current defaults on ~3,000 real images (the 20-minute CPU budget) and exit")
     ap.add_argument("--json", default=None, help="--budget: also write the figures here")
     ap.add_argument("--keep", action="store_true", help="keep each run's balanced folder and model")
     ap.add_argument("--redo", action="store_true", help="run rows again even if results.jsonl has them")
+    ap.add_argument("--rescore", action="store_true",
+                    help="re-embed the kept models (--keep) of these variants x protocols x seeds and replace their "
+                         "rows' scores with today's scoring (no training)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     if args.budget:
@@ -373,7 +449,27 @@ def main(argv=None) -> int:
         for k, (t, b) in VARIANTS.items():
             print(f"{k:<16} train {t} balance {b}")
         return 0
-    if not args.table:
+    if args.rescore:
+        rows = load_rows(out)
+        for mode in args.protocol:
+            for name in args.variants:
+                for seed in args.seeds:
+                    hit = [i for i, r in enumerate(rows) if (r["variant"], r["protocol"], r["seed"]) == (name, mode, seed)]
+                    if not hit:
+                        print(f"{name} {mode} seed {seed}: no row to rescore", flush=True)
+                        continue
+                    scores = rescore(name, mode, seed, args)
+                    if scores is None:
+                        print(f"{name} {mode} seed {seed}: no kept model (run with --keep)", flush=True)
+                        continue
+                    rows[hit[-1]]["scores"] = scores
+                    rows[hit[-1]]["rescored"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+                    tmp = out / "results.jsonl.tmp"  # rewritten whole, then renamed: never half a file
+                    tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))
+                    tmp.replace(out / "results.jsonl")
+                    print(f"{name} {mode} seed {seed}: rescored", flush=True)
+        args.table = True
+    elif not args.table:
         import torch
 
         out.mkdir(parents=True, exist_ok=True)
@@ -398,6 +494,8 @@ def main(argv=None) -> int:
         for g in args.gallery:
             if any(r["protocol"] == mode for r in rows):
                 print("\n" + table(rows, mode, g))
+        if args.by_aspect and (at := aspect_table(rows, mode)):
+            print("\n" + at)
     return 0
 
 
