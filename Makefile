@@ -25,7 +25,7 @@ run: install  ## start local S3 + MLflow, load the demo catalog if empty, run th
 
 TEST_WORKERS ?= 2
 test: install  ## the whole test suite in $(TEST_WORKERS) parallel workers (each starts its own services on free ports)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=15
 
 simulate: install  ## 30 catalog days on GroZi-120 through the real daemon (bench/simulate_days.py; ~1.5 h on 2 cores)
 	$(BIN)/python bench/simulate_days.py --out .skulens/simulation --fresh $(SIM_ARGS)
