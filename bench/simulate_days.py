@@ -240,6 +240,10 @@ class Stack:
 
         self.mgr.up(("s3", "mlflow", "dagster-webserver", "dagster-daemon"))
         self.env = self.mgr.base_env()
+        # this process talks to the stack through the environment (load_local_env, DagsterInstance.get());
+        # down() puts the environment back, so a caller in the same process (the test suite) is not left
+        # pointing at a stopped stack, its nightly config and its retrain threshold
+        self._saved_env = dict(os.environ)
         load_local_env(self.settings)
         os.environ.update({k: v for k, v in self.env.items() if k.startswith(("SKULENS_", "DAGSTER_HOME", "MLFLOW_"))})
         self.url = self.settings.dagster_url
@@ -256,7 +260,14 @@ class Stack:
         return self
 
     def down(self):
-        self.mgr.down()
+        try:
+            self.mgr.down()
+        finally:
+            saved = getattr(self, "_saved_env", None)
+            if saved is not None:
+                os.environ.clear()
+                os.environ.update(saved)
+                self._saved_env = None
 
     def client(self):
         from skulens.catalog.s3 import client_for

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -97,7 +98,11 @@ def test_three_simulated_days_keep_the_recognizer_current_and_the_ui_shows_them(
             "--bad-every", "1", "--model", "tiny-test", "--epochs", "1", "--batch-size", "8",
             "--shelf-per-sku", "1", "--retrain-min-changed", "4", "--sensor-interval", "2", "--in-process"]
     ui = {}
+    env_before = dict(os.environ)
     summary = sim.simulate(sim.parse_args(argv), before_down=lambda stack: ui.update(_ui_view(stack)))
+    # the stack's settings (its S3 endpoint, nightly config, retrain threshold, DAGSTER_HOME) do not outlive it
+    # in this process: the tests that run after this one in the same worker see the environment they had
+    assert dict(os.environ) == env_before
     days = list(csv.DictReader(open(out / "days.csv")))
     uploads = list(csv.DictReader(open(out / "uploads.csv")))
     assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary))
