@@ -172,15 +172,12 @@ def _best_per_sku(sims: np.ndarray, g_sku: np.ndarray) -> tuple[np.ndarray, np.n
     return skus, per_sku
 
 
-#: query crops by the ratio of their long to their short side: where the errors are (``--by-aspect``)
-ASPECT_BINS = ((1.0, 1.5), (1.5, 2.0), (2.0, 3.0), (3.0, float("inf")))
+#: query crops by the ratio of their long to their short side (>= 1): (upper bound, label); ``--by-aspect``
+ASPECT_BUCKETS = ((1.5, "1-1.5"), (2.0, "1.5-2"), (3.0, "2-3"), (float("inf"), ">=3"))
 
 
 def aspect_bucket(ratio: float) -> str:
-    for lo, hi in ASPECT_BINS:
-        if lo <= ratio < hi:
-            return f"{lo:g}-{hi:g}" if hi != float("inf") else f">={lo:g}"
-    return f"{ASPECT_BINS[0][0]:g}-{ASPECT_BINS[0][1]:g}"  # a ratio below 1 cannot happen (long / short)
+    return next(label for hi, label in ASPECT_BUCKETS if ratio < hi)
 
 
 def image_aspect(path) -> float:
@@ -200,11 +197,12 @@ def _rank_metrics(skus: np.ndarray, per_sku: np.ndarray, q_sku: np.ndarray, q_he
     out = {"seen": float(ok1[~q_held].mean()), "unseen": float(ok1[q_held].mean()),
            "all": float(ok1.mean()), "top5_all": float(ok5.mean())}
     if q_bucket is not None:  # top-1 and counts per aspect bucket of the query crop
-        out["by_aspect"] = {
-            b: {g: (float(ok1[m].mean()) if m.any() else None) for g, m in
-                (("seen", (q_bucket == b) & ~q_held), ("unseen", (q_bucket == b) & q_held))}
-            | {"n_seen": int(((q_bucket == b) & ~q_held).sum()), "n_unseen": int(((q_bucket == b) & q_held).sum())}
-            for b in sorted(set(q_bucket.tolist()))}
+        out["by_aspect"] = {}
+        for b in sorted(set(q_bucket.tolist())):
+            cell = out["by_aspect"][b] = {}
+            for g, m in (("seen", (q_bucket == b) & ~q_held), ("unseen", (q_bucket == b) & q_held)):
+                cell[g] = float(ok1[m].mean()) if m.any() else None
+                cell[f"n_{g}"] = int(m.sum())
     return out
 
 
@@ -259,6 +257,15 @@ def embed_all(model_path: str, paths: list[str], df) -> tuple[dict, dict]:
     return emb, info
 
 
+def embed_and_score(model_path: str, df, queries, held) -> tuple[dict, dict]:
+    """``(scores, embedding info)`` of one model on a protocol's queries and galleries (run_one, rescore)."""
+    need = sorted(set(df[df["rank"] < max(KS)]["clean_path"]) | set(queries["clean_path"]))
+    emb, info = embed_all(model_path, need, df)
+    if "aspect" not in queries:
+        queries = queries.assign(aspect=[image_aspect(p) for p in queries["clean_path"]])
+    return score(df, queries, held, emb), info
+
+
 def run_one(name: str, mode: str, seed: int, args) -> dict:
     from assets.datasets import BalanceSettings
     from assets.training import TrainSettings
@@ -272,7 +279,6 @@ def run_one(name: str, mode: str, seed: int, args) -> dict:
     df = load_grozi(Path(args.data))
     train_df, queries, held = protocol(df, mode, seed)
     work = Path(args.out) / "runs" / f"{name}-{mode}-s{seed}"
-    need = sorted(set(df[df["rank"] < max(KS)]["clean_path"]) | set(queries["clean_path"]))
     ts = TrainSettings().model_copy(update={**t_over, "seed": seed})
     row: dict = {"variant": name, "protocol": mode, "seed": seed, "train": t_over, "balance": b_over,
                  "config": ts.train_config(), "spec": ts.spec(),
@@ -297,9 +303,8 @@ def run_one(name: str, mode: str, seed: int, args) -> dict:
                    steps=summary["steps"], val_acc_per_epoch=summary.get("val_acc_per_epoch"),
                    best_epoch=summary.get("best_epoch"), balanced_rows=len(balanced))
         model_path = summary["encoder_uri"]
-    emb, info = embed_all(model_path, need, df)
     queries = queries.assign(aspect=[image_aspect(p) for p in queries["clean_path"]])
-    scores = score(df, queries, held, emb)
+    scores, info = embed_and_score(model_path, df, queries, held)
     for size in args.eval_sizes or ():  # the same weights evaluated at other input sizes (CNN towers)
         import dataclasses
 
@@ -308,8 +313,7 @@ def run_one(name: str, mode: str, seed: int, args) -> dict:
         enc = load_encoder(model_path)
         enc.spec = dataclasses.replace(enc.spec, image_size=int(size))
         sized = save_encoder(enc, work / f"eval{size}" / "encoder.pt")
-        e2, _ = embed_all(str(sized), need, df)
-        scores.update({f"px{size}/{k}": v for k, v in score(df, queries, held, e2).items()})
+        scores.update({f"px{size}/{k}": v for k, v in embed_and_score(str(sized), df, queries, held)[0].items()})
     row.update(info, scores=scores, load=os.getloadavg()[0])
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
@@ -324,10 +328,7 @@ def rescore(name: str, mode: str, seed: int, args) -> dict | None:
         return None
     df = load_grozi(Path(args.data))
     _, queries, held = protocol(df, mode, seed)
-    need = sorted(set(df[df["rank"] < max(KS)]["clean_path"]) | set(queries["clean_path"]))
-    emb, _ = embed_all(str(model), need, df)
-    queries = queries.assign(aspect=[image_aspect(p) for p in queries["clean_path"]])
-    return score(df, queries, held, emb)
+    return embed_and_score(str(model), df, queries, held)[0]
 
 
 def budget(args) -> int:
@@ -404,7 +405,7 @@ def aspect_table(rows: list[dict], mode: str, gallery: str = "plain/nn") -> str:
             by.setdefault(r["variant"], []).append(r["scores"][f"{gallery}/k1"]["by_aspect"])
     if not by:
         return ""
-    buckets = [aspect_bucket((lo + min(hi, lo + 1)) / 2) for lo, hi in ASPECT_BINS]
+    buckets = [label for _, label in ASPECT_BUCKETS]
     lines = [f"protocol {mode}, gallery {gallery}, k1 seen / never seen by the query's long:short side "
              "(mean over seeds; queries per seed)", f"{'variant':<16} {'seeds':>5} "
              + " ".join(b.rjust(24) for b in buckets)]

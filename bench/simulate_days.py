@@ -234,6 +234,7 @@ class Stack:
                                  bucket="skulens-sim")
         self.mgr = ServiceManager(self.settings, extra_env=env)
         self.env = None
+        self._saved_env: dict | None = None  # os.environ before up(), put back by down()
 
     def up(self):
         from skulens.ops.settings import load_local_env
@@ -263,10 +264,9 @@ class Stack:
         try:
             self.mgr.down()
         finally:
-            saved = getattr(self, "_saved_env", None)
-            if saved is not None:
+            if self._saved_env is not None:
                 os.environ.clear()
-                os.environ.update(saved)
+                os.environ.update(self._saved_env)
                 self._saved_env = None
 
     def client(self):
