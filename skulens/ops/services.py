@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -31,10 +32,65 @@ class ServiceError(RuntimeError):
     pass
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+class _InternalPortTaken(ServiceError):
+    """SeaweedFS found one of the internal ports we drew for it taken (by the time it bound it)."""
+
+
+#: tries of a SeaweedFS start whose internal ports (master, volume, filer, gRPC: drawn by skulens, not
+#: configured) turned out to be taken; each try draws fresh ones
+PORT_RETRIES = 3
+
+
+#: free_port's reservations: one file per port handed out, shared by every skulens process of this user
+PORT_RESERVATIONS = Path(tempfile.gettempdir()) / f"skulens-ports-{os.getuid()}"
+#: how long a handed-out port stays reserved: its service has bound it long before (a bound port is never
+#: handed out by the kernel again), or it was never used
+PORT_RESERVE_S = 300.0
+
+
+def free_port(host: str = "127.0.0.1", attempts: int = 64) -> int:
+    """A loopback port that nothing listens on and that no skulens process was handed in the last 5 minutes.
+
+    The kernel's ``bind(port 0)`` alone is not enough: the port is free only until the socket closes, and
+    the service that will use it binds seconds later. Twelve draws in a row (one SeaweedFS start) repeat
+    a port in about 0.4% of batches on Linux, and two processes (parallel test workers, two stacks) can draw
+    the same one. Each port handed out is reserved with an exclusive file in :data:`PORT_RESERVATIONS`, so
+    neither this process nor another skulens process gets it again while it may still be on its way to
+    being bound.
+    """
+    PORT_RESERVATIONS.mkdir(mode=0o700, parents=True, exist_ok=True)
+    now = time.time()
+    for _ in range(attempts):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        mark = PORT_RESERVATIONS / str(port)
+        try:
+            if now - mark.stat().st_mtime < PORT_RESERVE_S:
+                continue  # handed out recently: maybe not bound yet
+            mark.unlink()  # an old reservation: its service bound the port or never came
+        except FileNotFoundError:
+            pass
+        try:
+            os.close(os.open(mark, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        except FileExistsError:
+            continue  # another process took it between our check and our claim
+        _prune_reservations(now)
+        return port
+    raise ServiceError(f"no free port on {host} after {attempts} draws (reservations: {PORT_RESERVATIONS})")
+
+
+def _prune_reservations(now: float) -> None:
+    """Drop reservations past :data:`PORT_RESERVE_S` so the folder stays small."""
+    try:
+        for mark in PORT_RESERVATIONS.iterdir():
+            try:
+                if now - mark.stat().st_mtime >= PORT_RESERVE_S:
+                    mark.unlink()
+            except FileNotFoundError:
+                pass
+    except OSError:
+        pass
 
 
 def port_open(host: str, port: int, timeout: float = 0.3) -> bool:
@@ -226,9 +282,21 @@ class ServiceManager:
                        "dagster-webserver": "SKULENS_DAGSTER_PORT"}[name]
             raise ServiceError(f"port {self.settings.host}:{port} for {name} is taken by another process; "
                                f"set {env_var} to a free port")
-        cmd, env, ports = self._command(name, env)
+        attempt = 1
+        while True:
+            try:
+                return self._launch(name, env, timeout)
+            except _InternalPortTaken:  # one of SeaweedFS's own ports, drawn by us, was taken: draw others
+                if attempt >= PORT_RETRIES:
+                    raise
+                attempt += 1
+
+    def _launch(self, name: str, env: dict, timeout: float) -> ServiceState:
+        cmd, env, ports = self._command(name, dict(env))
         self.settings.log_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.settings.log_dir / f"{name}.log", "ab")
+        log_path = self.settings.log_dir / f"{name}.log"
+        log = open(log_path, "ab")
+        log_start = log.tell()
         t0 = time.monotonic()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=env, start_new_session=True, cwd=str(self.settings.home))
@@ -239,7 +307,10 @@ class ServiceManager:
         while True:
             if proc.poll() is not None:
                 self._state_file(name).unlink(missing_ok=True)
-                tail = _tail(self.settings.log_dir / f"{name}.log")
+                tail = _tail(log_path)
+                if name == "s3" and _seaweed_port_taken(log_path, log_start, self.settings.s3_port):
+                    raise _InternalPortTaken(f"{name} exited with code {proc.returncode} while starting "
+                                             f"({PORT_RETRIES} tries with fresh ports):\n{tail}")
                 raise ServiceError(f"{name} exited with code {proc.returncode} while starting:\n{tail}")
             if time.monotonic() - t0 >= grace and self._ready(name, env):
                 break
@@ -319,6 +390,21 @@ def _reap(pid: int) -> None:
         os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
         pass
+
+
+def _seaweed_port_taken(log_path: Path, offset: int, s3_port: int) -> bool:
+    """Whether SeaweedFS's output since ``offset`` says one of its ports was taken, other than the S3 port
+    (that one is configured; a clash on it is the user's to resolve, reported as it is)."""
+    import re
+
+    try:
+        with open(log_path, "rb") as fh:
+            fh.seek(offset)
+            text = fh.read().decode(errors="replace")
+    except OSError:
+        return False
+    taken = re.findall(r"Port allocation failed: port (\d+)", text)
+    return bool(taken) and all(int(p) != s3_port for p in taken)
 
 
 def _tail(path: Path, lines: int = 25) -> str:

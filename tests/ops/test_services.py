@@ -146,3 +146,68 @@ def test_index_worker_service_survives_missing_services_and_stops_cleanly_on_sig
         assert mgr.down(["index-worker"]) == ["index-worker"]
     assert not _group_alive(st.pgid)
     assert "index worker stopped after" in log.read_text(errors="replace")
+
+
+def test_free_port_never_hands_out_a_port_twice_within_or_across_processes():
+    """The kernel's port-0 draw repeats a port in about 0.4% of batches of 12 (one SeaweedFS start) and two
+    test workers can draw the same one; free_port reserves each port it hands out for every skulens process."""
+    import textwrap
+
+    from skulens.ops.services import PORT_RESERVATIONS
+
+    draw = textwrap.dedent("""
+        import sys
+        from skulens.ops.services import free_port
+        print(" ".join(str(free_port()) for _ in range(int(sys.argv[1]))))
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", draw, "150"], stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    here = [free_port() for _ in range(150)]
+    there = [int(p) for proc in procs for p in proc.communicate(timeout=120)[0].split()]
+    assert all(proc.returncode == 0 for proc in procs)
+    ports = here + there
+    assert len(ports) == 450 and len(set(ports)) == 450  # 450 kernel draws alone repeat one with p > 0.99
+    assert all((PORT_RESERVATIONS / str(p)).exists() for p in ports)
+
+
+def test_seaweedfs_start_draws_fresh_internal_ports_when_one_is_taken(tmp_path, monkeypatch):
+    """SeaweedFS exits at once when a port we drew for it is taken by the time it binds it (another process got
+    there first); the start draws fresh ones and succeeds, and says nothing about it unless every try fails."""
+    import socket
+
+    from skulens.ops.services import PORT_RETRIES, ServiceError, ServiceManager
+    from skulens.ops.settings import Settings
+
+    settings = Settings(home=tmp_path / "home", s3_port=free_port(), bucket="ports")
+    mgr = ServiceManager(settings)
+    draws = []
+    real = ServiceManager._seaweed_ports
+
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        taken = blocker.getsockname()[1]
+
+        def first_draw_collides(self, n_collide=1):
+            ports = real(self)
+            if len(draws) < n_collide:
+                ports["volume.port"] = taken
+            draws.append(ports)
+            return ports
+
+        monkeypatch.setattr(ServiceManager, "_seaweed_ports", first_draw_collides)
+        try:
+            st = mgr.start("s3")
+            assert mgr._s3_ready(mgr.base_env())
+        finally:
+            mgr.stop("s3")
+        assert len(draws) == 2 and draws[0]["volume.port"] == taken and st.ports["volume.port"] != taken
+        assert f"Port allocation failed: port {taken}" in (settings.log_dir / "s3.log").read_text()
+
+        # every try collides: a clear error after PORT_RETRIES tries, nothing left running
+        draws.clear()
+        monkeypatch.setattr(ServiceManager, "_seaweed_ports",
+                            lambda self: first_draw_collides(self, n_collide=PORT_RETRIES))
+        with pytest.raises(ServiceError, match=rf"{PORT_RETRIES} tries with fresh ports"):
+            mgr.start("s3")
+        assert len(draws) == PORT_RETRIES and mgr.read_state("s3") is None
