@@ -67,6 +67,10 @@ class TrainSettings(dg.Config):
     sub_centers: int = Field(default=1, description="ArcFace centres per SKU (> 1: sub-center ArcFace)")
     m_per_class: int | None = Field(default=None, description="batches of m images per SKU (MPerClassSampler); "
                                                               "None: plain shuffle")
+    metric_loss: str = Field(default="none", description="a pair loss added to ArcFace on the tower's own "
+                                                         "features (before the projector): none, multi_similarity "
+                                                         "or triplet (batch-hard); needs m_per_class")
+    metric_loss_weight: float = Field(default=1.0, description="the metric loss's weight next to ArcFace")
     projector: str = Field(default="bn", description="training-only head between the tower and ArcFace, dropped "
                                                      "after training (the tower's own features are indexed): bn "
                                                      "(BNNeck: BatchNorm without shift), mlp (Linear-BN-ReLU-Linear) "
@@ -105,7 +109,14 @@ class TrainSettings(dg.Config):
         """What can be checked in the launchpad is, rather than minutes later when training starts."""
         if self.m_per_class is not None and (self.m_per_class < 1 or self.batch_size % self.m_per_class):
             raise ValueError(f"m_per_class={self.m_per_class} must be >= 1 and divide batch_size={self.batch_size}")
+        from skulens.model.loss import METRIC_LOSSES
         from skulens.model.projector import PROJECTORS
+
+        if self.metric_loss not in METRIC_LOSSES:
+            raise ValueError(f"metric_loss={self.metric_loss!r} must be one of {', '.join(METRIC_LOSSES)}")
+        if self.metric_loss != "none" and not (self.m_per_class and self.m_per_class >= 2):
+            raise ValueError(f"metric_loss={self.metric_loss!r} needs several images per SKU in a batch: set "
+                             "m_per_class (e.g. 4)")
 
         if self.projector not in PROJECTORS:
             raise ValueError(f"projector={self.projector!r} must be one of {', '.join(PROJECTORS)}")
@@ -134,6 +145,8 @@ class TrainSettings(dg.Config):
                 "decode_cache", "num_workers")
         cfg = {k: getattr(self, k) for k in keys}
         cfg["image_size"] = self.train_image_size if self._cnn() else self.image_size
+        if self.metric_loss != "none":  # only when used, so the config hash (retrain policy) of the rest is unchanged
+            cfg.update(metric_loss=self.metric_loss, metric_loss_weight=self.metric_loss_weight)
         return cfg
 
 

@@ -119,6 +119,15 @@ VARIANTS["d-proj-bn"] = ({"projector": "bn"}, {})
 VARIANTS["d-proj-bn-lr5e3"] = ({"projector": "bn", "projector_lr": 5e-3}, {})
 VARIANTS["d-proj-mlp"] = ({"projector": "mlp"}, {})
 VARIANTS["d-proj-mlp512"] = ({"projector": "mlp", "projector_dim": 512}, {})
+#: a pair loss on the tower's features before the neck, ArcFace after it (the re-identification BNNeck recipe),
+#: with the m-per-class batches it needs; d-mpc4 is the same batches without it (the control)
+VARIANTS["d-mpc4"] = ({"m_per_class": 4}, {})
+VARIANTS["d-ms"] = ({"m_per_class": 4, "metric_loss": "multi_similarity"}, {})
+VARIANTS["d-tri"] = ({"m_per_class": 4, "metric_loss": "triplet"}, {})
+#: the same at a weight where the pair loss is not dwarfed by ArcFace (scale 64: its loss is ~10x MS's, ~100x
+#: the batch-hard triplet's at margin 0.1)
+VARIANTS["d-ms-w10"] = ({"m_per_class": 4, "metric_loss": "multi_similarity", "metric_loss_weight": 10.0}, {})
+VARIANTS["d-tri-w30"] = ({"m_per_class": 4, "metric_loss": "triplet", "metric_loss_weight": 30.0}, {})
 #: another second inference scale instead of 128 px
 VARIANTS["d-ms160"] = ({"eval_scales": [160]}, {})
 #: how images are fitted to the square input (ModelSpec.fit): the whole product instead of a centre crop;

@@ -1,4 +1,5 @@
-"""ArcFace loss (pytorch-metric-learning) with its own optimizer param group.
+"""ArcFace loss (pytorch-metric-learning) with its own optimizer param group, and an optional pair-based
+metric loss on the tower's own features (:func:`create_metric_loss`).
 
 The ArcFace class-centre matrix ``W`` starts random and must move much faster than the pretrained
 tower, so it gets its own (higher) learning rate and no weight decay (it is L2-normalised inside
@@ -7,7 +8,7 @@ the loss anyway). ``margin`` is in degrees, as in pytorch-metric-learning (28.6 
 
 from __future__ import annotations
 
-__all__ = ["arcface_param_group", "create_arcface", "init_from_prototypes"]
+__all__ = ["METRIC_LOSSES", "arcface_param_group", "create_arcface", "create_metric_loss", "init_from_prototypes"]
 
 
 def create_arcface(num_classes: int, embed_dim: int, margin: float = 28.6, scale: float = 64.0,
@@ -64,3 +65,37 @@ def init_from_prototypes(loss, embeddings, labels) -> None:
         fresh = torch.nn.functional.normalize(w[:, has.to(w.device)], dim=0)
         w[:, has.to(w.device)] = centres.T.to(w.device, w.dtype)[:, :, None] + jitter * fresh
         loss.W.copy_(w.view(d, c * sub))
+
+
+#: pair-based losses that may be added to ArcFace on the tower's own features (``TrainConfig.metric_loss``)
+METRIC_LOSSES = ("none", "multi_similarity", "triplet")
+
+
+def create_metric_loss(kind: str):
+    """A pair-based loss with its miner, ``fn(embeddings, labels) -> loss``, or None for ``"none"``.
+
+    It is meant for the tower's features *before* a training-only projector, with ArcFace after it: the
+    "BNNeck" recipe of person re-identification (Luo et al., 2019: triplet loss before the BatchNorm neck,
+    the classification loss after it), where the test identities are never trained on, like new SKUs.
+    Batches need several images per SKU (``m_per_class``) for the miner to find positive pairs.
+
+    * ``"multi_similarity"``: ``MultiSimilarityLoss(alpha=2, beta=50, base=0.5)`` with
+      ``MultiSimilarityMiner(epsilon=0.1)`` (Wang et al., CVPR 2019; pytorch-metric-learning's defaults);
+    * ``"triplet"``: ``TripletMarginLoss(margin=0.1)`` on the batch-hard triplets (``BatchHardMiner``),
+      cosine geometry (unit-norm features), as in the re-identification recipe.
+    """
+    if kind not in METRIC_LOSSES:
+        raise ValueError(f"metric_loss {kind!r}: one of {', '.join(METRIC_LOSSES)}")
+    if kind == "none":
+        return None
+    from pytorch_metric_learning import losses, miners
+
+    if kind == "multi_similarity":
+        loss, miner = losses.MultiSimilarityLoss(alpha=2.0, beta=50.0, base=0.5), miners.MultiSimilarityMiner(0.1)
+    else:
+        loss, miner = losses.TripletMarginLoss(margin=0.1), miners.BatchHardMiner()
+
+    def metric_loss(embeddings, labels):
+        return loss(embeddings, labels, miner(embeddings, labels))
+
+    return metric_loss

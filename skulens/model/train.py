@@ -125,6 +125,8 @@ class TrainConfig:
     projector_dim: int | None = None  # "mlp": its output size (None: the tower's feature size)
     projector_lr: float = 1e-3  # the head's learning rate (it starts random)
     m_per_class: int | None = None  # batches of m images from each of batch_size / m SKUs (PML MPerClassSampler)
+    metric_loss: str = "none"  # + a pair loss on the tower's features: none | multi_similarity | triplet (needs m_per_class)
+    metric_loss_weight: float = 1.0  # its weight next to ArcFace
     freeze_blocks: int = 0  # blocks from the input kept frozen (no gradient: a shorter, cheaper backward pass)
     wise_alpha: float = 1.0  # WiSE-FT: save alpha * fine-tuned + (1 - alpha) * start weights (1 = off)
     ema_decay: float | None = None  # exponential moving average of the weights (validated and saved); None: off
@@ -465,7 +467,7 @@ def train(
     import torch
 
     from skulens.model.factory import _encoder_class
-    from skulens.model.loss import create_arcface, init_from_prototypes
+    from skulens.model.loss import create_arcface, create_metric_loss, init_from_prototypes
     from skulens.model.projector import create_projector, project_prototypes, projector_out_dim
 
     cfg = cfg or TrainConfig()
@@ -540,6 +542,10 @@ def train(
         head = head.to(dev)
     loss_fn = create_arcface(len(labels), projector_out_dim(head, encoder.embed_dim), cfg.margin, cfg.scale,
                              cfg.sub_centers).to(dev)
+    metric_fn = create_metric_loss(cfg.metric_loss)
+    if metric_fn is not None and not (cfg.m_per_class and cfg.m_per_class >= 2):
+        raise ValueError(f"metric_loss {cfg.metric_loss!r} needs batches with several images per SKU: set "
+                         f"m_per_class (e.g. 4)")
     optimizer = build_optimizer(encoder, loss_fn, cfg, head)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(total_steps, warmup, cfg.min_lr_ratio)
@@ -725,10 +731,12 @@ def train(
                 x = x.to(dev, non_blocking=True, memory_format=fmt)
                 y = y.to(dev, non_blocking=True)
                 with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    feats = encoder(x)
+                    tower_feats = feats = encoder(x)
                     if head is not None:  # training only: the saved encoder never has it
                         feats = head(feats)
                 loss = loss_fn(feats.float(), y)
+                if metric_fn is not None:  # on the features the index holds (before the head)
+                    loss = loss + cfg.metric_loss_weight * metric_fn(tower_feats.float(), y)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if cfg.grad_clip:

@@ -203,3 +203,53 @@ def test_launchpad_rejects_an_unknown_projector():
         TrainSettings(projector="linear")
     assert TrainSettings(projector="mlp").train_config()["projector"] == "mlp"
     assert TrainSettings().train_config()["projector"] == "bn"  # the default: chosen on GroZi dev, README
+
+
+def test_metric_losses_pull_same_sku_pairs_together_and_need_positive_pairs():
+    from skulens.model.loss import METRIC_LOSSES, create_metric_loss
+
+    assert create_metric_loss("none") is None
+    torch.manual_seed(0)
+    labels = torch.arange(4).repeat_interleave(4)  # 4 SKUs x 4 images, as m_per_class=4 batches are
+    centres = torch.nn.functional.normalize(torch.randn(4, 16), dim=1)
+    tight = centres[labels] + 0.05 * torch.randn(16, 16)  # each SKU's images near its centre
+    loose = torch.randn(16, 16)  # no structure
+    for kind in METRIC_LOSSES[1:]:
+        fn = create_metric_loss(kind)
+        assert float(fn(tight, labels)) < float(fn(loose, labels)), kind
+        assert float(fn(loose, torch.arange(16))) == 0.0  # no positive pair in the batch: nothing to learn
+    with pytest.raises(ValueError, match="metric_loss"):
+        create_metric_loss("contrastive-ish")
+
+
+@pytest.mark.parametrize("kind", ["multi_similarity", "triplet"])
+def test_training_with_a_metric_loss_before_the_neck(catalog, tmp_path, kind):  # noqa: F811
+    tr, val = split_validation(catalog, per_sku=2, seed=0)
+    cfg = dict(epochs=2, m_per_class=4, projector="bn", metric_loss=kind)
+    res = train(tr, val, "tiny-test", _cfg(**cfg), tmp_path / "a", progress=False, device="cpu")
+    losses = [h["train_loss"] for h in res.history if h["epoch"] > 0]
+    assert res.steps == 2 * res.extra["steps_per_epoch"] and all(np.isfinite(losses))
+    again = train(tr, val, "tiny-test", _cfg(**cfg), tmp_path / "b", progress=False, device="cpu")
+    assert [h["train_loss"] for h in again.history] == [h["train_loss"] for h in res.history]  # deterministic
+    plain = train(tr, val, "tiny-test", _cfg(epochs=2, m_per_class=4, projector="bn"), tmp_path / "c",
+                  progress=False, device="cpu")
+    assert [h["train_loss"] for h in plain.history if h["epoch"] > 0] != losses  # the loss takes part
+    with pytest.raises(ValueError, match="m_per_class"):
+        train(tr, val, "tiny-test", _cfg(epochs=1, metric_loss=kind), tmp_path / "d", progress=False, device="cpu")
+
+
+def test_launchpad_metric_loss_knob_and_the_config_hash_of_runs_without_it():
+    from pydantic import ValidationError
+
+    from assets.training import TrainSettings
+    from skulens.catalog.state import config_hash
+
+    plain = TrainSettings().train_config()
+    assert "metric_loss" not in plain  # the default leaves the config (and the retrain policy's hash) as it was
+    used = TrainSettings(m_per_class=4, metric_loss="triplet", metric_loss_weight=0.5).train_config()
+    assert used["metric_loss"] == "triplet" and used["metric_loss_weight"] == 0.5
+    assert config_hash(used) != config_hash(plain)
+    with pytest.raises(ValidationError, match="m_per_class"):
+        TrainSettings(metric_loss="triplet")
+    with pytest.raises(ValidationError, match="metric_loss"):
+        TrainSettings(m_per_class=4, metric_loss="arcface")
