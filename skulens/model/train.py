@@ -546,6 +546,14 @@ def train(
     if metric_fn is not None and not (cfg.m_per_class and cfg.m_per_class >= 2):
         raise ValueError(f"metric_loss {cfg.metric_loss!r} needs batches with several images per SKU: set "
                          f"m_per_class (e.g. 4)")
+    # m-per-class batches need batch_size / m SKUs; a smaller catalog (a few SKUs: every batch holds several
+    # images of each anyway) is shuffled as usual, and the run says so
+    n_classes = int(bal["label"].nunique())
+    m_per_class = int(cfg.m_per_class) if cfg.m_per_class else None
+    if m_per_class and m_per_class * n_classes < bs:
+        warnings.warn(f"m_per_class={m_per_class}: {n_classes} SKUs cannot fill batches of {bs} with {m_per_class} "
+                      f"images each; batches are shuffled as usual")
+        m_per_class = None
     optimizer = build_optimizer(encoder, loss_fn, cfg, head)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(total_steps, warmup, cfg.min_lr_ratio)
@@ -705,8 +713,8 @@ def train(
         while epoch < cfg.epochs and step < total_steps and not (history and history[-1].get("early_stop")):
             dataset.epoch = epoch
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-            if cfg.m_per_class:
-                perm = m_per_class_order(bal["label"].to_numpy(), int(cfg.m_per_class), bs, steps_per_epoch * bs,
+            if m_per_class:
+                perm = m_per_class_order(bal["label"].to_numpy(), m_per_class, bs, steps_per_epoch * bs,
                                          cfg.seed * 1_000_003 + epoch)
             else:
                 perm = torch.randperm(n, generator=gen).tolist()
@@ -859,6 +867,8 @@ def train(
             "decode_cache_mb": cache_mb,
             "saved_weights": saved,
             "projector": cfg.projector,
+            "m_per_class": m_per_class,  # None where the catalog has too few SKUs for it (shuffled batches)
+            "metric_loss": cfg.metric_loss,
             "frozen_tensors": frozen,
             "best_epoch": best.epoch,
             "best_val_acc": best.acc,

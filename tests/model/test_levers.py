@@ -253,3 +253,16 @@ def test_launchpad_metric_loss_knob_and_the_config_hash_of_runs_without_it():
         TrainSettings(metric_loss="triplet")
     with pytest.raises(ValidationError, match="metric_loss"):
         TrainSettings(m_per_class=4, metric_loss="arcface")
+
+
+def test_m_per_class_on_a_catalog_with_too_few_skus_shuffles_and_says_so(catalog, tmp_path):  # noqa: F811
+    """6 SKUs cannot fill a batch of 32 with 4 images each: the run trains on shuffled batches (every batch holds
+    several images of each SKU anyway), warns, and records it, instead of failing minutes into a nightly run."""
+    tr, val = split_validation(catalog, per_sku=2, seed=0)
+    cfg = _cfg(epochs=1, batch_size=32, m_per_class=4, projector="bn", metric_loss="triplet", metric_loss_weight=30.0)
+    with pytest.warns(UserWarning, match=r"m_per_class=4: 6 SKUs cannot fill batches of 32"):
+        res = train(tr, val, "tiny-test", cfg, tmp_path, progress=False, device="cpu")
+    assert res.extra["m_per_class"] is None and res.extra["metric_loss"] == "triplet"
+    assert all(np.isfinite(h["train_loss"]) for h in res.history if h["epoch"] > 0)
+    ok = train(tr, val, "tiny-test", _cfg(epochs=1, m_per_class=4), tmp_path / "b", progress=False, device="cpu")
+    assert ok.extra["m_per_class"] == 4  # 6 SKUs x 4 >= 16
