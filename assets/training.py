@@ -65,12 +65,18 @@ class TrainSettings(dg.Config):
     augment_originals: bool = Field(default=False, description="also augment the non-oversampled images")
     freeze_bn: bool = True
     sub_centers: int = Field(default=1, description="ArcFace centres per SKU (> 1: sub-center ArcFace)")
-    m_per_class: int | None = Field(default=None, description="batches of m images per SKU (MPerClassSampler); "
-                                                              "None: plain shuffle")
-    metric_loss: str = Field(default="none", description="a pair loss added to ArcFace on the tower's own "
-                                                         "features (before the projector): none, multi_similarity "
-                                                         "or triplet (batch-hard); needs m_per_class")
-    metric_loss_weight: float = Field(default=1.0, description="the metric loss's weight next to ArcFace")
+    m_per_class: int | None = Field(default=4, description="batches of m images per SKU (MPerClassSampler; a "
+                                                           "catalog with fewer than batch_size / m SKUs is shuffled "
+                                                           "as usual); None: plain shuffle")
+    metric_loss: str = Field(default="triplet", description="a pair loss added to ArcFace on the tower's own "
+                                                            "features (before the projector): triplet (batch-hard, "
+                                                            "margin 0.1), multi_similarity or none; needs "
+                                                            "m_per_class. GroZi test split, 3 seeds, k=1 top-1 seen / "
+                                                            "never seen: triplet x30 0.888 / 0.858, none 0.866 / "
+                                                            "0.845 (README, recipe)")
+    metric_loss_weight: float = Field(default=30.0, description="the metric loss's weight next to ArcFace (whose "
+                                                                "loss, at scale 64, is ~100x a batch-hard triplet's "
+                                                                "and ~10x multi-similarity's)")
     projector: str = Field(default="bn", description="training-only head between the tower and ArcFace, dropped "
                                                      "after training (the tower's own features are indexed): bn "
                                                      "(BNNeck: BatchNorm without shift), mlp (Linear-BN-ReLU-Linear) "

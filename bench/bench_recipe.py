@@ -114,16 +114,18 @@ VARIANTS["d-f5"] = ({"freeze_blocks": 5}, {})
 VARIANTS["d-e12"] = ({"epochs": 12}, {})
 VARIANTS["d-lite1"] = ({"model": "efficientnet-lite1"}, {})
 #: a training-only head between the tower and ArcFace (dropped after training), for never-seen products.
-#: They ran on the pad defaults with projector none (2026-12-06 after 22:40 UTC); d-proj-bn = the defaults since
-VARIANTS["d-proj-bn"] = ({"projector": "bn"}, {})
-VARIANTS["d-proj-bn-lr5e3"] = ({"projector": "bn", "projector_lr": 5e-3}, {})
-VARIANTS["d-proj-mlp"] = ({"projector": "mlp"}, {})
-VARIANTS["d-proj-mlp512"] = ({"projector": "mlp", "projector_dim": 512}, {})
+#: They ran on the pad defaults with projector none (2026-12-06 after 22:40 UTC); d-proj-bn = the defaults from
+#: then until 2026-12-07 06:00 UTC (m-per-class batches and the metric loss pinned off, so its rows keep their meaning)
+VARIANTS["d-proj-bn"] = ({"projector": "bn", "m_per_class": None, "metric_loss": "none"}, {})
+VARIANTS["d-proj-bn-lr5e3"] = ({"projector": "bn", "projector_lr": 5e-3, "m_per_class": None, "metric_loss": "none"}, {})
+VARIANTS["d-proj-mlp"] = ({"projector": "mlp", "m_per_class": None, "metric_loss": "none"}, {})
+VARIANTS["d-proj-mlp512"] = ({"projector": "mlp", "projector_dim": 512, "m_per_class": None, "metric_loss": "none"}, {})
 #: a pair loss on the tower's features before the neck, ArcFace after it (the re-identification BNNeck recipe),
-#: with the m-per-class batches it needs; d-mpc4 is the same batches without it (the control)
-VARIANTS["d-mpc4"] = ({"m_per_class": 4}, {})
-VARIANTS["d-ms"] = ({"m_per_class": 4, "metric_loss": "multi_similarity"}, {})
-VARIANTS["d-tri"] = ({"m_per_class": 4, "metric_loss": "triplet"}, {})
+#: with the m-per-class batches it needs; d-mpc4 is the same batches without it (the control). They ran on the
+#: d-proj-bn defaults (2026-12-07); d-tri-w30 = the defaults since
+VARIANTS["d-mpc4"] = ({"m_per_class": 4, "metric_loss": "none"}, {})
+VARIANTS["d-ms"] = ({"m_per_class": 4, "metric_loss": "multi_similarity", "metric_loss_weight": 1.0}, {})
+VARIANTS["d-tri"] = ({"m_per_class": 4, "metric_loss": "triplet", "metric_loss_weight": 1.0}, {})
 #: the same at a weight where the pair loss is not dwarfed by ArcFace (scale 64: its loss is ~10x MS's, ~100x
 #: the batch-hard triplet's at margin 0.1)
 VARIANTS["d-ms-w10"] = ({"m_per_class": 4, "metric_loss": "multi_similarity", "metric_loss_weight": 10.0}, {})

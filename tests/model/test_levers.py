@@ -244,15 +244,16 @@ def test_launchpad_metric_loss_knob_and_the_config_hash_of_runs_without_it():
     from assets.training import TrainSettings
     from skulens.catalog.state import config_hash
 
-    plain = TrainSettings().train_config()
-    assert "metric_loss" not in plain  # the default leaves the config (and the retrain policy's hash) as it was
-    used = TrainSettings(m_per_class=4, metric_loss="triplet", metric_loss_weight=0.5).train_config()
-    assert used["metric_loss"] == "triplet" and used["metric_loss_weight"] == 0.5
-    assert config_hash(used) != config_hash(plain)
+    default = TrainSettings().train_config()
+    assert (default["metric_loss"], default["metric_loss_weight"], default["m_per_class"]) == ("triplet", 30.0, 4)
+    off = TrainSettings(metric_loss="none").train_config()
+    assert "metric_loss" not in off and "metric_loss_weight" not in off  # unset, the config is as before the knob
+    assert config_hash(off) != config_hash(default)
     with pytest.raises(ValidationError, match="m_per_class"):
-        TrainSettings(metric_loss="triplet")
+        TrainSettings(m_per_class=None)  # the default triplet loss needs several images per SKU in a batch
+    assert TrainSettings(m_per_class=None, metric_loss="none").m_per_class is None
     with pytest.raises(ValidationError, match="metric_loss"):
-        TrainSettings(m_per_class=4, metric_loss="arcface")
+        TrainSettings(metric_loss="arcface")
 
 
 def test_m_per_class_on_a_catalog_with_too_few_skus_shuffles_and_says_so(catalog, tmp_path):  # noqa: F811
