@@ -423,8 +423,9 @@ def aspect_table(rows: list[dict], mode: str, gallery: str = "plain/nn") -> str:
     for name, rs in by.items():
         cells = []
         for b in buckets:
-            vals = {g: [x[b][g] for x in rs if b in x and x[b][g] is not None] for g in ("seen", "unseen")}
-            n = np.mean([x[b]["n_seen"] + x[b]["n_unseen"] for x in rs if b in x]) if any(b in x for x in rs) else 0
+            cells_b = [x[b] for x in rs if b in x]
+            vals = {g: [c[g] for c in cells_b if c[g] is not None] for g in ("seen", "unseen")}
+            n = np.mean([c["n_seen"] + c["n_unseen"] for c in cells_b]) if cells_b else 0
             txt = "/".join(f"{np.mean(v):.3f}" if v else "-" for v in vals.values())
             cells.append(f"{txt} ({n:.0f})".rjust(24))
         lines.append(f"{name:<16} {len(rs):>5} " + " ".join(cells))

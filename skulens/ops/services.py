@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -395,8 +396,6 @@ def _reap(pid: int) -> None:
 def _seaweed_port_taken(log_path: Path, offset: int, s3_port: int) -> bool:
     """Whether SeaweedFS's output since ``offset`` says one of its ports was taken, other than the S3 port
     (that one is configured; a clash on it is the user's to resolve, reported as it is)."""
-    import re
-
     try:
         with open(log_path, "rb") as fh:
             fh.seek(offset)
